@@ -1,0 +1,270 @@
+"""Typed run configuration: dataclasses loaded from YAML, with dotted ``--set key=value`` overrides.
+
+Validated once, before any Ray or model work: a mistake is one ``ConfigError`` line naming the key.
+Knows nothing of torch or Ray (model presets come from the torch-free ``presets`` module).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from mae_ray.errors import ConfigError
+from mae_ray.presets import MODEL_DEFAULTS, PRESETS, resolve_model_kwargs
+
+
+@dataclass
+class ModelConfig:
+    """A preset by name; every constructor keyword left as None takes the preset's value."""
+
+    name: str = "mae_vit_tiny_patch4"
+    mask_ratio: float = 0.75
+    img_size: int | None = None
+    patch_size: int | None = None
+    in_chans: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    decoder_embed_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+    mlp_ratio: float | None = None
+    norm_pix_loss: bool | None = None
+    mask_token_in_encoder: bool | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """Resolved ``MaskedAutoencoderViT`` keywords: the preset with this config's overrides."""
+        return resolve_model_kwargs(self.name, {k: getattr(self, k) for k in MODEL_DEFAULTS})
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""  # path, directory, brace pattern or URL (see docs/data.md)
+    val_shards: str = ""
+    num_classes: int | None = None  # None: read from dataset.json beside the shards
+    samples_per_epoch: int | None = None  # None: the training set's size
+    num_workers: int = 2  # DataLoader processes per Ray worker
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64  # per Ray worker, per step; effective = batch_size * accum_iter * workers
+    blr: float = 1.5e-4  # base lr: lr = blr * effective batch / 256 (the paper's rule)
+    lr: float | None = None  # absolute lr, overrides blr when set
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup_epochs: float = 40
+    accum_iter: int = 1
+    amp: str = "bf16"  # bf16 | fp16 | none; applies on GPU only
+    compile: bool = False
+    seed: int = 0
+    checkpoint_every: int = 1
+    visualize_every: int = 0  # 0: only at the end
+    knn_every: int = 0  # 0: off
+    max_steps_per_epoch: int | None = None  # cap for quick runs and tests
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    address: str | None = None  # None: join the cluster under `ray job submit`, else start Ray here
+    storage_path: str | None = None  # checkpoints; None: <output_dir>/ray
+    failure_max_retries: int = 0
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite mlflow.db in the cwd
+    experiment: str = "mae-ray"
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    output_dir: str = "outputs/run"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flatten(self) -> dict[str, Any]:
+        """``{"model.mask_ratio": 0.75, ...}``: every key, for MLflow params and sweep tables."""
+        return dict(_flatten(self.to_dict()))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + ``key=value`` overrides -> a validated Config."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(os.fspath(path))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(data, key, value)
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, type-checking every value; unknown keys are errors."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            section = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
+            raise ConfigError(f"unknown key '{prefix}{key}'; valid keys in {section}: {', '.join(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = from_dict(typ, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, typ, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one key, or a range; each failure says what to change."""
+    m = cfg.model
+    if m.name not in PRESETS:
+        raise ConfigError(f"model.name: unknown preset {m.name!r}; choose one of: {', '.join(PRESETS)}")
+    if not 0.0 < m.mask_ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
+    k = m.kwargs()
+    if k["img_size"] % k["patch_size"]:
+        raise ConfigError(
+            f"model.img_size {k['img_size']} is not divisible by model.patch_size {k['patch_size']}"
+        )
+    for width, heads, what in (
+        ("embed_dim", "num_heads", "encoder"),
+        ("decoder_embed_dim", "decoder_num_heads", "decoder"),
+    ):
+        if k[width] % k[heads]:
+            raise ConfigError(
+                f"model.{width} {k[width]} is not divisible by model.{heads} {k[heads]} "
+                f"(the {what} width must split evenly over its attention heads)"
+            )
+        if k[width] % 4:
+            raise ConfigError(f"model.{width} {k[width]} must be divisible by 4 (2-D sin-cos position embedding)")
+    positive = {
+        "model.embed_dim": k["embed_dim"], "model.depth": k["depth"], "model.decoder_depth": k["decoder_depth"],
+        "model.patch_size": k["patch_size"], "model.img_size": k["img_size"],
+        "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
+        "train.accum_iter": cfg.train.accum_iter, "train.checkpoint_every": cfg.train.checkpoint_every,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    non_negative = {
+        "train.warmup_epochs": cfg.train.warmup_epochs, "train.blr": cfg.train.blr,
+        "train.weight_decay": cfg.train.weight_decay, "train.visualize_every": cfg.train.visualize_every,
+        "train.knn_every": cfg.train.knn_every, "ray.num_workers": cfg.ray.num_workers,
+        "ray.failure_max_retries": cfg.ray.failure_max_retries, "data.num_workers": cfg.data.num_workers,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.train.amp not in ("bf16", "fp16", "none"):
+        raise ConfigError(f"train.amp must be one of bf16, fp16, none; got {cfg.train.amp!r}")
+    if cfg.ray.cpus_per_worker <= 0:
+        raise ConfigError(f"ray.cpus_per_worker must be > 0, got {cfg.ray.cpus_per_worker}")
+    if not cfg.output_dir:
+        raise ConfigError("output_dir must not be empty")
+
+
+# --------------------------------------------------------------------------- helpers
+def _read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value (e.g. model.mask_ratio=0.6), got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the text; the type check will judge it
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``typ``; ints pass as floats and numeric strings as numbers."""
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        typ = inner[0] if len(inner) == 1 else typ
+    if typ is bool and isinstance(value, bool):
+        return value
+    if typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if typ is str and isinstance(value, str):
+        return value
+    if typ is list and isinstance(value, list):
+        return value
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__})")
+
+
+def _flatten(d: dict[str, Any], prefix: str = ""):
+    for key, value in d.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

@@ -1,0 +1,98 @@
+"""Config: YAML + dotted overrides, type checks, and one clear line for each user mistake."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mae_ray.config import Config, load_config
+from mae_ray.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "model:\n  name: mae_vit_base_patch16\n  mask_ratio: 0.5\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path, ["model.mask_ratio=0.6", "train.epochs=10", "train.blr=1e-4", "ray.use_gpu=true",
+                             "mlflow.tracking_uri=http://127.0.0.1:5000", "model.decoder_depth=4"])
+    assert cfg.model.mask_ratio == 0.6 and cfg.train.epochs == 10
+    assert cfg.train.blr == pytest.approx(1e-4) and isinstance(cfg.train.blr, float)
+    assert cfg.ray.use_gpu is True and cfg.mlflow.tracking_uri == "http://127.0.0.1:5000"
+    k = cfg.model.kwargs()
+    assert (k["embed_dim"], k["depth"], k["decoder_depth"], k["patch_size"]) == (768, 12, 4, 16)
+
+
+def test_required_names_exist():
+    flat = Config().flatten()
+    for key in ["model.name", "model.mask_ratio", "model.decoder_embed_dim", "model.decoder_depth",
+                "model.norm_pix_loss", "model.img_size", "model.patch_size", "model.embed_dim", "model.depth",
+                "model.num_heads", "model.decoder_num_heads", "model.mlp_ratio", "model.in_chans",
+                "model.mask_token_in_encoder", "train.epochs", "train.batch_size", "train.blr",
+                "train.accum_iter", "train.warmup_epochs", "ray.num_workers", "ray.use_gpu",
+                "mlflow.tracking_uri", "mlflow.experiment", "data.train_shards", "data.val_shards", "output_dir"]:
+        assert key in flat, key
+
+
+def test_int_is_accepted_for_float_but_not_text():
+    cfg = load_config(None, ["train.warmup_epochs=5"])
+    assert cfg.train.warmup_epochs == 5.0 and isinstance(cfg.train.warmup_epochs, float)
+    with pytest.raises(ConfigError, match="train.blr: expected float, got 'fast'"):
+        load_config(None, ["train.blr=fast"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.mask_ratoi=0.5", "unknown key 'model.mask_ratoi'; valid keys in 'model': name, mask_ratio"),
+        ("modle.name=x", "unknown key 'modle'; valid keys in the top level: model, data, train"),
+        ("train.epochs=ten", "train.epochs: expected int, got 'ten' (str)"),
+        ("train.epochs=2.5", "train.epochs: expected int, got 2.5 (float)"),
+        ("ray.use_gpu=maybe", "ray.use_gpu: expected bool, got 'maybe' (str)"),
+        ("model.mask_ratio=1.0", "model.mask_ratio must be in (0, 1), got 1.0"),
+        ("model.mask_ratio=0", "model.mask_ratio must be in (0, 1)"),
+        ("model.img_size=30", "model.img_size 30 is not divisible by model.patch_size 4"),
+        ("model.decoder_num_heads=3", "model.decoder_embed_dim 128 is not divisible by model.decoder_num_heads 3"),
+        ("model.name=vit_gigantic", "model.name: unknown preset 'vit_gigantic'; choose one of: mae_vit_base"),
+        ("train.amp=fp8", "train.amp must be one of bf16, fp16, none"),
+        ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("epochs", "--set expects key=value"),
+        ("model=3", "model: expected a mapping of keys, got 3"),
+    ],
+)
+def test_bad_overrides_get_a_clear_message(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(line \d"):
+        load_config(write(tmp_path, "model:\n  name: [unclosed\n"))
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(None, ["model.mask_ratio=0.6", "data.train_shards=/x/train-{000000..000003}.tar"])
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_cli_prints_one_line_and_exits_nonzero_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mae_ray.pretrain", "--set", "model.mask_ratio=1.5"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == ["error: model.mask_ratio must be in (0, 1), got 1.5"]
+    assert not any(tmp_path.iterdir())  # nothing written

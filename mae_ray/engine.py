@@ -1,0 +1,180 @@
+"""The training math of pre-training: optimiser, schedule, mixed precision, accumulation, one epoch.
+
+Knows nothing of Ray or MLflow: the caller hands in a model (maybe DDP-wrapped), a loader and the
+device, and gets back the epoch's metrics. The recipe is the paper's (../shared/reference/mae-paper.md):
+AdamW (0.9, 0.95), weight decay 0.05 except biases and norms, lr = blr * effective batch / 256,
+per-iteration linear warmup then cosine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training cannot go on from here."""
+
+
+@dataclass
+class StepPlan:
+    """How many loader batches and optimiser updates an epoch has, and the schedule's lengths."""
+
+    batches_per_epoch: int
+    accum_iter: int
+    epochs: int
+    warmup_epochs: float
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return max(1, self.batches_per_epoch // self.accum_iter)
+
+    @property
+    def total_updates(self) -> int:
+        return self.updates_per_epoch * self.epochs
+
+    @property
+    def warmup_updates(self) -> int:
+        return min(int(round(self.warmup_epochs * self.updates_per_epoch)), self.total_updates - 1)
+
+
+def scaled_lr(blr: float, batch_size: int, accum_iter: int, world_size: int) -> float:
+    """The paper's linear scaling rule: lr = blr * effective batch / 256."""
+    return blr * batch_size * accum_iter * max(1, world_size) / 256
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
+    """AdamW (0.9, 0.95); no decay on biases and norm weights (timm's grouping); fused on CUDA."""
+    groups = param_groups_weight_decay(model, weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, plan: StepPlan, min_lr: float) -> CosineLRScheduler:
+    """Linear warmup from 0, then half-cosine to ``min_lr``; stepped once per optimiser update."""
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, plan.total_updates - plan.warmup_updates),
+        lr_min=min_lr,
+        warmup_t=plan.warmup_updates,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,  # the cosine starts where warmup ends, as in the release
+        t_in_epochs=False,
+    )
+
+
+class Precision:
+    """Autocast + loss scaling for the chosen ``amp`` mode; full precision on CPU."""
+
+    def __init__(self, amp: str, device: torch.device):
+        self.device_type = device.type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+def configure_cuda() -> None:
+    """TF32 matmuls and convolutions: free speed on Ampere and newer, harmless in MAE's numerics."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: CosineLRScheduler,
+    precision: Precision,
+    *,
+    epoch: int,
+    plan: StepPlan,
+    mask_ratio: float,
+    device: torch.device,
+    on_step=None,
+) -> dict[str, float]:
+    """One pass over ``plan.batches_per_epoch`` batches; the optimiser steps every ``accum_iter`` batches.
+
+    The loss of each micro-batch is divided by ``accum_iter`` so that accumulating k batches of b
+    gives the gradient of one batch of k*b. DDP's gradient all-reduce runs only on the last
+    micro-batch of each update (``no_sync`` on the others).
+    """
+    model.train()
+    accum = plan.accum_iter
+    loss_sum, seen, batches = 0.0, 0, 0
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for i, (imgs, _labels) in enumerate(loader):
+        if i >= plan.batches_per_epoch:
+            break
+        update = epoch * plan.updates_per_epoch + i // accum
+        if i % accum == 0:
+            scheduler.step_update(update)
+        imgs = imgs.to(device, non_blocking=True)
+        boundary = (i + 1) % accum == 0
+        sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with precision.autocast():
+                loss, _, _ = model(imgs, mask_ratio=mask_ratio)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"non-finite loss ({value}) at epoch {epoch}, batch {i}, update {update}")
+            precision.scaler.scale(loss / accum).backward()
+        if boundary:
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += value * imgs.shape[0]
+        seen += imgs.shape[0]
+        batches += 1
+        if on_step is not None:
+            on_step(i, value)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    return {
+        "train_loss": loss_sum / max(1, seen),
+        "lr": optimizer.param_groups[0]["lr"],
+        "images_per_s": seen / max(elapsed, 1e-9),
+        "epoch_time_s": elapsed,
+        "batches": batches,
+    }
+
+
+def rng_state() -> dict[str, object]:
+    """Every RNG a run draws from, as tensors and plain values (loadable with weights_only=True)."""
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, object]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,39 @@
+"""Fault injection for recovery tests: kill or fail a worker at a chosen point, once.
+
+``MAE_RAY_FAULTS`` on the driver (e.g. ``kill:rank=1:after_checkpoint=0``) is handed to the workers in
+the loop config; each fault fires once per run (a marker file in the output folder remembers it), so the
+restarted worker group runs through. Real processes are killed with SIGKILL: what Ray sees is a real
+lost worker. Unset in normal use: then every call here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "MAE_RAY_FAULTS"
+
+
+def from_env() -> str | None:
+    return os.environ.get(ENV) or None
+
+
+def maybe_fire(spec: str | None, point: str, epoch: int, rank: int, marker_dir: str) -> None:
+    """Fire the fault of ``spec`` (``ACTION:rank=R:POINT=E``) if it names this point, epoch and rank."""
+    if not spec:
+        return
+    action, *fields = spec.split(":")
+    opts = dict(f.split("=", 1) for f in fields)
+    if int(opts.get("rank", 0)) != rank or opts.get(point) is None or int(opts[point]) != epoch:
+        return
+    marker = os.path.join(marker_dir, f".fault-{action}-{point}-{epoch}-{rank}")
+    if os.path.exists(marker):
+        return
+    os.makedirs(marker_dir, exist_ok=True)
+    open(marker, "w").close()
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "fail":
+        raise RuntimeError(f"injected failure at {point}={epoch} on rank {rank}")
+    else:
+        raise ValueError(f"unknown fault action {action!r} in {ENV}")

@@ -1,0 +1,174 @@
+"""MLflow plumbing: tracking URI resolution, one run per training run, exactly-once epoch metrics.
+
+Uses ``MlflowClient`` with explicit run ids (no fluent "active run" state), so the driver can create
+the run before Ray starts and rank 0 of every (re)started worker group can continue the same run.
+A tracking server that is down does not stop training: failed metric batches are kept and retried
+with the next epoch's, and reported if they are still pending at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import urlparse
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own default store, in the working directory
+_PARAM_MAX = 6000  # MLflow's limit on a param value's length
+_SECRET_KEY = re.compile(r"(password|secret|token|key|credential)", re.I)
+
+
+def resolve_tracking_uri(uri: str | None = None, cwd: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else sqlite ``mlflow.db`` in the cwd — always absolute.
+
+    Ray runs workers (and ``ray job submit`` jobs) in other working directories, where a relative
+    ``sqlite:///mlflow.db`` would silently create a second, empty store.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    cwd = cwd or os.getcwd()
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        return "sqlite:///" + (path if os.path.isabs(path) else os.path.join(cwd, path))
+    if uri.startswith("file:"):
+        path = urlparse(uri).path
+        return "file://" + (path if os.path.isabs(path) else os.path.join(cwd, path))
+    if "://" not in uri and not uri.startswith("databricks"):
+        return "file://" + os.path.abspath(os.path.join(cwd, uri))
+    return uri
+
+
+def redact(value: Any) -> Any:
+    """Drop credentials from URLs (``scheme://user:pass@host`` -> ``scheme://***@host``)."""
+    return re.sub(r"://[^/@\s]+@", "://***@", value) if isinstance(value, str) else value
+
+
+def params_from_config(flat: Mapping[str, Any]) -> dict[str, str]:
+    """MLflow params: the flattened config, secrets kept out, values clipped to MLflow's limit."""
+    out = {}
+    for key, value in flat.items():
+        if _SECRET_KEY.search(key.rsplit(".", 1)[-1]) and key != "mlflow.tracking_uri":
+            continue
+        out[key] = str(redact(value))[:_PARAM_MAX]
+    return out
+
+
+def run_tags() -> dict[str, str]:
+    """Ray job id (when under Ray) and git commit (when in a git checkout)."""
+    tags = {}
+    submission = os.environ.get("RAY_JOB_SUBMISSION_ID")
+    if submission:
+        tags["ray.submission_id"] = submission
+    try:
+        import ray
+
+        if ray.is_initialized():
+            tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
+    except Exception:  # tags are a courtesy; never fail a run over one
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        tags["mlflow.source.git.commit"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def start_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str | None,
+    params: Mapping[str, str],
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Create a run (a child of ``parent_run_id`` if given) with its params; returns its id."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+class EpochLogger:
+    """Logs per-epoch metrics to one run with step = epoch, each epoch exactly once.
+
+    On (re)start it reads which epochs the run already holds, so a worker group restarted from a
+    checkpoint neither duplicates an epoch nor loses one (``backfill`` logs epochs that the
+    checkpoint's history has but MLflow missed).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, key: str = "train_loss"):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.pending: list[Metric] = []
+        self.logged = {m.step for m in self._history(key)}
+
+    def _history(self, key: str) -> list[Metric]:
+        try:
+            return self.client.get_metric_history(self.run_id, key)
+        except Exception as e:  # server down: assume nothing logged; duplicates are rejected below anyway
+            log.warning("MLflow unreachable while reading history (%s); continuing", _first_line(e))
+            return []
+
+    def backfill(self, history: Iterable[Mapping[str, float]]) -> None:
+        for row in history:
+            self.log_epoch(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        if epoch in self.logged:
+            return
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+        self.logged.add(epoch)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what is pending; on failure keep it for the next call. True when nothing is left."""
+        if not self.pending:
+            return True
+        try:
+            for i in range(0, len(self.pending), 1000):
+                self.client.log_batch(self.run_id, metrics=self.pending[i : i + 1000])
+        except Exception as e:
+            log.warning("MLflow logging failed (%s); %d values kept for retry", _first_line(e), len(self.pending))
+            return False
+        self.pending = []
+        return True
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        try:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        except Exception as e:
+            log.warning("MLflow tags not logged (%s)", _first_line(e))
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        try:
+            self.client.log_artifact(self.run_id, path, artifact_path)
+        except Exception as e:
+            log.warning("MLflow artifact %s not logged (%s)", path, _first_line(e))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

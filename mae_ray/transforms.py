@@ -1,0 +1,112 @@
+"""Image decoding and the four transform recipes used by the MAE jobs.
+
+Every transform takes a CHW ``uint8`` RGB tensor (what :func:`decode_rgb` returns) and
+returns a float32 ``[3, img_size, img_size]`` tensor normalised with ImageNet statistics.
+Tensor transforms (torchvision v2) are used wherever possible because decoding with
+``torchvision.io`` and resizing tensors is about twice as fast per core as the PIL path.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TRANSFORM_KINDS = ("pretrain", "linprobe", "finetune", "eval")
+# File extensions the loader treats as image payloads (webdataset keeps the original bytes).
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm"})
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+_BICUBIC = v2.InterpolationMode.BICUBIC
+
+
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """Decode image bytes to a CHW uint8 RGB tensor.
+
+    torchvision's libjpeg-turbo/libpng decoders handle JPEG (incl. grayscale and CMYK), PNG
+    (palette, alpha, 16-bit), WEBP and GIF; anything else (BMP, TIFF...) goes through PIL.
+    Raises on undecodable data; the loader counts that sample as skipped.
+    """
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        with Image.open(io.BytesIO(data)) as pil:
+            return F.pil_to_tensor(pil.convert("RGB"))
+    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
+        image = F.to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+_MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+_INV_STD_255 = 1 / (torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255)
+
+
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., 3, H, W]`` -> float32 normalised with ImageNet statistics, on any device.
+
+    Used per image by the transforms, or on the GPU for batches of a ``normalize=False``
+    transform. One allocation plus two in-place ops: ~80 us/image cheaper on CPU than
+    ``v2.ToDtype`` + ``v2.Normalize``, which allocate a tensor each.
+    """
+    mean, inv_std = _MEAN_255.to(images.device), _INV_STD_255.to(images.device)
+    return images.to(torch.float32).sub_(mean).mul_(inv_std)
+
+
+def _random_resized_crop(img_size: int, scale: tuple[float, float]) -> list[Transform]:
+    return [
+        v2.RandomResizedCrop(img_size, scale=scale, interpolation=_BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+
+
+def _eval_resize_crop(img_size: int) -> list[Transform]:
+    # Standard 0.875 centre-crop ratio: 224 -> resize shorter side to 256, crop 224.
+    return [v2.Resize(int(img_size / 0.875), interpolation=_BICUBIC, antialias=True), v2.CenterCrop(img_size)]
+
+
+def _finetune_transform(img_size: int) -> v2.Compose:
+    # timm's RandAugment / RandomErasing recipe (MAE fine-tuning) operates on PIL images.
+    from timm.data import create_transform
+
+    timm_transform = create_transform(
+        input_size=img_size,
+        is_training=True,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        re_prob=0.25,
+        re_mode="pixel",
+        re_count=1,
+        interpolation="bicubic",
+        color_jitter=None,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+    return v2.Compose([v2.ToPILImage(), timm_transform])
+
+
+def build_transform(kind: str, img_size: int, *, normalize: bool = True) -> Transform:
+    """Return the transform for one of ``pretrain``, ``linprobe``, ``finetune`` or ``eval``.
+
+    With ``normalize=False`` the output stays uint8 (4x fewer bytes through the DataLoader's
+    shared memory and the host-to-device copy); apply :func:`normalize_batch` on the device.
+    Not available for ``finetune``, whose random erasing works on normalised values.
+    """
+    if kind == "finetune":
+        if not normalize:
+            raise ValueError("the finetune transform always normalises (random erasing needs it)")
+        return _finetune_transform(img_size)
+    if kind == "pretrain":
+        steps = _random_resized_crop(img_size, scale=(0.2, 1.0))
+    elif kind == "linprobe":
+        steps = _random_resized_crop(img_size, scale=(0.08, 1.0))
+    elif kind == "eval":
+        steps = _eval_resize_crop(img_size)
+    else:
+        raise ValueError(f"unknown transform kind {kind!r}; expected one of {TRANSFORM_KINDS}")
+    return v2.Compose([*steps, normalize_batch] if normalize else steps)

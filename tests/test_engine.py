@@ -1,0 +1,114 @@
+"""The pre-training math without Ray: lr rule and schedule, weight-decay groups, accumulation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mae_ray import engine
+from mae_ray.models import build_model
+
+MICRO = "mae_vit_micro_patch4"
+
+
+def test_linear_scaling_rule():
+    assert engine.scaled_lr(1.5e-4, 64, 4, 16) == pytest.approx(1.5e-4 * 4096 / 256)
+
+
+def test_no_decay_on_biases_and_norms():
+    model = build_model(MICRO)
+    opt = engine.build_optimizer(model, 1e-3, 0.05, torch.device("cpu"))
+    decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        assert (id(p) in decay) == (p.ndim > 1), name
+    assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+    assert not any(p is model.pos_embed for g in opt.param_groups for p in g["params"])  # fixed table
+
+
+def test_schedule_warmup_then_cosine():
+    plan = engine.StepPlan(batches_per_epoch=10, accum_iter=2, epochs=10, warmup_epochs=2)
+    assert (plan.updates_per_epoch, plan.total_updates, plan.warmup_updates) == (5, 50, 10)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = engine.build_scheduler(opt, plan, min_lr=0.01)
+    lrs = []
+    for t in range(plan.total_updates):
+        sched.step_update(t)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5)  # linear warmup from 0
+    assert lrs[10] == pytest.approx(1.0)  # peak where warmup ends
+    t = 30
+    expected = 0.01 + (1 - 0.01) * 0.5 * (1 + math.cos(math.pi * (t - 10) / 40))
+    assert lrs[t] == pytest.approx(expected)
+    assert lrs[-1] < 0.02 and all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
+class _FixedNoise(torch.nn.Module):
+    """MAE whose mask depends on the sample (its index in pixel [0, 0, 0]), not on the RNG."""
+
+    def __init__(self, model, bank):
+        super().__init__()
+        self.model, self.bank = model, bank
+
+    def forward(self, imgs, mask_ratio):
+        return self.model(imgs, mask_ratio, noise=self.bank[imgs[:, 0, 0, 0].long()])
+
+
+def _one_update(batches, accum):
+    torch.manual_seed(0)
+    model = build_model(MICRO)
+    bank = torch.rand(8, model.patch_embed.num_patches, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    plan = engine.StepPlan(batches_per_epoch=len(batches), accum_iter=accum, epochs=1, warmup_epochs=0)
+    sched = engine.build_scheduler(opt, plan, min_lr=0.0)
+    engine.train_one_epoch(_FixedNoise(model, bank), [(b, None) for b in batches], opt, sched,
+                           engine.Precision("none", torch.device("cpu")), epoch=0, plan=plan,
+                           mask_ratio=0.75, device=torch.device("cpu"))
+    return model.state_dict()
+
+
+def test_accumulating_two_batches_of_b_equals_one_batch_of_2b():
+    imgs = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    imgs[:, 0, 0, 0] = torch.arange(8).float()
+    one = _one_update([imgs], accum=1)
+    two = _one_update([imgs[:4], imgs[4:]], accum=2)
+    torch.manual_seed(0)
+    start = build_model(MICRO).state_dict()
+    assert not torch.allclose(one["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])  # it stepped
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-6, rtol=1e-5), key
+
+
+def test_non_finite_loss_names_the_step():
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, imgs, mask_ratio):
+            return self.w * float("nan"), None, None
+
+    model = Exploding()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plan = engine.StepPlan(batches_per_epoch=3, accum_iter=1, epochs=2, warmup_epochs=0)
+    with pytest.raises(engine.NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 1, batch 0, update 3"):
+        engine.train_one_epoch(model, [(torch.zeros(1), None)] * 3, opt, engine.build_scheduler(opt, plan, 0.0),
+                               engine.Precision("none", torch.device("cpu")), epoch=1, plan=plan,
+                               mask_ratio=0.75, device=torch.device("cpu"))
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = engine.rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    a = (torch.rand(3), random.random(), np.random.rand())
+    engine.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]

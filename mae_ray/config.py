@@ -90,12 +90,58 @@ class MlflowConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Which encoder the evaluation jobs judge, and the online kNN monitor's budget."""
+
+    checkpoint: str = ""  # checkpoint dir or state.pt | official .pth | runs:/RUN_ID | random
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_train_samples: int = 5000  # labelled bank, taken from the training shards
+    knn_val_samples: int = 1000
+
+
+@dataclass
+class LinprobeConfig:
+    """The paper's linear probe: frozen encoder, BN (no affine) + linear head, LARS."""
+
+    epochs: int = 90
+    batch_size: int = 256  # per worker
+    blr: float = 0.1  # lr = blr * effective batch / 256
+    weight_decay: float = 0.0
+    warmup_epochs: float = 10
+    min_lr: float = 0.0
+    pool: str = "cls"  # cls (the paper) | mean (patch tokens)
+    cache_features: bool = False  # extract features once (no augmentation), train the head on them
+
+
+@dataclass
+class FinetuneConfig:
+    """The release's fine-tuning recipe (ViT-B defaults)."""
+
+    epochs: int = 100
+    batch_size: int = 64  # per worker
+    blr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    warmup_epochs: float = 5
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    trainable_blocks: int | None = None  # None: all; k: only the last k blocks (+ head); 0: head only
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    linprobe: LinprobeConfig = field(default_factory=LinprobeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output_dir: str = "outputs/run"
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,6 +232,24 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key, value in {
+        "linprobe.epochs": cfg.linprobe.epochs, "linprobe.batch_size": cfg.linprobe.batch_size,
+        "finetune.epochs": cfg.finetune.epochs, "finetune.batch_size": cfg.finetune.batch_size,
+        "eval.knn_k": cfg.eval.knn_k, "eval.knn_train_samples": cfg.eval.knn_train_samples,
+        "eval.knn_val_samples": cfg.eval.knn_val_samples,
+    }.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.linprobe.pool not in ("cls", "mean"):
+        raise ConfigError(f"linprobe.pool must be cls or mean, got {cfg.linprobe.pool!r}")
+    if cfg.finetune.trainable_blocks is not None and not 0 <= cfg.finetune.trainable_blocks <= k["depth"]:
+        raise ConfigError(f"finetune.trainable_blocks must be in [0, {k['depth']}] (model.depth), "
+                          f"got {cfg.finetune.trainable_blocks}")
+    if cfg.finetune.mixup > 0 or cfg.finetune.cutmix > 0:
+        if cfg.finetune.batch_size % 2:
+            raise ConfigError(f"finetune.batch_size must be even for mixup/cutmix, got {cfg.finetune.batch_size}")
+    if not 0 < cfg.finetune.layer_decay <= 1:
+        raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {cfg.finetune.layer_decay}")
     if cfg.train.amp not in ("bf16", "fp16", "none"):
         raise ConfigError(f"train.amp must be one of bf16, fp16, none; got {cfg.train.amp!r}")
     if cfg.ray.cpus_per_worker <= 0:

@@ -104,6 +104,17 @@ def run_trainer(train_fn: Callable[[dict], None], loop_config: dict[str, Any], s
     return trainer.fit()
 
 
+def worker_error(e: BaseException) -> str:
+    """The first line of the underlying worker exception (not Ray's wrapper text)."""
+    failures = getattr(e, "worker_failures", None) or {}
+    inner = next(iter(failures.values()), None) or getattr(e, "controller_failure", None) or e
+    lines = [ln for ln in str(inner).splitlines() if ln.strip()]
+    for ln in reversed(lines):  # Ray puts the remote traceback first and the exception line last
+        if "Error" in ln and ":" in ln:
+            return ln.strip()
+    return lines[-1].strip() if lines else type(inner).__name__
+
+
 def storage_uri(path: str) -> str:
     """Ray wants an absolute local path or a URI (s3://, gs://, ...)."""
     return path if "://" in path else os.path.abspath(path)
@@ -142,6 +153,15 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None, epoch: int,
             write(os.path.join(tmp, name))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:06d}")
+
+
+def checkpoint_location(epoch: int) -> str:
+    """Where the checkpoint of ``epoch`` is (or would be) stored, for messages."""
+    name = f"{CHECKPOINT_PREFIX}{epoch:06d}"
+    try:
+        return f"{ray.train.get_context().get_storage().experiment_fs_path}/{name}"
+    except NotImplementedError:
+        return name
 
 
 def latest_checkpoint(explicit: str | None = None) -> tuple[dict[str, Any] | None, str | None]:

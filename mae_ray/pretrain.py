@@ -7,7 +7,6 @@ resume from the newest checkpoint, train epochs, report metrics + checkpoints, l
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -15,7 +14,6 @@ from typing import Any
 
 from mae_ray.cli import guarded, job_parser, quiet_logs
 from mae_ray.config import Config, from_dict, load_config
-from mae_ray.errors import UserError
 
 
 # --------------------------------------------------------------------------- worker
@@ -24,8 +22,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from mae_ray import engine, faults, launch, tracking
+    from mae_ray import engine, launch
     from mae_ray.data import make_train_loader
+    from mae_ray.knn import KnnMonitor
+    from mae_ray.loop import EpochLoop
     from mae_ray.models import MaskedAutoencoderViT
     from mae_ray.weights import save_encoder
 
@@ -53,32 +53,25 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     scheduler = engine.build_scheduler(optimizer, plan, cfg.train.min_lr)
     precision = engine.Precision(cfg.train.amp, device)
 
-    state, resumed_from = launch.latest_checkpoint(loop_config.get("resume_from"))
-    start_epoch, history = 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        precision.scaler.load_state_dict(state["scaler"])
-        engine.set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"] + 1, list(state["history"])
+    loop = EpochLoop("pretrain", loop_config, epochs=cfg.train.epochs, checkpoint_every=cfg.train.checkpoint_every,
+                     stateful={"model": model, "optimizer": optimizer, "scheduler": scheduler,
+                               "scaler": precision.scaler},
+                     steps_per_epoch=plan.updates_per_epoch, extra_state={"config": cfg.to_yaml()})
     raw_model = model
     model = ray.train.torch.prepare_model(model)  # DDP over NCCL (GPU) or Gloo (CPU); no-op for 1 worker
     if cfg.train.compile:
         model = torch.compile(model)
-
-    logger = None
-    if rank == 0:
-        logger = tracking.EpochLogger(loop_config["tracking_uri"], loop_config["run_id"])
-        logger.backfill(history)  # epochs a killed worker checkpointed but never logged
-        where = f"resumed from {resumed_from} at epoch {start_epoch}" if state else "fresh start"
-        print(f"[pretrain] {world_size} worker(s), {plan.batches_per_epoch} batches/epoch, "
-              f"effective batch {cfg.train.batch_size * cfg.train.accum_iter * world_size}, lr {lr:.3g}; {where}",
-              flush=True)
+    loop.say(f"{world_size} worker(s), {plan.batches_per_epoch} batches/epoch, effective batch "
+             f"{cfg.train.batch_size * cfg.train.accum_iter * world_size}, lr {lr:.3g}; {loop.describe_start()}")
     pictures = _Pictures(cfg, raw_model, loop_config) if rank == 0 else None
-    last_good = resumed_from
+    monitor = KnnMonitor(cfg, rank, world_size, device, raw_model.patch_embed.img_size[0])
+    final_files = {
+        "encoder.pth": lambda p: save_encoder(raw_model, p),
+        "encoder.safetensors": lambda p: save_encoder(raw_model, p),
+        "config.yaml": lambda p: open(p, "w").write(cfg.to_yaml()),
+    }
 
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(loop.start_epoch, cfg.train.epochs):
         loader.set_epoch(epoch)
         torch.manual_seed(hash((cfg.train.seed, epoch, rank)) % 2**31)  # masks: reproducible on resume
         try:
@@ -87,37 +80,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 mask_ratio=cfg.model.mask_ratio, device=device,
             )
         except engine.NonFiniteLossError as e:
-            raise engine.NonFiniteLossError(f"{e}; last good checkpoint: {last_good or 'none'}") from None
+            raise engine.NonFiniteLossError(f"{e}; last good checkpoint: {loop.last_good or 'none'}") from None
         metrics = _reduce_over_ranks(metrics, loader.skipped, device)
-        history.append({"epoch": epoch, **metrics})
-        last = epoch == cfg.train.epochs - 1
-        save = last or (epoch + 1) % cfg.train.checkpoint_every == 0
-        state = None
-        files = {}
-        if save and rank == 0:
-            state = {
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
-                "epoch": epoch, "step": (epoch + 1) * plan.updates_per_epoch, "config": cfg.to_yaml(),
-                "rng": engine.rng_state(), "mlflow_run_id": loop_config["run_id"], "history": history,
-            }
-            if last:
-                files = {
-                    "encoder.pth": lambda p: save_encoder(raw_model, p),
-                    "encoder.safetensors": lambda p: save_encoder(raw_model, p),
-                    "config.yaml": lambda p: open(p, "w").write(cfg.to_yaml()),
-                }
-        faults.maybe_fire(loop_config.get("faults"), "before_report", epoch, rank, loop_config["output_dir"])
-        launch.report({"epoch": epoch, **metrics}, state, epoch, files)
-        faults.maybe_fire(loop_config.get("faults"), "after_report", epoch, rank, loop_config["output_dir"])
-        if rank == 0:
-            logger.log_epoch(epoch, metrics)
-            print(f"[pretrain] epoch {epoch + 1}/{cfg.train.epochs} loss {metrics['train_loss']:.4f} "
-                  f"lr {metrics['lr']:.3g} {metrics['images_per_s']:.1f} img/s {metrics['epoch_time_s']:.1f}s "
-                  f"skipped {int(metrics['data/skipped'])}", flush=True)
-            pictures.maybe_log(epoch, last, logger)
-    if logger is not None and not logger.flush():
-        print(f"[pretrain] warning: {len(logger.pending)} metric values could not reach MLflow", flush=True)
+        if monitor.due(epoch):
+            metrics["knn_top1"] = monitor.run(raw_model)
+        loop.end_epoch(epoch, metrics, final_files)
+        if pictures is not None:
+            pictures.maybe_log(epoch, epoch == cfg.train.epochs - 1, loop.logger)
+    loop.finish()
 
 
 def _reduce_over_ranks(metrics: dict[str, float], skipped: int, device) -> dict[str, float]:
@@ -172,97 +142,40 @@ class _Pictures:
 def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False,
         parent_run_id: str | None = None) -> dict[str, Any]:
     """Pre-train with ``cfg`` and return what result.json holds. Raises UserError for user mistakes."""
-    from mae_ray import faults, launch, tracking
-    from mae_ray.data import expand_urls
+    from mae_ray import jobs, launch, tracking
 
-    cfg.data.train_shards = absolute_local(cfg.data.train_shards)  # workers run in other directories
-    cfg.data.val_shards = absolute_local(cfg.data.val_shards)
-    expand_urls(cfg.data.train_shards)  # a pattern that matches nothing fails here, before Ray starts
-    output_dir = cfg.output_dir = os.path.abspath(cfg.output_dir)
-    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     run_id = None
     if resume_from:
-        state = launch.load_state(resume_from)  # fail now on a bad path, not inside a worker
-        run_id = state.get("mlflow_run_id")
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "config.yaml"), "w") as f:
-        f.write(cfg.to_yaml())
-    name = cfg.mlflow.run_name or os.path.basename(output_dir.rstrip("/"))
-    storage = launch.storage_uri(cfg.ray.storage_path or os.path.join(output_dir, "ray"))
-    print(f"[pretrain] outputs: {output_dir}  checkpoints: {storage}/{name}  mlflow: {tracking.redact(uri)}",
+        run_id = launch.load_state(resume_from).get("mlflow_run_id")  # a bad path fails now, not in a worker
+    uri = jobs.prepare(cfg)
+    name = cfg.mlflow.run_name or os.path.basename(cfg.output_dir.rstrip("/"))
+    storage = launch.storage_uri(cfg.ray.storage_path or os.path.join(cfg.output_dir, "ray"))
+    print(f"[pretrain] outputs: {cfg.output_dir}  checkpoints: {storage}/{name}  mlflow: {tracking.redact(uri)}",
           flush=True)
-
-    started = launch.init_ray(cfg.ray.address, verbose=verbose)
-    try:
-        launch.check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu)
+    with jobs.ray_session(cfg, verbose):
         if run_id is None:
             run_id = tracking.start_run(uri, cfg.mlflow.experiment, name, tracking.params_from_config(cfg.flatten()),
                                         tracking.run_tags(), parent_run_id=parent_run_id)
-        loop_config = {"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
-                       "output_dir": output_dir, "resume_from": resume_from, "faults": faults.from_env(),
-                       "verbose": verbose}
-        spec = launch.TrainerSpec(name=name, storage_path=storage, num_workers=cfg.ray.num_workers,
-                                  use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
-                                  max_failures=cfg.ray.failure_max_retries, verbose=verbose)
         start = time.time()
-        try:
-            result = launch.run_trainer(train_loop, loop_config, spec)
-        except Exception as e:
-            tracking.end_run(uri, run_id, "FAILED")
-            raise UserError(f"pre-training failed: {_worker_error(e)}") from None
-        summary = _finish(cfg, result, uri, run_id, output_dir, time.time() - start)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    return summary
-
-
-def absolute_local(spec: str) -> str:
-    """A local relative shard path made absolute; URLs, ``pipe:`` commands and empty values unchanged."""
-    if not spec or "://" in spec or spec.startswith("pipe:") or os.path.isabs(spec):
-        return spec
-    return os.path.abspath(spec)
-
-
-def _finish(cfg: Config, result, uri: str, run_id: str, output_dir: str, wall_s: float) -> dict[str, Any]:
-    from mae_ray import tracking
-
+        result = jobs.fit(train_loop, cfg, name=name, uri=uri, run_id=run_id, verbose=verbose,
+                          what="pre-training", resume_from=resume_from)
     ckpt = result.checkpoint
-    if ckpt is None:
-        raise UserError("pre-training finished without a checkpoint (ray.num_workers=0 runs keep none)")
     logger = tracking.EpochLogger(uri, run_id)
     with ckpt.as_directory() as path:
-        for name in ("config.yaml", "encoder.pth", "encoder.safetensors", "state.pt"):
-            logger.log_artifact(os.path.join(path, name), "checkpoint" if name == "state.pt" else "encoder")
+        for file in ("config.yaml", "encoder.pth", "encoder.safetensors", "state.pt"):
+            logger.log_artifact(os.path.join(path, file), "checkpoint" if file == "state.pt" else "encoder")
     tracking.end_run(uri, run_id, "FINISHED")
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     summary = {
         "checkpoint": ckpt.path,
         "encoder": os.path.join(ckpt.path, "encoder.pth"),
         "encoder_safetensors": os.path.join(ckpt.path, "encoder.safetensors"),
         "mlflow_run_id": run_id,
         "mlflow_tracking_uri": tracking.redact(uri),
-        "metrics": metrics,
-        "wall_time_s": round(wall_s, 1),
+        "metrics": jobs.numeric(result.metrics),
+        "wall_time_s": round(time.time() - start, 1),
     }
-    tmp = os.path.join(output_dir, "result.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(output_dir, "result.json"))
+    jobs.write_result(cfg.output_dir, summary)
     return summary
-
-
-def _worker_error(e: BaseException) -> str:
-    """The first line of the underlying worker exception (not Ray's wrapper text)."""
-    failures = getattr(e, "worker_failures", None) or {}
-    inner = next(iter(failures.values()), None) or getattr(e, "controller_failure", None) or e
-    lines = [ln for ln in str(inner).splitlines() if ln.strip()]
-    for ln in reversed(lines):  # Ray puts the remote traceback first and the exception line last
-        if "Error" in ln and ":" in ln:
-            return ln.strip()
-    return lines[-1].strip() if lines else type(inner).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,8 @@ def history(uri, run_id, key):
 
 
 def test_two_workers_finish_loss_falls_and_mlflow_has_one_row_per_epoch(local_ray, demo_data, tmp_path):
-    cfg = tiny_config(demo_data, tmp_path, "train.epochs=4")
+    cfg = tiny_config(demo_data, tmp_path, "train.epochs=4", "train.knn_every=2", "eval.knn_train_samples=300",
+                      "eval.knn_val_samples=100")
     summary = pretrain.run(cfg)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
 
@@ -47,6 +48,9 @@ def test_two_workers_finish_loss_falls_and_mlflow_has_one_row_per_epoch(local_ra
     for key in ("lr", "images_per_s", "epoch_time_s", "data/skipped"):
         assert [s for s, _ in history(uri, summary["mlflow_run_id"], key)] == [0, 1, 2, 3], key
     assert all(v == 0 for _, v in history(uri, summary["mlflow_run_id"], "data/skipped"))
+    knn = history(uri, summary["mlflow_run_id"], "knn_top1")
+    assert [s for s, _ in knn] == [1, 3] and all(0 <= v <= 100 for _, v in knn)
+    assert summary["metrics"]["knn_top1"] == knn[-1][1]  # reported to Ray too (what Tune sees)
 
     client = MlflowClient(uri)
     run = client.get_run(summary["mlflow_run_id"])

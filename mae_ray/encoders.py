@@ -1,0 +1,106 @@
+"""Which encoder an evaluation judges (``eval.checkpoint``), resolved once on the driver.
+
+- a mae-ray checkpoint directory (or its ``state.pt``): weights, architecture and the pre-training
+  MLflow run come from the checkpoint itself;
+- an official MAE ``.pth`` (``{"model": ...}``, encoder-only or full): architecture from ``model.*``;
+- ``runs:/RUN_ID``: the encoder and config that pre-training run logged to MLflow;
+- ``random``: the same architecture at its initialisation, the baseline every results table needs.
+
+``model.img_size`` set explicitly in the evaluation config evaluates at that size; position
+embeddings are interpolated (weights.load_mae_weights).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import yaml
+
+from mae_ray.config import Config, from_dict
+from mae_ray.errors import CheckpointError, ConfigError
+from mae_ray.models import MaskedAutoencoderViT, is_decoder_key
+from mae_ray.weights import load_mae_weights, read_state_dict
+
+
+@dataclass
+class EncoderSource:
+    state: dict[str, torch.Tensor] | None  # encoder weights (MAE names); None: random init
+    model_kwargs: dict[str, object]
+    parent_run_id: str | None  # the pre-training run the results belong to, if known
+    label: str  # for params and messages
+
+    def build(self, seed: int = 0) -> MaskedAutoencoderViT:
+        """The MAE with this encoder loaded (decoder left at init: evaluation never uses it)."""
+        torch.manual_seed(seed)
+        model = MaskedAutoencoderViT(**self.model_kwargs)
+        if self.state is not None:
+            load_mae_weights(model, self.state)
+        return model
+
+
+def resolve_encoder(spec: str, cfg: Config, tracking_uri: str) -> EncoderSource:
+    """Read and check ``spec`` (see module doc); raises CheckpointError/ConfigError with the reason."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise ConfigError("eval.checkpoint is empty: give a checkpoint directory, an official .pth, "
+                          "runs:/RUN_ID or random")
+    if spec == "random":
+        source = EncoderSource(None, cfg.model.kwargs(), None, "random")
+    elif spec.startswith("runs:/"):
+        source = _from_mlflow(spec, cfg, tracking_uri)
+    else:
+        source = _from_path(spec, cfg)
+    source.build()  # fail here, on the driver, if the weights do not fit
+    return source
+
+
+def _from_path(path: str, cfg: Config) -> EncoderSource:
+    file = os.path.join(path, "state.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if file.endswith(".safetensors"):
+        return EncoderSource(_encoder_only(read_state_dict(file)), cfg.model.kwargs(), None, path)
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read {file} as a weights-only checkpoint: {first}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("config"), str) and isinstance(obj.get("model"), dict):
+        saved = from_dict(Config, yaml.safe_load(obj["config"]))  # a mae-ray training state
+        return EncoderSource(_encoder_only(obj["model"]), _with_eval_size(saved, cfg), obj.get("mlflow_run_id"),
+                             path)
+    return EncoderSource(_encoder_only(read_state_dict(file)), cfg.model.kwargs(), None, path)
+
+
+def _from_mlflow(spec: str, cfg: Config, tracking_uri: str) -> EncoderSource:
+    import mlflow
+
+    run_id = spec[len("runs:/"):].strip("/").split("/")[0]
+    try:
+        folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="encoder",
+                                                     tracking_uri=tracking_uri, dst_path=tempfile.mkdtemp())
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot fetch the encoder of MLflow run {run_id}: {first}") from None
+    saved = Config()
+    config_file = os.path.join(folder, "config.yaml")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            saved = from_dict(Config, yaml.safe_load(f))
+    state = read_state_dict(os.path.join(folder, "encoder.pth"))
+    return EncoderSource(_encoder_only(state), _with_eval_size(saved, cfg), run_id, spec)
+
+
+def _encoder_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if not is_decoder_key(k)}
+
+
+def _with_eval_size(saved: Config, cfg: Config) -> dict[str, object]:
+    """The saved architecture, at the evaluation's image size when one is set explicitly."""
+    kwargs = saved.model.kwargs()
+    if cfg.model.img_size is not None:
+        kwargs["img_size"] = cfg.model.img_size
+    return kwargs

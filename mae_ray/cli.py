@@ -13,6 +13,9 @@ from mae_ray.errors import UserError
 # subcommand -> module with a ``main(argv) -> int``
 COMMANDS = {
     "pretrain": ("mae_ray.pretrain", "MAE pre-training on Ray Train"),
+    "linprobe": ("mae_ray.linprobe", "linear probe of a frozen encoder"),
+    "finetune": ("mae_ray.finetune", "end-to-end fine-tuning of an encoder"),
+    "evaluate": ("mae_ray.evaluate", "linear probe then fine-tune a pre-training run or checkpoint"),
     "quickstart": ("mae_ray.quickstart", "demo data + the quickstart experiment, offline"),
 }
 

@@ -106,6 +106,14 @@ def start_run(
     return run.info.run_id
 
 
+def log_values(tracking_uri: str, run_id: str, metrics: Mapping[str, float]) -> None:
+    """Final results (e.g. ``linprobe_top1``) on a run; a later evaluation adds the next step."""
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    steps = {k: len(client.get_metric_history(run_id, k)) for k in metrics}
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, steps[k]) for k, v in metrics.items()])
+
+
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 

@@ -1,0 +1,49 @@
+"""Driver of an evaluation job (linear probe or fine-tune), shared by both.
+
+Each evaluation is its own MLflow run with its params and curves; when the encoder came from a
+pre-training run, that run is its parent (``mlflow.parentRunId``) and also receives the final
+``<job>_top1`` / ``<job>_top5`` — so the pre-training run is the one row users compare.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mae_ray import jobs, tracking
+from mae_ray.config import Config
+from mae_ray.encoders import EncoderSource, resolve_encoder
+
+WHAT = {"linprobe": "linear probe", "finetune": "fine-tuning"}
+
+
+def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, source: EncoderSource | None = None,
+             verbose: bool = False) -> dict[str, Any]:
+    uri = jobs.prepare(cfg, need_val=True)
+    source = source or resolve_encoder(cfg.eval.checkpoint, cfg, uri)
+    classes = jobs.num_classes(cfg)
+    name = cfg.mlflow.run_name or f"{job}-{os.path.basename(cfg.output_dir.rstrip('/'))}"
+    print(f"[{job}] encoder: {source.label}  outputs: {cfg.output_dir}  mlflow: {tracking.redact(uri)}", flush=True)
+    with jobs.ray_session(cfg, verbose):
+        import ray
+
+        params = tracking.params_from_config(cfg.flatten())
+        params["eval.encoder"] = source.label
+        tags = {**tracking.run_tags(), "mae_ray.job": job}
+        run_id = tracking.start_run(uri, cfg.mlflow.experiment, name, params, tags, parent_run_id=source.parent_run_id)
+        start = time.time()
+        result = jobs.fit(train_loop, cfg, name=name, uri=uri, run_id=run_id, verbose=verbose, what=WHAT[job],
+                          encoder=ray.put(source.state), model_kwargs=source.model_kwargs, num_classes=classes)
+    metrics = jobs.numeric(result.metrics)
+    final = {f"{job}_top1": metrics["val_top1"], f"{job}_top5": metrics["val_top5"]}
+    tracking.log_values(uri, run_id, final)
+    if source.parent_run_id:
+        tracking.log_values(uri, source.parent_run_id, final)
+    tracking.end_run(uri, run_id, "FINISHED")
+    summary = {**final, "encoder": source.label, "mlflow_run_id": run_id, "parent_run_id": source.parent_run_id,
+               "checkpoint": result.checkpoint.path, "num_classes": classes, "metrics": metrics,
+               "wall_time_s": round(time.time() - start, 1)}
+    jobs.write_result(cfg.output_dir, summary)
+    return summary

@@ -1,0 +1,158 @@
+"""Linear probing on Ray Train: ``python -m mae_ray.linprobe --config FILE [--set eval.checkpoint=...]``.
+
+The paper's protocol: frozen encoder, cls-token features (``linprobe.pool=mean`` averages the patch
+tokens instead), BatchNorm1d without affine (eps 1e-6) then a linear layer (init std 0.01), LARS
+(momentum 0.9, no weight decay), lr = blr * batch / 256 with warmup + cosine, RandomResizedCrop + flip.
+
+``linprobe.cache_features=true`` extracts features once from un-augmented images (the eval
+transform) and trains the head on those: much faster, the path sweeps use, but not the paper's
+protocol (no augmentation of the probe's inputs), so its numbers run a little lower or higher.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from mae_ray.cli import guarded, job_parser, quiet_logs
+from mae_ray.config import Config, from_dict, load_config
+
+
+class LinearProbeHead(nn.Module):
+    """BatchNorm1d(affine=False) + Linear, as in the release's main_linprobe.py."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.fc = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(x))
+
+
+def pooled(encoder, x: torch.Tensor, pool: str) -> torch.Tensor:
+    tokens = encoder.forward_features(x)  # [N, 1 + L, D], no grad
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+
+
+class CachedFeatures:
+    """Training batches drawn from features held in memory: every rank the same number per epoch."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, rank: int, world: int, seed: int):
+        self.feats, self.labels, self.batch_size = feats, labels, batch_size
+        self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return max(1, self.feats.shape[0] // (self.world * self.batch_size))
+
+    def __iter__(self):
+        order = torch.randperm(self.feats.shape[0], generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        mine = order[self.rank :: self.world].to(self.feats.device)
+        for i in range(len(self)):
+            idx = mine[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.feats[idx], self.labels[idx]
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    import ray
+    import ray.train.torch
+    from timm.optim import Lars
+
+    from mae_ray import classify, engine, launch
+    from mae_ray.data import make_eval_loader, make_train_loader
+    from mae_ray.encoders import EncoderSource
+    from mae_ray.knn import all_gather_rows, extract_features
+    from mae_ray.loop import EpochLoop
+
+    cfg: Config = from_dict(Config, loop_config["config"])
+    lp = cfg.linprobe
+    launch.quiet_worker(loop_config.get("verbose", False))
+    rank, world = launch.world()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)
+    source = EncoderSource(ray.get(loop_config["encoder"]), loop_config["model_kwargs"], None, "")
+    encoder = source.build(cfg.train.seed).to(device).eval().requires_grad_(False)
+    img_size = encoder.patch_embed.img_size[0]
+    head = LinearProbeHead(encoder.cls_token.shape[-1], loop_config["num_classes"]).to(device)
+    val_kw = dict(batch_size=256, transform="eval", img_size=img_size, rank=rank, world_size=world,
+                  num_workers=cfg.data.num_workers)
+    val_loader = make_eval_loader(cfg.data.val_shards, **val_kw)
+    if lp.cache_features:  # features once, no augmentation; the train set gathered on every rank
+        tr = make_eval_loader(cfg.data.train_shards, **{**val_kw, "batch_size": 256})
+        feats, labels = extract_features(encoder, tr, device, pool=lp.pool)
+        loader = CachedFeatures(all_gather_rows(feats), all_gather_rows(labels), lp.batch_size, rank, world,
+                                cfg.train.seed)
+        vf, vy = extract_features(encoder, val_loader, device, pool=lp.pool)  # this rank's exact share
+        val_loader = [(vf[i : i + 256], vy[i : i + 256]) for i in range(0, vf.shape[0], 256)]
+    else:
+        loader = make_train_loader(cfg.data.train_shards, batch_size=lp.batch_size, transform="linprobe",
+                                   img_size=img_size, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
+                                   samples_per_epoch=cfg.data.samples_per_epoch, seed=cfg.train.seed,
+                                   shuffle_buffer=cfg.data.shuffle_buffer)
+    plan = engine.StepPlan(len(loader), 1, lp.epochs, lp.warmup_epochs)
+    lr = lp.blr * lp.batch_size * world / 256
+    groups = [{"params": [head.fc.weight], "always_adapt": True},  # LARS trust ratio on the weight, as released
+              {"params": [head.fc.bias]}]
+    optimizer = Lars(groups, lr=lr, momentum=0.9, weight_decay=lp.weight_decay)
+    scheduler = engine.build_scheduler(optimizer, plan, lp.min_lr)
+    precision = engine.Precision(cfg.train.amp, device)
+    loop = EpochLoop("linprobe", loop_config, epochs=lp.epochs, checkpoint_every=cfg.train.checkpoint_every,
+                     stateful={"head": head, "optimizer": optimizer, "scheduler": scheduler},
+                     steps_per_epoch=plan.updates_per_epoch)
+    ddp_head = ray.train.torch.prepare_model(head, move_to_device=False)
+    if lp.cache_features:  # inputs are already features
+        train_forward, eval_forward = ddp_head, head
+    else:
+        def train_forward(x):
+            return ddp_head(pooled(encoder, x, lp.pool))
+
+        def eval_forward(x):
+            return head(pooled(encoder, x, lp.pool))
+    loop.say(f"{world} worker(s), {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, pool {lp.pool}, "
+             f"{'cached features' if lp.cache_features else 'augmented images'}; {loop.describe_start()}")
+    criterion = nn.CrossEntropyLoss()
+    for epoch in range(loop.start_epoch, lp.epochs):
+        loader.set_epoch(epoch)
+        head.train()
+        metrics = classify.train_epoch(train_forward, loader, optimizer, scheduler, precision, criterion,
+                                       epoch=epoch, plan=plan, device=device)
+        head.eval()
+        scores = classify.evaluate(eval_forward, val_loader, device)
+        metrics.update(val_top1=scores["top1"], val_top5=scores["top5"])
+        loop.end_epoch(epoch, metrics, {"head.pt": lambda p: torch.save(head.state_dict(), p)})
+    loop.finish()
+
+
+def run(cfg: Config, *, source=None, verbose: bool = False) -> dict[str, Any]:
+    """Linear-probe the encoder ``cfg.eval.checkpoint`` (or ``source``); returns what result.json holds."""
+    from mae_ray.evaljob import run_eval
+
+    return run_eval("linprobe", cfg, train_loop, source=source, verbose=verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = job_parser("mae-ray linprobe", "linear probe of a frozen MAE encoder on Ray Train")
+    args = parser.parse_args(argv)
+    quiet_logs(args.verbose)
+
+    def job() -> int:
+        cfg = load_config(args.config, args.overrides)
+        s = run(cfg, verbose=args.verbose)
+        print(f"[linprobe] top-1 {s['linprobe_top1']:.2f}  top-5 {s['linprobe_top5']:.2f}  "
+              f"(encoder {s['encoder']}); result: {os.path.join(cfg.output_dir, 'result.json')}", flush=True)
+        return 0
+
+    return guarded(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -156,9 +156,10 @@ class Config:
 
 
 # --------------------------------------------------------------------------- loading
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML file (optional) + ``key=value`` overrides -> a validated Config."""
-    data: dict[str, Any] = {}
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """YAML file (or ``base``, a config as a dict) + ``key=value`` overrides -> a validated Config."""
+    data: dict[str, Any] = dict(base or {})
     if path is not None:
         data = _read_yaml(os.fspath(path))
     for item in overrides or []:

@@ -31,6 +31,7 @@ class EncoderSource:
     model_kwargs: dict[str, object]
     parent_run_id: str | None  # the pre-training run the results belong to, if known
     label: str  # for params and messages
+    saved_config: Config | None = None  # the pre-training config, when the source carries one
 
     def build(self, seed: int = 0) -> MaskedAutoencoderViT:
         """The MAE with this encoder loaded (decoder left at init: evaluation never uses it)."""
@@ -71,7 +72,7 @@ def _from_path(path: str, cfg: Config) -> EncoderSource:
     if isinstance(obj, dict) and isinstance(obj.get("config"), str) and isinstance(obj.get("model"), dict):
         saved = from_dict(Config, yaml.safe_load(obj["config"]))  # a mae-ray training state
         return EncoderSource(_encoder_only(obj["model"]), _with_eval_size(saved, cfg), obj.get("mlflow_run_id"),
-                             path)
+                             path, saved)
     return EncoderSource(_encoder_only(read_state_dict(file)), cfg.model.kwargs(), None, path)
 
 
@@ -85,13 +86,13 @@ def _from_mlflow(spec: str, cfg: Config, tracking_uri: str) -> EncoderSource:
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"cannot fetch the encoder of MLflow run {run_id}: {first}") from None
-    saved = Config()
+    saved = None
     config_file = os.path.join(folder, "config.yaml")
     if os.path.isfile(config_file):
         with open(config_file) as f:
             saved = from_dict(Config, yaml.safe_load(f))
     state = read_state_dict(os.path.join(folder, "encoder.pth"))
-    return EncoderSource(_encoder_only(state), _with_eval_size(saved, cfg), run_id, spec)
+    return EncoderSource(_encoder_only(state), _with_eval_size(saved or cfg, cfg), run_id, spec, saved)
 
 
 def _encoder_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -78,7 +78,9 @@ def _finetune_transform(img_size: int) -> v2.Compose:
     timm_transform = create_transform(
         input_size=img_size,
         is_training=True,
-        auto_augment="rand-m9-mstd0.5-inc1",
+        # The release's rand-m9-mstd0.5-inc1, magnitudes clipped at 9 instead of 10: at 10, timm 1.0's
+        # increasing posterize asks PIL for 0 bits, which Pillow >= 13 refuses (ValueError).
+        auto_augment="rand-m9-mstd0.5-inc1-mmax9",
         re_prob=0.25,
         re_mode="pixel",
         re_count=1,

@@ -1,0 +1,77 @@
+"""``python -m mae_ray.evaluate --run RUN_ID_or_CHECKPOINT``: linear probe, then fine-tune.
+
+Both with the configured budgets (``linprobe.*``, ``finetune.*``), both recorded in MLflow as child
+runs of the pre-training run, which receives ``linprobe_top1/5`` and ``finetune_top1/5``. Without
+``--config`` the pre-training run's own config is the base (its data, its budgets), ``--set``
+overrides any key. This is what each sweep trial calls after pre-training.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any
+
+from mae_ray.cli import guarded, job_parser, quiet_logs
+from mae_ray.config import Config, load_config
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def as_spec(run: str) -> str:
+    """A bare MLflow run id becomes ``runs:/ID``; paths, ``runs:/`` and ``random`` pass unchanged."""
+    return f"runs:/{run}" if _RUN_ID.match(run) and not os.path.exists(run) else run
+
+
+def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool = False) -> dict[str, Any]:
+    """Linear probe then fine-tune ``cfg.eval.checkpoint`` (or ``source``); returns the combined summary."""
+    from mae_ray import finetune, jobs, linprobe, tracking
+    from mae_ray.encoders import resolve_encoder
+
+    root = os.path.abspath(cfg.output_dir)
+    source = source or resolve_encoder(cfg.eval.checkpoint, cfg, tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri))
+    summary: dict[str, Any] = {"encoder": source.label, "parent_run_id": source.parent_run_id}
+    for name, job in (("linprobe", linprobe), ("finetune", finetune)):
+        if name in skip:
+            continue
+        sub = load_config(None, [f"output_dir={os.path.join(root, name)}"], base=cfg.to_dict())
+        result = job.run(sub, source=source, verbose=verbose)
+        summary.update({k: v for k, v in result.items() if k.startswith(name)})
+        summary[f"{name}_run_id"] = result["mlflow_run_id"]
+    os.makedirs(root, exist_ok=True)
+    jobs.write_result(root, summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = job_parser("mae-ray evaluate", "linear probe + fine-tune of a pre-training run or checkpoint")
+    parser.add_argument("--run", required=True, help="MLflow run id, runs:/ID, a checkpoint directory, "
+                                                     "an official .pth, or random")
+    parser.add_argument("--skip", choices=["linprobe", "finetune"], action="append", default=[],
+                        help="leave out one of the two evaluations")
+    args = parser.parse_args(argv)
+    quiet_logs(args.verbose)
+
+    def job() -> int:
+        from mae_ray import tracking
+        from mae_ray.encoders import resolve_encoder
+
+        spec = as_spec(args.run)
+        cfg = load_config(args.config, [*args.overrides, f"eval.checkpoint={spec}"])
+        source = resolve_encoder(spec, cfg, tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri))
+        if args.config is None and source.saved_config is not None:  # the run's own data and budgets
+            base = source.saved_config.to_dict()
+            base["output_dir"] = os.path.join(base["output_dir"], "eval")  # beside, not over, its result.json
+            cfg = load_config(None, [*args.overrides, f"eval.checkpoint={spec}"], base=base)
+        s = run(cfg, source=source, skip=tuple(args.skip), verbose=args.verbose)
+        shown = "  ".join(f"{k} {v:.2f}" for k, v in s.items() if k.endswith(("_top1", "_top5")))
+        print(f"[evaluate] {shown}  (encoder {s['encoder']}); result: {os.path.join(cfg.output_dir, 'result.json')}",
+              flush=True)
+        return 0
+
+    return guarded(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

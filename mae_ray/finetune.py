@@ -1,0 +1,152 @@
+"""End-to-end fine-tuning on Ray Train: ``python -m mae_ray.finetune --config FILE [--set eval.checkpoint=...]``.
+
+The release's recipe: timm ``VisionTransformer`` with global average pooling + fc_norm, initialised
+from the MAE encoder; layer-wise lr decay (timm's param groups), drop path, mixup/cutmix with label
+smoothing (timm ``Mixup`` + soft-target loss), RandAugment and random erasing (timm
+``create_transform``), AdamW (0.9, 0.999), warmup + cosine, evaluation every epoch.
+``finetune.trainable_blocks=k`` trains only the last k blocks and the head (the paper's Figure 9;
+0 = the head alone).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+
+from mae_ray.cli import guarded, job_parser, quiet_logs
+from mae_ray.config import Config, from_dict, load_config
+from mae_ray.errors import CheckpointError
+
+# A global-pool ViT has fc_norm instead of the encoder's final norm, and a new head.
+EXPECTED_MISSING = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+EXPECTED_UNUSED = {"norm.weight", "norm.bias"}
+
+
+def build_classifier(encoder, num_classes: int, drop_path: float):
+    """timm ViT (global pool) with the MAE encoder's weights; the head as the release initialises it."""
+    import timm
+
+    from mae_ray.weights import encoder_state_dict, timm_vit_kwargs
+
+    kwargs = {**timm_vit_kwargs(encoder), "num_classes": num_classes, "global_pool": "avg",
+              "drop_path_rate": drop_path}
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)  # kwargs set the size
+    missing, unexpected = vit.load_state_dict(encoder_state_dict(encoder), strict=False)
+    if set(missing) != EXPECTED_MISSING or not set(unexpected) <= EXPECTED_UNUSED:
+        raise CheckpointError(f"encoder does not fit the classifier: missing {sorted(missing)}, "
+                              f"unexpected {sorted(unexpected)}")
+    torch.nn.init.trunc_normal_(vit.head.weight, std=2e-5)
+    torch.nn.init.zeros_(vit.head.bias)
+    return vit
+
+
+def freeze_for_partial(vit, trainable_blocks: int | None) -> None:
+    """Train only the last ``trainable_blocks`` blocks (+ fc_norm) and the head; None trains everything."""
+    if trainable_blocks is None:
+        return
+    vit.requires_grad_(False)
+    if trainable_blocks > 0:
+        for blk in vit.blocks[len(vit.blocks) - trainable_blocks :]:
+            blk.requires_grad_(True)
+        vit.fc_norm.requires_grad_(True)
+    vit.head.requires_grad_(True)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    import ray
+    import ray.train.torch
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import param_groups_layer_decay
+
+    from mae_ray import classify, engine, launch
+    from mae_ray.data import make_eval_loader, make_train_loader
+    from mae_ray.encoders import EncoderSource
+    from mae_ray.loop import EpochLoop
+
+    cfg: Config = from_dict(Config, loop_config["config"])
+    ft = cfg.finetune
+    launch.quiet_worker(loop_config.get("verbose", False))
+    rank, world = launch.world()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        engine.configure_cuda()
+    torch.manual_seed(cfg.train.seed)
+    encoder = EncoderSource(ray.get(loop_config["encoder"]), loop_config["model_kwargs"], None, "").build(
+        cfg.train.seed)
+    classes = loop_config["num_classes"]
+    vit = build_classifier(encoder, classes, ft.drop_path).to(device)
+    freeze_for_partial(vit, ft.trainable_blocks)
+    img_size = encoder.patch_embed.img_size[0]
+    del encoder
+
+    loader = make_train_loader(cfg.data.train_shards, batch_size=ft.batch_size, transform="finetune",
+                               img_size=img_size, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
+                               samples_per_epoch=cfg.data.samples_per_epoch, seed=cfg.train.seed,
+                               shuffle_buffer=cfg.data.shuffle_buffer)
+    val_loader = make_eval_loader(cfg.data.val_shards, batch_size=256, transform="eval", img_size=img_size,
+                                  rank=rank, world_size=world, num_workers=cfg.data.num_workers)
+    plan = engine.StepPlan(len(loader), 1, ft.epochs, ft.warmup_epochs)
+    lr = ft.blr * ft.batch_size * world / 256
+    groups = param_groups_layer_decay(vit, ft.weight_decay, no_weight_decay_list=vit.no_weight_decay(),
+                                      layer_decay=ft.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    scheduler = engine.build_scheduler(optimizer, plan, ft.min_lr)  # applies each group's lr_scale
+    precision = engine.Precision(cfg.train.amp, device)
+    mixup = None
+    if ft.mixup > 0 or ft.cutmix > 0:
+        mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.smoothing, num_classes=classes)
+        criterion = SoftTargetCrossEntropy()
+    elif ft.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=ft.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+
+    loop = EpochLoop("finetune", loop_config, epochs=ft.epochs, checkpoint_every=cfg.train.checkpoint_every,
+                     stateful={"model": vit, "optimizer": optimizer, "scheduler": scheduler,
+                               "scaler": precision.scaler},
+                     steps_per_epoch=plan.updates_per_epoch)
+    model = ray.train.torch.prepare_model(vit, move_to_device=False)
+    trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
+    loop.say(f"{world} worker(s), {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, "
+             f"{trainable / 1e6:.2f} M trainable parameters; {loop.describe_start()}")
+    final_files = {"model.pth": lambda p: torch.save({"model": vit.state_dict()}, p)}  # the release's layout
+    for epoch in range(loop.start_epoch, ft.epochs):
+        loader.set_epoch(epoch)
+        model.train()
+        metrics = classify.train_epoch(model, loader, optimizer, scheduler, precision, criterion, epoch=epoch,
+                                       plan=plan, device=device, mixup=mixup)
+        vit.eval()
+        scores = classify.evaluate(vit, val_loader, device)
+        metrics.update(val_top1=scores["top1"], val_top5=scores["top5"])
+        loop.end_epoch(epoch, metrics, final_files)
+    loop.finish()
+
+
+def run(cfg: Config, *, source=None, verbose: bool = False) -> dict[str, Any]:
+    """Fine-tune the encoder ``cfg.eval.checkpoint`` (or ``source``); returns what result.json holds."""
+    from mae_ray.evaljob import run_eval
+
+    return run_eval("finetune", cfg, train_loop, source=source, verbose=verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = job_parser("mae-ray finetune", "end-to-end fine-tuning of an MAE encoder on Ray Train")
+    args = parser.parse_args(argv)
+    quiet_logs(args.verbose)
+
+    def job() -> int:
+        cfg = load_config(args.config, args.overrides)
+        s = run(cfg, verbose=args.verbose)
+        print(f"[finetune] top-1 {s['finetune_top1']:.2f}  top-5 {s['finetune_top5']:.2f}  "
+              f"(encoder {s['encoder']}); result: {os.path.join(cfg.output_dir, 'result.json')}", flush=True)
+        return 0
+
+    return guarded(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,6 +25,7 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, sourc
     source = source or resolve_encoder(cfg.eval.checkpoint, cfg, uri)
     classes = jobs.num_classes(cfg)
     name = cfg.mlflow.run_name or f"{job}-{os.path.basename(cfg.output_dir.rstrip('/'))}"
+    jobs.refuse_existing(cfg, name)
     print(f"[{job}] encoder: {source.label}  outputs: {cfg.output_dir}  mlflow: {tracking.redact(uri)}", flush=True)
     with jobs.ray_session(cfg, verbose):
         import ray

@@ -73,6 +73,21 @@ def ray_session(cfg: Config, verbose: bool):
             ray.shutdown()
 
 
+def storage_for(cfg: Config, name: str) -> str:
+    """Where Ray Train keeps this run's checkpoints: ``<ray.storage_path or output_dir/ray>/<name>``."""
+    return f"{launch.storage_uri(cfg.ray.storage_path or os.path.join(cfg.output_dir, 'ray'))}/{name}"
+
+
+def refuse_existing(cfg: Config, name: str) -> None:
+    """A fresh run must not silently continue the checkpoints of an earlier run with the same name."""
+    folder = storage_for(cfg, name)
+    if "://" not in folder and os.path.isdir(folder):
+        found = sorted(p for p in os.listdir(folder) if p.startswith(launch.CHECKPOINT_PREFIX))
+        if found:
+            raise UserError(f"{folder} already holds checkpoints of an earlier run ({found[-1]}): pass "
+                            f"--resume-from {os.path.join(folder, found[-1])} to continue it, or another output_dir")
+
+
 def fit(train_fn: Callable[[dict], None], cfg: Config, *, name: str, uri: str, run_id: str, verbose: bool,
         what: str, **extra: Any):
     """Run ``train_fn`` on the configured workers; on failure mark the run FAILED and raise one clear line."""

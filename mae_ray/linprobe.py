@@ -107,7 +107,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     precision = engine.Precision(cfg.train.amp, device)
     loop = EpochLoop("linprobe", loop_config, epochs=lp.epochs, checkpoint_every=cfg.train.checkpoint_every,
                      stateful={"head": head, "optimizer": optimizer, "scheduler": scheduler},
-                     steps_per_epoch=plan.updates_per_epoch)
+                     steps_per_epoch=plan.updates_per_epoch, report_every_epoch=not lp.cache_features)
     ddp_head = ray.train.torch.prepare_model(head, move_to_device=False)
     if lp.cache_features:  # inputs are already features
         train_forward, eval_forward = ddp_head, head

@@ -16,12 +16,19 @@ from mae_ray import engine, faults, launch, tracking
 
 class EpochLoop:
     def __init__(self, job: str, loop_config: dict[str, Any], *, epochs: int, checkpoint_every: int,
-                 stateful: dict[str, Any], steps_per_epoch: int = 0, extra_state: dict[str, Any] | None = None):
-        """``stateful``: name -> object with ``state_dict``/``load_state_dict`` (model, optimiser, ...)."""
+                 stateful: dict[str, Any], steps_per_epoch: int = 0, extra_state: dict[str, Any] | None = None,
+                 report_every_epoch: bool = True):
+        """``stateful``: name -> object with ``state_dict``/``load_state_dict`` (model, optimiser, ...).
+
+        ``report_every_epoch=False`` reports to Ray only with checkpoints: Ray Train V2 takes one report
+        per health-check interval (2 s), which dominates jobs whose epochs take milliseconds (cached
+        linear probes). MLflow still gets every epoch.
+        """
         self.job, self.config, self.epochs = job, loop_config, epochs
         self.checkpoint_every, self.stateful = checkpoint_every, stateful
         self.extra_state = extra_state or {}
         self.steps_per_epoch = steps_per_epoch
+        self.report_every_epoch = report_every_epoch
         self.rank, self.world_size = launch.world()
         state, self.resumed_from = launch.latest_checkpoint(loop_config.get("resume_from"))
         self.start_epoch, self.history = 0, []
@@ -52,8 +59,9 @@ class EpochLoop:
         """Report ``metrics`` (a barrier: every rank calls it), checkpoint when due, log on rank 0."""
         self.history.append({"epoch": epoch, **metrics})
         last = epoch == self.epochs - 1
+        due = last or (epoch + 1) % self.checkpoint_every == 0  # the same on every rank
         state, files = None, {}
-        if self.rank == 0 and (last or (epoch + 1) % self.checkpoint_every == 0):
+        if self.rank == 0 and due:
             state = {name: obj.state_dict() for name, obj in self.stateful.items()}
             state.update(self.extra_state, epoch=epoch, step=(epoch + 1) * self.steps_per_epoch,
                          rng=engine.rng_state(), history=self.history,
@@ -61,7 +69,8 @@ class EpochLoop:
             files = (final_files or {}) if last else {}
         spec, out = self.config.get("faults"), self.config["output_dir"]
         faults.maybe_fire(spec, "before_report", epoch, self.rank, out)
-        launch.report({"epoch": epoch, **metrics}, state, epoch, files)
+        if due or self.report_every_epoch:
+            launch.report({"epoch": epoch, **metrics}, state, epoch, files)
         faults.maybe_fire(spec, "after_report", epoch, self.rank, out)
         if state is not None:
             self.last_good = launch.checkpoint_location(epoch)

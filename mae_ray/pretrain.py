@@ -48,7 +48,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     )
     batches = len(loader) if cfg.train.max_steps_per_epoch is None else min(len(loader), cfg.train.max_steps_per_epoch)
     plan = engine.StepPlan(batches, cfg.train.accum_iter, cfg.train.epochs, cfg.train.warmup_epochs)
-    lr = cfg.train.lr or engine.scaled_lr(cfg.train.blr, cfg.train.batch_size, cfg.train.accum_iter, world_size)
+    lr = cfg.train.lr if cfg.train.lr is not None else engine.scaled_lr(
+        cfg.train.blr, cfg.train.batch_size, cfg.train.accum_iter, world_size)
     optimizer = engine.build_optimizer(model.to(device), lr, cfg.train.weight_decay, device)
     scheduler = engine.build_scheduler(optimizer, plan, cfg.train.min_lr)
     precision = engine.Precision(cfg.train.amp, device)
@@ -68,7 +69,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     final_files = {
         "encoder.pth": lambda p: save_encoder(raw_model, p),
         "encoder.safetensors": lambda p: save_encoder(raw_model, p),
-        "config.yaml": lambda p: open(p, "w").write(cfg.to_yaml()),
+        "config.yaml": lambda p: _write_text(p, cfg.to_yaml()),
     }
 
     for epoch in range(loop.start_epoch, cfg.train.epochs):
@@ -88,6 +89,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if pictures is not None:
             pictures.maybe_log(epoch, epoch == cfg.train.epochs - 1, loop.logger)
     loop.finish()
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _reduce_over_ranks(metrics: dict[str, float], skipped: int, device) -> dict[str, float]:
@@ -140,8 +146,12 @@ class _Pictures:
 
 # --------------------------------------------------------------------------- driver
 def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False,
-        parent_run_id: str | None = None) -> dict[str, Any]:
-    """Pre-train with ``cfg`` and return what result.json holds. Raises UserError for user mistakes."""
+        parent_run_id: str | None = None, continue_existing: bool = False) -> dict[str, Any]:
+    """Pre-train with ``cfg`` and return what result.json holds. Raises UserError for user mistakes.
+
+    ``continue_existing``: resume from checkpoints already in this run's storage folder (sweep trials
+    restored by Tune); otherwise such checkpoints are an error, not a silent resume.
+    """
     from mae_ray import jobs, launch, tracking
 
     run_id = None
@@ -149,9 +159,10 @@ def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False,
         run_id = launch.load_state(resume_from).get("mlflow_run_id")  # a bad path fails now, not in a worker
     uri = jobs.prepare(cfg)
     name = cfg.mlflow.run_name or os.path.basename(cfg.output_dir.rstrip("/"))
-    storage = launch.storage_uri(cfg.ray.storage_path or os.path.join(cfg.output_dir, "ray"))
-    print(f"[pretrain] outputs: {cfg.output_dir}  checkpoints: {storage}/{name}  mlflow: {tracking.redact(uri)}",
-          flush=True)
+    if not (resume_from or continue_existing):
+        jobs.refuse_existing(cfg, name)
+    print(f"[pretrain] outputs: {cfg.output_dir}  checkpoints: {jobs.storage_for(cfg, name)}  "
+          f"mlflow: {tracking.redact(uri)}", flush=True)
     with jobs.ray_session(cfg, verbose):
         if run_id is None:
             run_id = tracking.start_run(uri, cfg.mlflow.experiment, name, tracking.params_from_config(cfg.flatten()),

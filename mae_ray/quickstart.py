@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  encoder           {summary['encoder']}")
         print(f"  pictures          {os.path.join(os.path.abspath(cfg.output_dir), 'reconstructions')}")
         print(f"  mlflow run        {summary['mlflow_run_id']}")
-        print(f"  open the UI with  mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+        if tracking_uri.startswith(("http://", "https://")):
+            print(f"  open the UI at    {tracking_uri}")
+        else:
+            print(f"  open the UI with  mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
         return 0
 
     return guarded(job)

@@ -16,7 +16,8 @@ COMMANDS = {
     "linprobe": ("mae_ray.linprobe", "linear probe of a frozen encoder"),
     "finetune": ("mae_ray.finetune", "end-to-end fine-tuning of an encoder"),
     "evaluate": ("mae_ray.evaluate", "linear probe then fine-tune a pre-training run or checkpoint"),
-    "quickstart": ("mae_ray.quickstart", "demo data + the quickstart experiment, offline"),
+    "sweep": ("mae_ray.sweep", "Ray Tune sweep: pre-train + evaluate over a search space"),
+    "quickstart": ("mae_ray.quickstart", "demo data + the quickstart sweep, offline"),
 }
 
 

@@ -321,7 +321,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                 pass
     if typ is str and isinstance(value, str):
         return value
-    if typ is list and isinstance(value, list):
+    if (typ is list and isinstance(value, list)) or (typ is dict and isinstance(value, dict)):
         return value
     name = getattr(typ, "__name__", str(typ))
     raise ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__})")

@@ -89,14 +89,14 @@ def refuse_existing(cfg: Config, name: str) -> None:
 
 
 def fit(train_fn: Callable[[dict], None], cfg: Config, *, name: str, uri: str, run_id: str, verbose: bool,
-        what: str, **extra: Any):
+        what: str, callbacks: list | None = None, **extra: Any):
     """Run ``train_fn`` on the configured workers; on failure mark the run FAILED and raise one clear line."""
     loop_config = {"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id, "output_dir": cfg.output_dir,
                    "faults": faults.from_env(), "verbose": verbose, **extra}
     storage = launch.storage_uri(cfg.ray.storage_path or os.path.join(cfg.output_dir, "ray"))
     spec = launch.TrainerSpec(name=name, storage_path=storage, num_workers=cfg.ray.num_workers,
                               use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
-                              max_failures=cfg.ray.failure_max_retries, verbose=verbose)
+                              max_failures=cfg.ray.failure_max_retries, verbose=verbose, callbacks=callbacks)
     try:
         result = launch.run_trainer(train_fn, loop_config, spec)
     except Exception as e:

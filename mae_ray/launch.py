@@ -75,6 +75,7 @@ class TrainerSpec:
     max_failures: int
     keep_checkpoints: int | None = 2
     verbose: bool = False
+    callbacks: list | None = None  # Ray Train callbacks (a sweep trial forwards reports to Tune)
 
 
 def run_trainer(train_fn: Callable[[dict], None], loop_config: dict[str, Any], spec: TrainerSpec):
@@ -99,6 +100,7 @@ def run_trainer(train_fn: Callable[[dict], None], loop_config: dict[str, Any], s
             # Train's print patch sends every print through its logger as well as to stdout, so each
             # line reached the console twice; plain prints reach it once, via Ray's log_to_driver.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            callbacks=spec.callbacks,
         ),
     )
     return trainer.fit()

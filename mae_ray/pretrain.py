@@ -145,16 +145,16 @@ class _Pictures:
 
 
 # --------------------------------------------------------------------------- driver
-def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False,
-        parent_run_id: str | None = None, continue_existing: bool = False) -> dict[str, Any]:
+def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False, parent_run_id: str | None = None,
+        continue_existing: bool = False, run_id: str | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Pre-train with ``cfg`` and return what result.json holds. Raises UserError for user mistakes.
 
     ``continue_existing``: resume from checkpoints already in this run's storage folder (sweep trials
-    restored by Tune); otherwise such checkpoints are an error, not a silent resume.
+    restored by Tune); otherwise such checkpoints are an error, not a silent resume. ``run_id``: an
+    MLflow run created by the caller (a sweep trial); ``callbacks``: Ray Train callbacks.
     """
     from mae_ray import jobs, launch, tracking
 
-    run_id = None
     if resume_from:
         run_id = launch.load_state(resume_from).get("mlflow_run_id")  # a bad path fails now, not in a worker
     uri = jobs.prepare(cfg)
@@ -169,7 +169,7 @@ def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False,
                                         tracking.run_tags(), parent_run_id=parent_run_id)
         start = time.time()
         result = jobs.fit(train_loop, cfg, name=name, uri=uri, run_id=run_id, verbose=verbose,
-                          what="pre-training", resume_from=resume_from)
+                          what="pre-training", resume_from=resume_from, callbacks=callbacks)
     ckpt = result.checkpoint
     logger = tracking.EpochLogger(uri, run_id)
     with ckpt.as_directory() as path:

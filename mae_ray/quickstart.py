@@ -1,57 +1,56 @@
 """``mae-ray quickstart``: the offline demo, end to end, on whatever machine this is.
 
-Builds the demo shards if absent (no download), pre-trains a tiny MAE on local Ray with MLflow's
-sqlite default, and prints where everything is and how to open the MLflow UI.
+Builds the demo shards if absent (no download), runs the quickstart sweep (mask ratios; every trial
+pre-trained, linear-probed and fine-tuned, plus a random-init reference row) on local Ray with
+MLflow's sqlite default, and prints the table, the plots and how to open the MLflow UI.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 from mae_ray.cli import guarded, job_parser, quiet_logs
-from mae_ray.config import load_config
+from mae_ray.errors import UserError
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs", "demo_cpu.yaml")
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments")
+DEFAULT_SWEEP = os.path.join(EXPERIMENTS, "sweeps", "quickstart.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = job_parser("mae-ray quickstart", "demo data + MAE pre-training on local Ray, offline")
+    parser = job_parser("mae-ray quickstart", "demo data + the quickstart sweep on local Ray, offline")
     parser.add_argument("--data-dir", default="data/demo", help="where the demo dataset is (or is built)")
     args = parser.parse_args(argv)
     quiet_logs(args.verbose)
 
     def job() -> int:
         from data_tools.demo_data import build_demo_dataset
-        from mae_ray import pretrain
+        from mae_ray import sweep as sweeps
+        from mae_ray import tracking
 
-        cfg = load_config(args.config or _packaged_config(), args.overrides)
+        config = os.path.abspath(args.config or DEFAULT_SWEEP)
+        if not os.path.isfile(config):  # installed without the repository's experiments/ folder
+            raise UserError(f"sweep config not found at {config}; pass --config")
         print(f"[quickstart] demo dataset in {os.path.abspath(args.data_dir)} (built if absent)", flush=True)
         demo = build_demo_dataset(args.data_dir)
-        cfg.data.train_shards, cfg.data.val_shards = demo["train"], demo["val"]
-        summary = pretrain.run(cfg, verbose=args.verbose)
-        tracking_uri = summary["mlflow_tracking_uri"]
-        print("\n[quickstart] done")
-        print(f"  final train loss  {summary['metrics'].get('train_loss', float('nan')):.4f}")
-        print(f"  encoder           {summary['encoder']}")
-        print(f"  pictures          {os.path.join(os.path.abspath(cfg.output_dir), 'reconstructions')}")
-        print(f"  mlflow run        {summary['mlflow_run_id']}")
-        if tracking_uri.startswith(("http://", "https://")):
-            print(f"  open the UI at    {tracking_uri}")
+        name = f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep, base = sweeps.load_sweep(config, [f"name={name}", *args.overrides])
+        base["data"].update(train_shards=demo["train"], val_shards=demo["val"])
+        start = time.time()
+        report = sweeps.run(sweep, base, config, verbose=args.verbose)
+        uri = tracking.resolve_tracking_uri(base["mlflow"]["tracking_uri"])
+        print(f"\n[quickstart] done in {(time.time() - start) / 60:.1f} min")
+        print(f"  table   {report['markdown']}")
+        print(f"  plots   {', '.join(report['plots']) or 'none'}")
+        print(f"  mlflow  sweep run {report['parent_run_id']} (one child run per trial)")
+        if uri.startswith(("http://", "https://")):
+            print(f"  open the UI at {uri}")
         else:
-            print(f"  open the UI with  mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+            print(f"  open the UI with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
         return 0
 
     return guarded(job)
-
-
-def _packaged_config() -> str:
-    path = os.path.abspath(DEFAULT_CONFIG)
-    if not os.path.isfile(path):  # installed without the repository's experiments/ folder
-        from mae_ray.errors import UserError
-
-        raise UserError(f"default config not found at {path}; pass --config")
-    return path
 
 
 if __name__ == "__main__":

@@ -1,0 +1,281 @@
+"""Ray Tune sweeps over any config key: ``python -m mae_ray.sweep --config SWEEP.yaml [--resume] [--set ...]``.
+
+Each trial is a Tune function with a small CPU share that runs pre-training as its own TorchTrainer
+(named after the trial), forwarding rank-0 reports to Tune with ``TuneReportCallback``, then the
+evaluation (linear probe, fine-tune) and a final report. ASHA stops weak trials early on the online
+``knn_top1`` (not on the reconstruction loss, which the paper shows does not rank representations).
+MLflow: one parent run per sweep, one child run per trial (its pre-training run). ``--resume``
+restores the Tune experiment: finished trials are not re-run, no MLflow run is duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from mae_ray.cli import guarded, job_parser, quiet_logs
+from mae_ray.config import Config, from_dict, load_config
+from mae_ray.errors import ConfigError
+
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class SchedulerConfig:
+    type: str = "asha"  # asha | none
+    metric: str = "knn_top1"
+    mode: str = "max"
+    grace_period: int = 2
+    reduction_factor: float = 2.0
+
+
+@dataclass
+class SweepConfig:
+    base: str = ""  # run config the trials start from (relative to the sweep file)
+    name: str = "sweep"
+    overrides: dict = field(default_factory=dict)  # dotted keys applied to the base for every trial
+    search: dict = field(default_factory=dict)  # dotted key -> {grid|choice|uniform|loguniform|randint: ...}
+    num_samples: int = 1
+    max_concurrent_trials: int = 2
+    trial_cpus: float = 0.2  # the trial function itself; its Train workers ask for ray.* resources
+    metric: str = "linprobe_top1"
+    mode: str = "max"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    linprobe: bool = True
+    finetune: bool = True
+    random_baseline: bool = True  # linear-probe a random-init encoder once, as the table's reference row
+    output_dir: str = "outputs/sweeps"  # local: report, plots, trial outputs, resume state
+    storage_path: str | None = None  # Tune's experiment state: None = under output_dir; s3://... on clusters
+
+
+def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, Any]]:
+    """The sweep config and the trials' base run config (as a dict), both validated before Ray starts."""
+    from mae_ray.config import _flatten, _parse_override, _read_yaml, _set_dotted
+
+    data = _read_yaml(path)
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(data, key, value)
+    sweep = from_dict(SweepConfig, data)
+    if not sweep.base:
+        raise ConfigError(f"{path}: 'base' must name the run config the trials start from")
+    base_path = sweep.base if os.path.isabs(sweep.base) else os.path.join(os.path.dirname(path), sweep.base)
+    flat_overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in _flatten(sweep.overrides)]
+    base = load_config(base_path, flat_overrides)
+    for key, spec in sweep.search.items():
+        kind, values = _space_entry(key, spec)
+        sample = values[0] if isinstance(values, list) else values
+        load_config(None, [f"{key}={json.dumps(sample)}"], base=base.to_dict())  # the key and its type exist
+    if sweep.scheduler.type not in ("asha", "none"):
+        raise ConfigError(f"scheduler.type must be asha or none, got {sweep.scheduler.type!r}")
+    if sweep.scheduler.type == "asha" and sweep.scheduler.metric == "knn_top1" and base.train.knn_every != 1:
+        raise ConfigError("ASHA on knn_top1 needs the kNN monitor every epoch: set train.knn_every=1 in overrides")
+    return sweep, base.to_dict()
+
+
+def _space_entry(key: str, spec: Any) -> tuple[str, Any]:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+        raise ConfigError(f"search.{key}: expected one of {{{', '.join(SPACE_KINDS)}: ...}}, got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"search.{key}.{kind}: expected a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform", "randint") and len(values) != 2:
+        raise ConfigError(f"search.{key}.{kind}: expected [low, high], got {values!r}")
+    return kind, values
+
+
+def param_space(search: dict[str, Any]) -> dict[str, Any]:
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+    return {key: make[kind](values) for key, (kind, values) in ((k, _space_entry(k, s)) for k, s in search.items())}
+
+
+# --------------------------------------------------------------------------- one trial
+def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: str, parent_run_id: str,
+          sweep: dict[str, Any]) -> None:
+    """Tune function: pre-train (reports forwarded to Tune), evaluate, report the final metrics."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mae_ray import evaluate, pretrain, tracking
+    from mae_ray.encoders import resolve_encoder
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in params.items()], base=base)
+    cfg.output_dir = os.path.join(sweep_dir, "trials", trial_id)
+    cfg.mlflow.tracking_uri, cfg.mlflow.run_name = uri, trial_id
+    run_id = _trial_run(uri, cfg, parent_run_id, trial_id, params)
+    summary = pretrain.run(cfg, run_id=run_id, continue_existing=True, callbacks=[TuneReportCallback()])
+    final = {"train_loss": summary["metrics"].get("train_loss"), "knn_top1": summary["metrics"].get("knn_top1"),
+             "mlflow_run_id": run_id}
+    skip = tuple(j for j in ("linprobe", "finetune") if not sweep[j])
+    if len(skip) < 2:
+        eval_cfg = load_config(None, [f"output_dir={os.path.join(cfg.output_dir, 'eval')}",
+                                      f"eval.checkpoint={summary['checkpoint']}"], base=cfg.to_dict())
+        source = resolve_encoder(summary["checkpoint"], eval_cfg, uri)
+        final.update({k: v for k, v in evaluate.run(eval_cfg, source=source, skip=skip).items()
+                      if k.endswith(("_top1", "_top5"))})
+    tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "finished"})
+    tune.report({k: v for k, v in final.items() if v is not None})
+
+
+def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params: dict[str, Any]) -> str:
+    """The trial's MLflow run: found again after a restore (so never duplicated), else created."""
+    from mlflow import MlflowClient
+
+    from mae_ray import tracking
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is not None:
+        found = client.search_runs([exp.experiment_id], filter_string=f"tags.`sweep.trial_id` = '{trial_id}'")
+        if found:
+            return found[0].info.run_id
+    tags = {**tracking.run_tags(), "sweep.trial_id": trial_id, "sweep.params": json.dumps(params)}
+    return tracking.start_run(uri, cfg.mlflow.experiment, trial_id, tracking.params_from_config(cfg.flatten()),
+                              tags, parent_run_id=parent_run_id)
+
+
+# --------------------------------------------------------------------------- the sweep
+def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bool = False,
+        verbose: bool = False) -> dict[str, Any]:
+    from ray import tune
+
+    from mae_ray import jobs, launch, sweep_report, tracking
+
+    cfg = from_dict(Config, base)
+    uri = jobs.prepare(cfg)  # absolute shard paths and tracking URI, for every trial
+    base = cfg.to_dict()
+    sweep_dir = os.path.join(os.path.abspath(sweep.output_dir), sweep.name)
+    if sweep.storage_path:  # Tune's state where every node sees it
+        tune_root, tune_name = launch.storage_uri(sweep.storage_path).rstrip("/"), sweep.name
+    else:
+        tune_root, tune_name = sweep_dir, "tune"
+    tune_path = f"{tune_root}/{tune_name}"
+    state_file = os.path.join(sweep_dir, "sweep.json")
+    if resume and not os.path.isfile(state_file):
+        raise ConfigError(f"--resume: no sweep to resume at {sweep_dir}")
+    if not resume and os.path.exists(state_file):
+        raise ConfigError(f"{sweep_dir} already holds a sweep: pass --resume to continue it, or another name")
+    os.makedirs(sweep_dir, exist_ok=True)
+    started = launch.init_ray(cfg.ray.address, verbose=verbose)
+    try:
+        launch.check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu)
+        sweep_report.forget_stale_ray(sweep_dir)
+        if started:
+            sweep_report.remember_ray(sweep_dir)
+        concurrent = _concurrency(sweep, cfg)
+        if resume:
+            with open(state_file) as f:
+                parent = json.load(f)["parent_run_id"]
+        else:
+            parent = tracking.start_run(uri, cfg.mlflow.experiment, f"sweep-{sweep.name}",
+                                        _sweep_params(sweep), {**tracking.run_tags(), "mae_ray.job": "sweep"})
+            with open(state_file + ".tmp", "w") as f:  # what --resume needs to find this sweep again
+                json.dump({"parent_run_id": parent, "uri": tracking.redact(uri)}, f)
+            os.replace(state_file + ".tmp", state_file)
+            logger = tracking.EpochLogger(uri, parent)
+            logger.log_artifact(sweep_file, "sweep")
+            with open(os.path.join(sweep_dir, "base_config.yaml"), "w") as f:
+                yaml.safe_dump(base, f, sort_keys=False)
+            logger.log_artifact(os.path.join(sweep_dir, "base_config.yaml"), "sweep")
+        print(f"[sweep] {sweep.name}: up to {concurrent} trial(s) at a time; folder {sweep_dir}; "
+              f"mlflow parent run {parent}", flush=True)
+        fn = tune.with_resources(
+            tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
+                                 sweep={"linprobe": sweep.linprobe, "finetune": sweep.finetune}),
+            {"cpu": sweep.trial_cpus})
+        if resume and tune.Tuner.can_restore(tune_path):
+            tuner = tune.Tuner.restore(tune_path, trainable=fn, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                fn, param_space=param_space(sweep.search),
+                tune_config=tune.TuneConfig(num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
+                                            scheduler=_scheduler(sweep)),
+                run_config=tune.RunConfig(name=tune_name, storage_path=tune_root, verbose=1 if verbose else 0),
+            )
+        grid = tuner.fit()
+        baseline = _random_baseline(sweep, base, sweep_dir, uri, parent, verbose)
+        return sweep_report.finish(grid, sweep, sweep_dir, uri, parent, baseline)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+            sweep_report.forget_ray(sweep_dir)
+
+
+def _concurrency(sweep: SweepConfig, cfg: Config) -> int:
+    """Trials at a time such that every trial's Train workers can be placed (they are not Tune's resources)."""
+    import ray
+
+    per_trial = sweep.trial_cpus + cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    fits = int(ray.cluster_resources().get("CPU", 0) // per_trial)
+    if fits < 1:
+        raise ConfigError(f"one trial needs {per_trial:g} CPU (trial_cpus + ray.num_workers x ray.cpus_per_worker)"
+                          f" but the cluster has {ray.cluster_resources().get('CPU', 0):g}")
+    return max(1, min(sweep.max_concurrent_trials, fits))
+
+
+def _scheduler(sweep: SweepConfig):
+    if sweep.scheduler.type == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = sweep.scheduler
+    return ASHAScheduler(metric=s.metric, mode=s.mode, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor, max_t=10_000)
+
+
+def _sweep_params(sweep: SweepConfig) -> dict[str, str]:
+    return {"sweep.name": sweep.name, "sweep.base": sweep.base, "sweep.search": json.dumps(sweep.search)[:6000],
+            "sweep.metric": sweep.metric, "sweep.scheduler": sweep.scheduler.type,
+            "sweep.num_samples": str(sweep.num_samples)}
+
+
+def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, uri: str, parent: str,
+                     verbose: bool) -> dict[str, Any] | None:
+    """Linear probe of the same architecture at initialisation: the row MAE trials must beat."""
+    if not (sweep.random_baseline and sweep.linprobe):
+        return None
+    from mae_ray import linprobe
+
+    out = os.path.join(sweep_dir, "random_baseline")
+    if os.path.isfile(os.path.join(out, "result.json")):  # done before a --resume
+        with open(os.path.join(out, "result.json")) as f:
+            return json.load(f)
+    cfg = load_config(None, [f"output_dir={out}", "eval.checkpoint=random", "mlflow.run_name=random-init"],
+                      base=base)
+    cfg.mlflow.tracking_uri = uri
+    result = linprobe.run(cfg, verbose=verbose)
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).set_tag(result["mlflow_run_id"], "mlflow.parentRunId", parent)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = job_parser("mae-ray sweep", "Ray Tune sweep of MAE pre-training + evaluation")
+    parser.add_argument("--resume", action="store_true", help="continue a killed or stopped sweep")
+    args = parser.parse_args(argv)
+    quiet_logs(args.verbose)
+
+    def job() -> int:
+        if not args.config:
+            raise ConfigError("--config SWEEP.yaml is required (see experiments/sweeps/)")
+        sweep, base = load_sweep(args.config, args.overrides)
+        run(sweep, base, os.path.abspath(args.config), resume=args.resume, verbose=args.verbose)
+        return 0
+
+    return guarded(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

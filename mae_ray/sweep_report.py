@@ -1,0 +1,181 @@
+"""The end of a sweep: the results table (parquet, markdown, terminal), plots in the paper's style,
+stopped trials recorded as stopped; and the bookkeeping of the Ray processes a sweep driver started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+RAY_PIDS = "ray_processes.json"
+ACCURACIES = ("linprobe_top1", "finetune_top1", "knn_top1")
+
+
+def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | None) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+
+    from mae_ray import tracking
+
+    rows = trial_rows(grid, list(sweep.search))
+    client = MlflowClient(uri)
+    for row in rows:
+        if row["status"] != "stopped":
+            continue
+        found = client.search_runs([client.get_run(parent).info.experiment_id],
+                                   filter_string=f"tags.`sweep.trial_id` = '{row['trial']}'")
+        for run in found:  # stopped by the scheduler: recorded as stopped, not lost
+            client.set_tag(run.info.run_id, "sweep.status", "stopped")
+            client.set_terminated(run.info.run_id, "KILLED")
+            row["mlflow_run_id"] = run.info.run_id
+    if baseline is not None:
+        rows.append({"trial": "random-init", "status": "baseline", "linprobe_top1": baseline["linprobe_top1"],
+                     "linprobe_top5": baseline["linprobe_top5"], "mlflow_run_id": baseline["mlflow_run_id"]})
+    columns = _columns(rows, list(sweep.search))
+    table = pa.table({c: [r.get(c) for r in rows] for c in columns})
+    parquet = os.path.join(sweep_dir, "sweep_results.parquet")
+    pq.write_table(table, parquet + ".tmp")
+    os.replace(parquet + ".tmp", parquet)
+    markdown = to_markdown(rows, columns)
+    md_path = os.path.join(sweep_dir, "sweep_results.md")
+    with open(md_path, "w") as f:
+        f.write(markdown)
+    plots = plot_axes(rows, list(sweep.search), sweep_dir)
+    logger = tracking.EpochLogger(uri, parent)
+    for path in (parquet, md_path, *plots):
+        logger.log_artifact(path, "report")
+    best = _best(rows, sweep.metric, sweep.mode)
+    if best is not None:
+        tracking.log_values(uri, parent, {f"best_{sweep.metric}": best[sweep.metric]})
+    tracking.end_run(uri, parent, "FINISHED")
+    print("\n" + markdown)
+    print(f"[sweep] results: {parquet}\n[sweep] plots: {', '.join(plots) or 'none (no numeric axis)'}")
+    return {"rows": rows, "parquet": parquet, "markdown": md_path, "plots": plots, "parent_run_id": parent}
+
+
+def trial_rows(grid, axes: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        config = result.config or {}
+        if result.error is not None:
+            status = "error"
+        elif "linprobe_top1" in metrics or "finetune_top1" in metrics or "mlflow_run_id" in metrics:
+            status = "finished"
+        else:
+            status = "stopped"
+        row = {"trial": metrics.get("trial_id", os.path.basename(result.path or "")), "status": status}
+        row.update({a: config.get(a) for a in axes})
+        for key in ("linprobe_top1", "linprobe_top5", "finetune_top1", "finetune_top5", "knn_top1", "train_loss",
+                    "mlflow_run_id", "training_iteration"):
+            if key in metrics:
+                row[key] = metrics[key]
+        rows.append(row)
+    return sorted(rows, key=lambda r: tuple(str(r.get(a)) for a in axes))
+
+
+def _columns(rows: list[dict], axes: list[str]) -> list[str]:
+    order = ["trial", "status", *axes, "linprobe_top1", "linprobe_top5", "finetune_top1", "finetune_top5",
+             "knn_top1", "train_loss", "training_iteration", "mlflow_run_id"]
+    present = {k for r in rows for k in r}
+    return [c for c in order if c in present]
+
+
+def to_markdown(rows: list[dict], columns: list[str]) -> str:
+    def cell(v):
+        return f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_axes(rows: list[dict], axes: list[str], sweep_dir: str) -> list[str]:
+    """Accuracy vs each numeric axis (mask ratio, decoder width, epochs, ...), as in the paper's figures."""
+    paths = []
+    done = [r for r in rows if r["status"] == "finished"]
+    for axis in axes:
+        points = [r for r in done if isinstance(r.get(axis), (int, float)) and not isinstance(r.get(axis), bool)]
+        if len({r[axis] for r in points}) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for metric, style in zip(ACCURACIES, ("o-", "s--", "^:"), strict=True):
+            xs = sorted({r[axis] for r in points if metric in r})
+            if not xs:
+                continue
+            ys = [_mean([r[metric] for r in points if r[axis] == x and metric in r]) for x in xs]
+            ax.plot(xs, ys, style, label=metric.replace("_top1", " top-1"))
+        baseline = [r["linprobe_top1"] for r in rows if r["status"] == "baseline"]
+        if baseline:
+            ax.axhline(baseline[0], color="grey", lw=1, ls="--", label="random-init linear probe")
+        ax.set_xlabel(axis)
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(sweep_dir, f"accuracy_vs_{axis.replace('.', '_')}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _best(rows: list[dict], metric: str, mode: str) -> dict | None:
+    scored = [r for r in rows if r["status"] == "finished" and isinstance(r.get(metric), (int, float))]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda r: r[metric])
+
+
+# --------------------------------------------------------------------------- Ray processes of a driver
+def remember_ray(sweep_dir: str) -> None:
+    """Record the pids of the Ray instance this driver started: a killed driver leaves them running."""
+    import ray
+
+    node = ray._private.worker._global_node  # Ray keeps no public handle on its own processes
+    pids = [info.process.pid for infos in node.all_processes.values() for info in infos if info.process]
+    with open(os.path.join(sweep_dir, RAY_PIDS), "w") as f:
+        json.dump({"session_dir": node.get_session_dir_path(), "pids": pids}, f)
+
+
+def forget_ray(sweep_dir: str) -> None:
+    path = os.path.join(sweep_dir, RAY_PIDS)
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def forget_stale_ray(sweep_dir: str) -> list[int]:
+    """Stop the Ray processes a killed driver of this sweep left behind — only those, by pid."""
+    import signal
+
+    import psutil
+
+    path = os.path.join(sweep_dir, RAY_PIDS)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        saved = json.load(f)
+    stopped = []
+    for pid in saved["pids"]:
+        try:
+            proc = psutil.Process(pid)
+            if saved["session_dir"] in " ".join(proc.cmdline()):  # the pid still is that Ray process
+                proc.send_signal(signal.SIGTERM)
+                stopped.append(pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    psutil.wait_procs([psutil.Process(p) for p in stopped if psutil.pid_exists(p)], timeout=10)
+    forget_ray(sweep_dir)
+    return stopped

@@ -112,18 +112,32 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
     cfg.output_dir = os.path.join(sweep_dir, "trials", trial_id)
     cfg.mlflow.tracking_uri, cfg.mlflow.run_name = uri, trial_id
     run_id = _trial_run(uri, cfg, parent_run_id, trial_id, params)
-    summary = pretrain.run(cfg, run_id=run_id, continue_existing=True, callbacks=[TuneReportCallback()])
+    # A trial restarted after its driver was killed picks up what it had finished: nothing runs twice.
+    summary = _done(cfg.output_dir) or pretrain.run(cfg, run_id=run_id, continue_existing=True,
+                                                    callbacks=[TuneReportCallback()])
     final = {"train_loss": summary["metrics"].get("train_loss"), "knn_top1": summary["metrics"].get("knn_top1"),
              "mlflow_run_id": run_id}
     skip = tuple(j for j in ("linprobe", "finetune") if not sweep[j])
     if len(skip) < 2:
-        eval_cfg = load_config(None, [f"output_dir={os.path.join(cfg.output_dir, 'eval')}",
-                                      f"eval.checkpoint={summary['checkpoint']}"], base=cfg.to_dict())
-        source = resolve_encoder(summary["checkpoint"], eval_cfg, uri)
-        final.update({k: v for k, v in evaluate.run(eval_cfg, source=source, skip=skip).items()
-                      if k.endswith(("_top1", "_top5"))})
+        eval_dir = os.path.join(cfg.output_dir, "eval")
+        eval_cfg = load_config(None, [f"output_dir={eval_dir}", f"eval.checkpoint={summary['checkpoint']}"],
+                               base=cfg.to_dict())
+        scores = _done(eval_dir)
+        if scores is None:
+            source = resolve_encoder(summary["checkpoint"], eval_cfg, uri)
+            scores = evaluate.run(eval_cfg, source=source, skip=skip)
+        final.update({k: v for k, v in scores.items() if k.endswith(("_top1", "_top5"))})
     tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "finished"})
     tune.report({k: v for k, v in final.items() if v is not None})
+
+
+def _done(folder: str) -> dict[str, Any] | None:
+    """The result.json of a job that already finished in ``folder``, if any."""
+    path = os.path.join(folder, "result.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params: dict[str, Any]) -> str:
@@ -193,7 +207,8 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
                                  sweep={"linprobe": sweep.linprobe, "finetune": sweep.finetune}),
             {"cpu": sweep.trial_cpus})
         if resume and tune.Tuner.can_restore(tune_path):
-            tuner = tune.Tuner.restore(tune_path, trainable=fn, resume_unfinished=True, resume_errored=True)
+            # a trial the dead driver left running shows as errored: restart it (trials are idempotent)
+            tuner = tune.Tuner.restore(tune_path, trainable=fn, resume_unfinished=True, restart_errored=True)
         else:
             tuner = tune.Tuner(
                 fn, param_space=param_space(sweep.search),

@@ -1,0 +1,171 @@
+"""Sweeps end to end: real Ray Tune + Train, real MLflow (a server over HTTP, and sqlite), real shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow import MlflowClient
+from PIL import Image
+
+from mae_ray import sweep as sweeps
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    """Two classes any encoder separates (red vs blue images): a kNN bank of many samples scores ~100%,
+    a bank of one sample scores 50%, so the ASHA test knows which trial must be stopped."""
+    from data_tools.make_shards import make_shards
+
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("val", 32)):
+        for label, colour in enumerate(([200, 30, 30], [30, 30, 200])):
+            folder = root / "images" / split / f"c{label}"
+            folder.mkdir(parents=True)
+            for i in range(n // 2):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+        make_shards(root / "images" / split, root / split, prefix=split, maxcount=40, progress=False)
+    return {"train": str(root / "train"), "val": str(root / "val")}
+
+
+def write_sweep(tmp_path, data, uri, search, **sweep_keys):
+    base = {
+        "model": {"name": "mae_vit_micro_patch4"},
+        "data": {"train_shards": data["train"], "val_shards": data["val"], "num_workers": 0,
+                 "samples_per_epoch": 64, "shuffle_buffer": 32},
+        "train": {"epochs": 3, "batch_size": 16, "lr": 1e-3, "warmup_epochs": 0, "knn_every": 1},
+        "eval": {"knn_train_samples": 64, "knn_val_samples": 32, "knn_k": 5},
+        "linprobe": {"epochs": 2, "batch_size": 16, "blr": 5, "warmup_epochs": 0, "cache_features": True},
+        "finetune": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0},
+        "ray": {"num_workers": 1, "cpus_per_worker": 0.8},
+        "mlflow": {"tracking_uri": uri, "experiment": "sweep-test"},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"base": "base.yaml", "name": "s", "search": search, "output_dir": str(tmp_path / "sweeps"),
+            "max_concurrent_trials": 1, "trial_cpus": 0.2, **sweep_keys}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1 with a sqlite backend and an artifact folder; stopped by pid."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not start")
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, tmp_path, mlflow_server):
+    path = write_sweep(tmp_path, colours, mlflow_server, {"eval.knn_train_samples": {"grid": [64, 1]}},
+                       scheduler={"type": "asha", "metric": "knn_top1", "grace_period": 1, "reduction_factor": 2})
+    sweep, base = sweeps.load_sweep(path, [])
+    report = sweeps.run(sweep, base, path)
+
+    by_bank = {r["eval.knn_train_samples"]: r for r in report["rows"] if r["status"] != "baseline"}
+    assert by_bank[64]["status"] == "finished" and by_bank[1]["status"] == "stopped"
+    assert by_bank[64]["knn_top1"] > by_bank[1]["knn_top1"]  # stopped on the online kNN, not on the loss
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(report["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["sweep.name"] == "s"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {
+        "report/sweep_results.parquet", "report/sweep_results.md"}
+    finished = client.get_run(by_bank[64]["mlflow_run_id"])
+    assert finished.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert {"linprobe_top1", "finetune_top1", "knn_top1", "train_loss"} <= set(finished.data.metrics)
+    assert [m.step for m in client.get_metric_history(finished.info.run_id, "knn_top1")] == [0, 1, 2]
+    assert finished.data.params["eval.knn_train_samples"] == "64"
+    stopped = client.get_run(by_bank[1]["mlflow_run_id"])
+    assert stopped.info.status == "KILLED" and stopped.data.tags["sweep.status"] == "stopped"
+    assert len(client.get_metric_history(stopped.info.run_id, "train_loss")) < 3  # it did not run to the end
+
+
+def test_killed_driver_resumes_without_rerunning_or_duplicating(colours, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = write_sweep(tmp_path, colours, uri, {"model.mask_ratio": {"grid": [0.5, 0.75]}},
+                       scheduler={"type": "none"}, random_baseline=False)
+    cmd = [sys.executable, "-m", "mae_ray.sweep", "--config", path]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    sweep_dir = tmp_path / "sweeps" / "s"
+    deadline = time.time() + 400
+    while time.time() < deadline and not list(sweep_dir.glob("trials/*/eval/result.json")):
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(1)
+    first = list(sweep_dir.glob("trials/*/eval/result.json"))
+    assert first, "no trial finished in time"
+    os.kill(driver.pid, signal.SIGKILL)  # the driver only: its Ray processes are left behind
+    driver.wait()
+    left = json.loads((sweep_dir / "ray_processes.json").read_text())["pids"]
+    assert any(psutil.pid_exists(p) for p in left)
+    finished_at = first[0].stat().st_mtime
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert first[0].stat().st_mtime == finished_at  # the finished trial was not run again
+    assert not any(psutil.pid_exists(p) and "ray" in " ".join(psutil.Process(p).cmdline()) for p in left)
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    trial_runs = [r for r in client.search_runs([exp.experiment_id]) if "sweep.trial_id" in r.data.tags]
+    ids = [r.data.tags["sweep.trial_id"] for r in trial_runs]
+    assert len(ids) == 2 and len(set(ids)) == 2  # one MLflow run per trial, none duplicated
+    for run in trial_runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert steps == [0, 1, 2] and "linprobe_top1" in run.data.metrics
+    sweeps_runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mae_ray.job") == "sweep"]
+    assert len(sweeps_runs) == 1
+
+    table = pq.read_table(sweep_dir / "sweep_results.parquet").to_pylist()
+    assert sorted(r["model.mask_ratio"] for r in table) == [0.5, 0.75]
+    assert all(r["status"] == "finished" and 0 <= r["linprobe_top1"] <= 100 for r in table)
+    markdown = (sweep_dir / "sweep_results.md").read_text()
+    assert f"{table[0]['linprobe_top1']:.2f}" in markdown
+    assert (sweep_dir / "accuracy_vs_model_mask_ratio.png").stat().st_size > 1000
+
+
+def test_bad_sweep_configs_are_refused_before_ray(tmp_path, colours):
+    from mae_ray.errors import ConfigError
+
+    path = write_sweep(tmp_path, colours, "sqlite:///x.db", {"model.mask_ratoi": {"grid": [0.5]}})
+    with pytest.raises(ConfigError, match="unknown key 'model.mask_ratoi'"):
+        sweeps.load_sweep(path, [])
+    path = write_sweep(tmp_path, colours, "sqlite:///x.db", {"model.mask_ratio": {"between": [0, 1]}})
+    with pytest.raises(ConfigError, match=r"search.model.mask_ratio: expected one of \{grid, choice"):
+        sweeps.load_sweep(path, [])

@@ -24,6 +24,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     from mae_ray import engine, launch
     from mae_ray.data import make_train_loader
+    from mae_ray.flops import peak_flops, train_flops_per_image
     from mae_ray.knn import KnnMonitor
     from mae_ray.loop import EpochLoop
     from mae_ray.models import MaskedAutoencoderViT
@@ -66,6 +67,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
              f"{cfg.train.batch_size * cfg.train.accum_iter * world_size}, lr {lr:.3g}; {loop.describe_start()}")
     pictures = _Pictures(cfg, raw_model, loop_config) if rank == 0 else None
     monitor = KnnMonitor(cfg, rank, world_size, device, raw_model.patch_embed.img_size[0])
+    flops_per_image, peak = train_flops_per_image(cfg.model.kwargs(), cfg.model.mask_ratio), peak_flops(device)
     final_files = {
         "encoder.pth": lambda p: save_encoder(raw_model, p),
         "encoder.safetensors": lambda p: save_encoder(raw_model, p),
@@ -83,6 +85,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         except engine.NonFiniteLossError as e:
             raise engine.NonFiniteLossError(f"{e}; last good checkpoint: {loop.last_good or 'none'}") from None
         metrics = _reduce_over_ranks(metrics, loader.skipped, device)
+        if peak:  # model FLOPs utilisation, as nanoGPT prints it (GPU only: CPUs have no fixed peak)
+            metrics["mfu"] = metrics["images_per_s"] * flops_per_image / (peak * world_size)
         if monitor.due(epoch):
             metrics["knn_top1"] = monitor.run(raw_model)
         loop.end_epoch(epoch, metrics, final_files)

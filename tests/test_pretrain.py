@@ -120,3 +120,15 @@ def test_more_workers_than_cpus_is_refused_at_once(local_ray, demo_data, tmp_pat
     with pytest.raises(UserError, match=r"asked for 3 worker\(s\) x 1 CPU, but the cluster has 2 CPU"):
         pretrain.run(cfg)
     assert not os.path.exists(tmp_path / "run" / "result.json")
+
+
+def test_non_finite_loss_stops_the_run_naming_step_and_checkpoint(local_ray, demo_data, tmp_path):
+    # an absurd lr blows the weights up within a few updates of epoch 1, after epoch 0's checkpoint
+    cfg = tiny_config(demo_data, tmp_path, "ray.num_workers=1", "train.lr=1e12", "train.warmup_epochs=1")
+    with pytest.raises(UserError) as info:
+        pretrain.run(cfg)
+    message = str(info.value)
+    assert "non-finite loss" in message and "at epoch" in message and "last good checkpoint" in message
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    [run] = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("test").experiment_id])
+    assert run.info.status == "FAILED"

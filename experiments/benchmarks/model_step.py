@@ -4,9 +4,10 @@ Both variants of one preset are built side by side and timed in interleaved repe
 so slow drift of a noisy machine hits both alike); medians are reported. The measured speed-up is
 printed beside the one predicted from matmul FLOPs, counted two ways:
 
-  analytic  per block 2 * tokens * (linear weights) + 4 * tokens^2 * width (QK^T and AV), plus the
-            patch embedding, decoder embedding (encoder tokens), decoder blocks and prediction head
-            (1 + L tokens); forward + backward = 3 x forward, less the patch embedding's input gradient;
+  analytic  mae_ray.flops.train_flops_per_image: per block 2 * tokens * (linear weights) + 4 * tokens^2
+            * width (QK^T and AV), plus the patch embedding, decoder embedding (encoder tokens), decoder
+            blocks and prediction head (1 + L tokens); forward + backward = 3 x forward, less the patch
+            embedding's input gradient;
   counted   torch.utils.flop_counter.FlopCounterMode on one step (with timm's fused attention switched
             off for that step, since the counter does not see the CPU flash-attention kernel).
 
@@ -31,7 +32,9 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mae_ray.models import MaskedAutoencoderViT, build_model
+from mae_ray.flops import encoder_tokens, set_fused_attention, train_flops_per_image
+from mae_ray.models import build_model
+from mae_ray.presets import resolve_model_kwargs
 
 VARIANTS = {"mae": False, "mask-token-in-encoder": True}  # name -> mask_token_in_encoder
 
@@ -64,35 +67,6 @@ def machine_info(device: str) -> str:
     if device == "cuda":
         info += f"; GPU {torch.cuda.get_device_name()}"
     return info
-
-
-def encoder_tokens(model: MaskedAutoencoderViT, mask_ratio: float) -> int:
-    num_patches = model.patch_embed.num_patches
-    return 1 + (num_patches if model.mask_token_in_encoder else int(num_patches * (1 - mask_ratio)))
-
-
-def analytic_flops(model: MaskedAutoencoderViT, mask_ratio: float) -> float:
-    """Matmul FLOPs of one forward + backward, per image."""
-
-    def linear_weights(module: nn.Module) -> int:
-        return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
-
-    def blocks(blks: nn.ModuleList, tokens: int) -> int:
-        return sum(2 * tokens * linear_weights(b) + 4 * tokens**2 * b.attn.qkv.in_features for b in blks)
-
-    num_patches, t_enc = model.patch_embed.num_patches, encoder_tokens(model, mask_ratio)
-    patch = 2 * num_patches * model.patch_embed.proj.weight.numel()
-    encoder = blocks(model.blocks, t_enc)
-    decoder = 2 * t_enc * model.decoder_embed.weight.numel() + blocks(model.decoder_blocks, num_patches + 1)
-    head = 2 * (num_patches + 1) * model.decoder_pred.weight.numel()
-    forward = patch + encoder + decoder + head
-    return 3 * forward - patch  # backward = 2 x forward, but the images need no gradient
-
-
-def set_fused_attention(model: nn.Module, fused: bool) -> None:
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = fused
 
 
 def sync(device: str) -> None:
@@ -145,10 +119,11 @@ def main() -> None:
     print("machine: " + machine_info(args.device))
 
     overrides = {"img_size": args.img_size, "decoder_depth": args.decoder_depth}
-    models = {
-        name: build_model(args.model, mask_token_in_encoder=flag, **overrides).to(args.device).train()
+    kwargs = {
+        name: resolve_model_kwargs(args.model, {**overrides, "mask_token_in_encoder": flag})
         for name, flag in VARIANTS.items()
     }
+    models = {name: build_model(args.model, **kw).to(args.device).train() for name, kw in kwargs.items()}
     mae = models["mae"]
     size = mae.patch_embed.img_size[0]
     imgs = torch.randn(args.batch, mae.in_chans, size, size, device=args.device)
@@ -159,7 +134,7 @@ def main() -> None:
         f"{args.dtype} on {args.device}; {args.repeats} repeats x {args.steps} timed steps per variant"
     )
 
-    flops = {n: analytic_flops(m, args.mask_ratio) for n, m in models.items()}
+    flops = {n: train_flops_per_image(kw, args.mask_ratio) for n, kw in kwargs.items()}
     counted = {n: counted_flops(m, imgs, args) for n, m in models.items()}  # also the first warm-up step
     for model in models.values():
         for _ in range(args.warmup):
@@ -192,10 +167,10 @@ def main() -> None:
         f"| speed ratio | predicted ratio | measured/predicted | AdamW step ms | img/s incl. AdamW |"
     )
     print("\n" + header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
-    for name, model in models.items():
+    for name in models:
         measured, predicted = step[base] / step[name], flops[base] / flops[name]
         print(
-            f"| {name:<22} | {encoder_tokens(model, args.mask_ratio):>10} | {flops[name] / 1e9:>19.4g} "
+            f"| {name:<22} | {encoder_tokens(kwargs[name], args.mask_ratio):>10} | {flops[name] / 1e9:>19.4g} "
             f"| {counted[name] / 1e9:>18.4g} | {args.batch / step[name]:>13.2f} | {measured:>10.2f}x "
             f"| {predicted:>14.2f}x | {measured / predicted:>18.2f} | {opt_s * 1e3:>13.0f} "
             f"| {args.batch / (step[name] + opt_s):>17.2f} |"

@@ -265,3 +265,34 @@ def test_python_client_submit_with_explicit_excludes(head, demo_data, tmp_path):
     assert info.runtime_env["working_dir"].startswith("gcs://")  # uploaded to the head, not a local path
     _check_outputs(tmp_path)
     print(f"python client job: {time.time() - t0:.1f}s")
+
+
+def test_sweep_submitted_to_the_head_succeeds(head, demo_data, tmp_path):
+    """`python -m mae_ray.sweep` as a submitted job: it joins the head, each trial trains and is evaluated."""
+    import pyarrow.parquet as pq
+    import yaml
+    from ray.job_submission import JobStatus
+
+    base = {"model": {"name": "mae_vit_micro_patch4"},
+            "data": {"train_shards": demo_data["train"], "val_shards": demo_data["val"], "num_workers": 0,
+                     "samples_per_epoch": 128, "shuffle_buffer": 100},
+            "train": {"epochs": 2, "batch_size": 32, "lr": 2e-3, "warmup_epochs": 0, "knn_every": 1},
+            "eval": {"knn_train_samples": 200, "knn_val_samples": 100},
+            "linprobe": {"epochs": 1, "batch_size": 64, "blr": 5, "warmup_epochs": 0, "cache_features": True},
+            "ray": {"num_workers": 1, "cpus_per_worker": 0.8},
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "submitted-sweep"}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = {"base": "base.yaml", "name": "job", "search": {"model.mask_ratio": {"grid": [0.75]}},
+             "max_concurrent_trials": 1, "scheduler": {"type": "none"}, "finetune": False,
+             "random_baseline": False, "output_dir": str(tmp_path / "sweeps")}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    client = head.client()
+    job_id = client.submit_job(entrypoint=shlex.join([sys.executable, "-m", "mae_ray.sweep", "--config",
+                                                      str(tmp_path / "sweep.yaml")]))
+    status = _wait_for(client, job_id)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-4000:]
+    [row] = pq.read_table(tmp_path / "sweeps" / "job" / "sweep_results.parquet").to_pylist()
+    assert row["status"] == "finished" and 0 <= row["linprobe_top1"] <= 100
+    mlflow = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    child = mlflow.get_run(row["mlflow_run_id"])
+    assert child.info.status == "FINISHED" and "mlflow.parentRunId" in child.data.tags

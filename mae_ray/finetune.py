@@ -10,14 +10,12 @@ smoothing (timm ``Mixup`` + soft-target loss), RandAugment and random erasing (t
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 import torch
 
-from mae_ray.cli import guarded, job_parser, quiet_logs
-from mae_ray.config import Config, from_dict, load_config
+from mae_ray.config import Config, from_dict
 from mae_ray.errors import CheckpointError
 
 # A global-pool ViT has fc_norm instead of the encoder's final norm, and a new head.
@@ -134,18 +132,9 @@ def run(cfg: Config, *, source=None, verbose: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = job_parser("mae-ray finetune", "end-to-end fine-tuning of an MAE encoder on Ray Train")
-    args = parser.parse_args(argv)
-    quiet_logs(args.verbose)
+    from mae_ray.evaljob import eval_main
 
-    def job() -> int:
-        cfg = load_config(args.config, args.overrides)
-        s = run(cfg, verbose=args.verbose)
-        print(f"[finetune] top-1 {s['finetune_top1']:.2f}  top-5 {s['finetune_top5']:.2f}  "
-              f"(encoder {s['encoder']}); result: {os.path.join(cfg.output_dir, 'result.json')}", flush=True)
-        return 0
-
-    return guarded(job)
+    return eval_main("finetune", "end-to-end fine-tuning of an MAE encoder on Ray Train", run, argv)
 
 
 if __name__ == "__main__":

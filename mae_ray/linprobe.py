@@ -11,15 +11,13 @@ protocol (no augmentation of the probe's inputs), so its numbers run a little lo
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from mae_ray.cli import guarded, job_parser, quiet_logs
-from mae_ray.config import Config, from_dict, load_config
+from mae_ray.config import Config, from_dict
 
 
 class LinearProbeHead(nn.Module):
@@ -140,18 +138,9 @@ def run(cfg: Config, *, source=None, verbose: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = job_parser("mae-ray linprobe", "linear probe of a frozen MAE encoder on Ray Train")
-    args = parser.parse_args(argv)
-    quiet_logs(args.verbose)
+    from mae_ray.evaljob import eval_main
 
-    def job() -> int:
-        cfg = load_config(args.config, args.overrides)
-        s = run(cfg, verbose=args.verbose)
-        print(f"[linprobe] top-1 {s['linprobe_top1']:.2f}  top-5 {s['linprobe_top5']:.2f}  "
-              f"(encoder {s['encoder']}); result: {os.path.join(cfg.output_dir, 'result.json')}", flush=True)
-        return 0
-
-    return guarded(job)
+    return eval_main("linprobe", "linear probe of a frozen MAE encoder on Ray Train", run, argv)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _helpers import processes_mentioning
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.ray
@@ -70,19 +71,6 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _processes_mentioning(text: str) -> dict[int, str]:
-    """pid -> command line of every process whose command line contains ``text``."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found[int(entry)] = cmdline.strip()
-    return found
 
 
 def _group_members(pgid: int) -> dict[int, str]:
@@ -113,7 +101,7 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> list[str]:
             os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session)
             proc.wait(timeout=30)
     deadline = time.time() + 20  # workers notice a dead raylet within seconds
-    while (left := {**_processes_mentioning(temp_dir), **_group_members(proc.pid)}) and time.time() < deadline:
+    while (left := {**processes_mentioning(temp_dir), **_group_members(proc.pid)}) and time.time() < deadline:
         time.sleep(0.5)
     for pid, cmdline in left.items():
         forced.append(f"pid {pid} outlived the head: {cmdline[:200]}")
@@ -160,7 +148,7 @@ def head():
     finally:
         forced = _stop_head(proc, temp_dir)
         time.sleep(1)
-        left = {**_processes_mentioning(temp_dir), **_group_members(proc.pid)}
+        left = {**processes_mentioning(temp_dir), **_group_members(proc.pid)}
         shutil.rmtree(temp_dir, ignore_errors=True)
         if forced or left or proc.poll() is None:
             pytest.fail("the test's Ray head did not stop cleanly:\n" + "\n".join(forced)

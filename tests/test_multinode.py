@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import tempfile
 from pathlib import Path
 
 import pytest
+from _helpers import free_port, processes_mentioning
 from mlflow import MlflowClient
 
 from mae_ray import pretrain
@@ -19,24 +19,8 @@ from mae_ray.config import load_config
 pytestmark = pytest.mark.ray
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _processes_mentioning(text: str) -> dict[int, str]:
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found[int(entry)] = cmdline.strip()
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +37,7 @@ def two_nodes():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_TMPDIR", temp_root)
         cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "include_dashboard": False, "dashboard_agent_listen_port": _free_port(),
+            "num_cpus": 1, "include_dashboard": False, "dashboard_agent_listen_port": free_port(),
         })
         try:
             cluster.add_node(num_cpus=1)
@@ -62,7 +46,7 @@ def two_nodes():
         finally:
             ray.shutdown()
             cluster.shutdown()
-    left = _processes_mentioning(temp_root)
+    left = processes_mentioning(temp_root)
     for pid in left:
         try:
             os.kill(pid, 9)

@@ -15,6 +15,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from _helpers import free_port
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -62,10 +63,6 @@ def write_sweep(tmp_path, data, uri, search, **sweep_keys):
     return str(path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def save_reconstruction_grid(pictures: dict[str, torch.Tensor], path: str, title
                 ax.set_title(name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98 if title else 1))  # keep the title clear of the column names
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=100)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -348,7 +349,8 @@ def make_shards(
     done = _completed_shards(output, plan, overwrite)
     if done is None:
         manifest = json.loads(metadata_paths(output)["dataset"].read_text())
-        return {**manifest, "written_now": 0, "reused": len(manifest["shards"]), "seconds": 0.0}
+        return {**manifest, "written_now": 0, "reused": len(manifest["shards"]), "seconds": 0.0,
+                "empty_classes": _empty_classes(output, manifest["classes"])}
 
     work = metadata_paths(output)["work"]
     work.mkdir(parents=True, exist_ok=True)
@@ -375,7 +377,15 @@ def make_shards(
                 pool.terminate()
     seconds = time.perf_counter() - start
     manifest = _write_metadata(output, plan, options)
-    return {**manifest, "written_now": todo, "reused": len(done), "seconds": seconds}
+    return {**manifest, "written_now": todo, "reused": len(done), "seconds": seconds,
+            "empty_classes": _empty_classes(output, plan.classes)}
+
+
+def _empty_classes(output: Path, classes: list[str]) -> list[str]:
+    """Names of the classes without a single written sample (all their images skipped, or none given)."""
+    labels = pq.read_table(metadata_paths(output)["index"], columns=["label"]).column("label")
+    present = set(pc.unique(labels).to_pylist())
+    return [name for index, name in enumerate(classes) if index not in present]
 
 
 def summary_line(result: dict) -> str:
@@ -417,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: rerun the same command to finish (complete shards are kept)", file=sys.stderr)
         return 130
     print(summary_line(result))
+    empty = result["empty_classes"]
+    if empty:  # kept (labels stay those of the class list) but a researcher wants to know
+        shown = ", ".join(empty[:10]) + (f" (+{len(empty) - 10} more)" if len(empty) > 10 else "")
+        print(f"warning: {len(empty)} of {len(result['classes'])} classes have no samples: {shown}; they keep "
+              "their label index and count in num_classes (see skipped.jsonl for images that were skipped)",
+              file=sys.stderr)
     return 0
 
 

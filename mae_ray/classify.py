@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mae_ray.engine import NonFiniteLossError, Precision, StepPlan
+from mae_ray.errors import DataError
 
 
 def train_epoch(
@@ -58,7 +59,10 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, device: torch.device) -> dict[str, float]:
-    """Top-1/top-5 (percent) and the sample count over the whole validation set, all ranks together."""
+    """Top-1/top-5 (percent) and the sample count over the whole validation set, all ranks together.
+
+    A validation set with no readable sample raises DataError rather than scoring 0 %.
+    """
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, total
     for x, y in loader:
         logits = forward(x.to(device, non_blocking=True)).float()
@@ -70,4 +74,6 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader, device: to
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
     c1, c5, total = counts.tolist()
+    if total == 0:  # every rank sees the summed count, so all of them raise: no hang
+        raise DataError("no readable validation samples: every one was skipped as unreadable (see data/skipped)")
     return {"top1": 100.0 * c1 / max(total, 1), "top5": 100.0 * c5 / max(total, 1), "count": total}

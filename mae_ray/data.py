@@ -152,6 +152,29 @@ def _count_local_shard(path: str) -> int:
     return count
 
 
+def check_local_shards(urls: list[str]) -> None:
+    """Refuse local shards that cannot hold a sample: 0 bytes, not a tar, or an empty archive.
+
+    Reads the first tar header of each shard, nothing more, so it costs about one small read per
+    shard; damage further in (a truncated shard) is left to the loaders, which skip and count it.
+    Remote shards are not checked.
+    """
+    for url in urls:
+        if not _is_local(url):
+            continue
+        if os.path.getsize(url) == 0:
+            raise DataError(f"shard {url} is empty (0 bytes)")
+        try:
+            with tarfile.open(url) as tar:
+                first = tar.next()
+        except OSError as exn:
+            raise DataError(f"cannot read shard {url}: {exn.strerror or exn}") from None
+        except (tarfile.TarError, EOFError):  # tarfile's message lists every compression it tried
+            raise DataError(f"shard {url} is not a tar file (nor a compressed one)") from None
+        if first is None:
+            raise DataError(f"shard {url} holds no samples (an empty tar archive)")
+
+
 # --------------------------------------------------------------------------- reading samples
 
 
@@ -161,6 +184,25 @@ class _RawSample:
     index: int  # position within its shard, in tar order
     files: dict[str, bytes] = field(default_factory=dict)
     broken: bool = False
+    url: str = ""  # the shard it came from, for messages
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Header reading that tells a shard's end from its truncation.
+
+    tarfile ends an archive silently at a header that is cut short, missing or garbled (anywhere
+    but at offset 0), exactly as at the zero block that really ends it: a shard cut at or inside a
+    header, as an interrupted copy often is, would lose the rest of its samples unnoticed.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_):
+        try:
+            return super().fromtarfile(tarfile_)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as exn:
+            if tarfile_.offset == 0:
+                raise  # tarfile's own "empty file" / bad-header errors
+            raise tarfile.ReadError(f"truncated or damaged tar header at byte {tarfile_.offset}: {exn}") from None
 
 
 def _open(url: str) -> IO[bytes]:
@@ -171,14 +213,14 @@ def _open(url: str) -> IO[bytes]:
 def _read_shard(url: str) -> Iterator[_RawSample]:
     """Yield the samples of one shard in tar order with only their image and ``cls`` payloads.
 
-    A read error (truncated member or tar, failed download) ends the shard; the sample being
+    A read error (truncated member, header or tar, failed download) ends the shard; the sample being
     read is yielded as ``broken`` so that the rank owning it counts it as skipped. Samples after
     the error point cannot be known and are not counted.
     """
     current: _RawSample | None = None
     index = 0
     try:
-        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 key, ext = base_plus_ext(member.name)
                 if not member.isreg() or key is None:
@@ -187,13 +229,13 @@ def _read_shard(url: str) -> Iterator[_RawSample]:
                     yield current
                     current, index = None, index + 1
                 if current is None:
-                    current = _RawSample(key, index)
+                    current = _RawSample(key, index, url=url)
                 if ext.lower() in _WANTED_EXTENSIONS:
                     current.files[ext.lower()] = tar.extractfile(member).read()
                 tar.members = []  # stream mode keeps every header otherwise
     except Exception as exn:  # noqa: BLE001 - any read failure skips the rest of this shard
         log.warning("error reading shard %s: %r", url, exn)
-        yield _RawSample(current.key if current else url, index, broken=True)
+        yield _RawSample(current.key if current else url, index, broken=True, url=url)
         return
     if current is not None:
         yield current
@@ -230,7 +272,9 @@ def _decode_raw(sample: _RawSample) -> tuple[torch.Tensor, int]:
     return decode_rgb(sample.files[image_ext]), int(sample.files["cls"])
 
 
-def _decoded(samples: Iterable[_RawSample], transform: Transform, skips: _Skips) -> Iterator[tuple[torch.Tensor, int]]:
+def _decoded(
+    samples: Iterable[_RawSample], transform: Transform, skips: _Skips, num_classes: int | None = None
+) -> Iterator[tuple[torch.Tensor, int]]:
     for sample in samples:
         try:
             image, label = _decode_raw(sample)
@@ -238,6 +282,13 @@ def _decoded(samples: Iterable[_RawSample], transform: Transform, skips: _Skips)
             skips.record(sample, exn)
             continue
         skips.ok()
+        if num_classes is not None and not 0 <= label < num_classes:
+            # Not corruption but shards and classifier that disagree: skipping would hide it, and the
+            # loss would fail with an obscure CUDA assert (or silently ignore label -1).
+            raise DataError(
+                f"sample {sample.key} of {sample.url} has label {label}, outside 0..{num_classes - 1} for "
+                f"{num_classes} classes: the shards do not match data.num_classes / their dataset.json"
+            )
         yield transform(image), label  # transform errors are bugs: let them propagate
 
 
@@ -293,6 +344,7 @@ class _TrainStream(IterableDataset):
     seed: int
     shuffle_buffer: int
     epoch: int = 0
+    num_classes: int | None = None  # labels outside 0..num_classes-1 raise DataError
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int, int]]:
         worker, num_workers = _worker_identity()
@@ -305,18 +357,28 @@ class _TrainStream(IterableDataset):
         if get_worker_info() is not None:
             _seed_augmentations(rng.getrandbits(32))
         skips = _Skips(_MAX_SKIP_STREAK)
-        raw = (sample for url in _shard_passes(self.urls, rng) for sample in _read_shard(url))
-        samples = _decoded(_shuffled(raw, self.shuffle_buffer, rng), self.transform, skips)
+        raw = _endless_samples(self.urls, rng)
+        samples = _decoded(_shuffled(raw, self.shuffle_buffer, rng), self.transform, skips, self.num_classes)
         for images, labels in itertools.islice(_batched(samples, self.batch_size, False), n_batches):
             yield images, labels, worker, skips.count
 
 
-def _shard_passes(urls: list[str], rng: random.Random) -> Iterator[str]:
-    """Endless random permutations of the shards: resampling without early repeats."""
+def _endless_samples(urls: list[str], rng: random.Random) -> Iterator[_RawSample]:
+    """The samples of endless random permutations of the shards: resampling without early repeats.
+
+    A whole pass that finds no sample at all (every shard an empty archive) raises DataError
+    instead of looping forever.
+    """
     while True:
         order = list(urls)
         rng.shuffle(order)
-        yield from order
+        found = 0
+        for url in order:
+            for sample in _read_shard(url):
+                found += 1
+                yield sample
+        if not found:
+            raise DataError(f"no samples in any of the {len(urls)} shard(s), e.g. {urls[0]}")
 
 
 def _seed_augmentations(seed: int) -> None:
@@ -336,6 +398,7 @@ class _EvalStream(IterableDataset):
     batch_size: int
     rank: int
     world_size: int
+    num_classes: int | None = None  # labels outside 0..num_classes-1 raise DataError
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int, int]]:
         worker, num_workers = _worker_identity()
@@ -347,7 +410,8 @@ class _EvalStream(IterableDataset):
             for sample in _read_shard(url)
             if (shard + sample.index) % self.world_size == self.rank  # filter before decoding
         )
-        for images, labels in _batched(_decoded(owned, self.transform, skips), self.batch_size, True):
+        decoded = _decoded(owned, self.transform, skips, self.num_classes)
+        for images, labels in _batched(decoded, self.batch_size, True):
             yield images, labels, worker, skips.count
         yield None, None, worker, skips.count  # reports skips that came after the last batch
 
@@ -437,11 +501,13 @@ def make_train_loader(
     seed: int = 0,
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
+    num_classes: int | None = None,
 ) -> TrainLoader:
     """Training loader: ``samples_per_epoch // (world_size * batch_size)`` batches per rank.
 
     ``samples_per_epoch`` defaults to the dataset size (manifest, else a scan of local shards).
     ``transform`` is a kind for :func:`build_transform` or a callable on CHW uint8 RGB tensors.
+    ``num_classes``: a label outside ``0..num_classes-1`` raises DataError (classification jobs).
     """
     _check_args(batch_size, rank, world_size, num_workers)
     shards = expand_urls(urls)
@@ -454,7 +520,8 @@ def make_train_loader(
     if steps == 0:
         raise DataError(f"{samples_per_epoch} samples/epoch < world_size {world_size} x batch_size {batch_size}")
     dataset = _TrainStream(
-        shards, _resolve_transform(transform, img_size), batch_size, rank, steps, seed, shuffle_buffer
+        shards, _resolve_transform(transform, img_size), batch_size, rank, steps, seed, shuffle_buffer,
+        num_classes=num_classes,
     )
     return TrainLoader(dataset, num_workers, pin_memory)
 
@@ -469,11 +536,12 @@ def make_eval_loader(
     world_size: int = 1,
     num_workers: int = 2,
     pin_memory: bool = False,
+    num_classes: int | None = None,
 ) -> EvalLoader:
     """Evaluation loader: over all ranks, every readable sample is yielded exactly once.
 
     Batches per rank may differ by one or more: eval loops must not run per-batch collectives;
-    reduce sums/counts once after the loop.
+    reduce sums/counts once after the loop. ``num_classes`` as in :func:`make_train_loader`.
     """
     _check_args(batch_size, rank, world_size, num_workers)
     shards = expand_urls(urls)
@@ -481,5 +549,5 @@ def make_eval_loader(
     num_samples = None
     if counts is not None:
         num_samples = sum(_owned_count(n, shard, rank, world_size) for shard, n in enumerate(counts))
-    dataset = _EvalStream(shards, _resolve_transform(transform, img_size), batch_size, rank, world_size)
+    dataset = _EvalStream(shards, _resolve_transform(transform, img_size), batch_size, rank, world_size, num_classes)
     return EvalLoader(dataset, num_workers, pin_memory, num_samples)

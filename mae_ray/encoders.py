@@ -22,7 +22,7 @@ import yaml
 from mae_ray.config import Config, from_dict
 from mae_ray.errors import CheckpointError, ConfigError
 from mae_ray.models import MaskedAutoencoderViT, is_decoder_key
-from mae_ray.weights import load_mae_weights, read_state_dict
+from mae_ray.weights import load_mae_weights, read_state_dict, unreadable_checkpoint
 
 
 @dataclass
@@ -38,7 +38,7 @@ class EncoderSource:
         torch.manual_seed(seed)
         model = MaskedAutoencoderViT(**self.model_kwargs)
         if self.state is not None:
-            load_mae_weights(model, self.state)
+            load_mae_weights(model, self.state, name=self.label or None)
         return model
 
 
@@ -67,8 +67,7 @@ def _from_path(path: str, cfg: Config) -> EncoderSource:
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"cannot read {file} as a weights-only checkpoint: {first}") from None
+        raise CheckpointError(unreadable_checkpoint(file, e)) from None
     if isinstance(obj, dict) and isinstance(obj.get("config"), str) and isinstance(obj.get("model"), dict):
         saved = from_dict(Config, yaml.safe_load(obj["config"]))  # a mae-ray training state
         return EncoderSource(_encoder_only(obj["model"]), _with_eval_size(saved, cfg), obj.get("mlflow_run_id"),

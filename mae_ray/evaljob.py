@@ -22,14 +22,17 @@ WHAT = {"linprobe": "linear probe", "finetune": "fine-tuning"}
 
 def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, source: EncoderSource | None = None,
              verbose: bool = False) -> dict[str, Any]:
-    uri = jobs.prepare(cfg, need_val=True)
-    source = source or resolve_encoder(cfg.eval.checkpoint, cfg, uri)
+    # Every check before anything is written or Ray starts: a refused job leaves no trace.
+    uri = jobs.prepare(cfg, need_val=True, write=False)
     classes = jobs.num_classes(cfg)
     name = cfg.mlflow.run_name or f"{job}-{os.path.basename(cfg.output_dir.rstrip('/'))}"
     jobs.refuse_existing(cfg, name)
+    source = source or resolve_encoder(cfg.eval.checkpoint, cfg, uri)  # the dearest check (builds the model)
     print(f"[{job}] encoder: {source.label}  outputs: {cfg.output_dir}  mlflow: {tracking.redact(uri)}", flush=True)
     with jobs.ray_session(cfg, verbose):
         import ray
+
+        jobs.write_config(cfg)  # once the cluster is known to fit the request
 
         params = tracking.params_from_config(cfg.flatten())
         params["eval.encoder"] = source.label

@@ -23,40 +23,75 @@ def absolute_local(spec: str) -> str:
     return os.path.abspath(spec)
 
 
-def prepare(cfg: Config, *, need_val: bool = False) -> str:
-    """Make paths absolute (Ray workers run elsewhere), check shards exist, write the config; returns the URI."""
-    from mae_ray.data import expand_urls
+def prepare(cfg: Config, *, need_val: bool = False, write: bool = True) -> str:
+    """Make paths absolute (Ray workers run elsewhere), check the shards, write the config; returns the URI.
+
+    A shard pattern that matches nothing, or a local shard that is empty or not a tar, fails here,
+    before Ray starts. ``write=False`` leaves the writing to :func:`write_config`, for jobs with more
+    to check first: a refused job leaves no output folder behind and an earlier run's files untouched.
+    """
+    from mae_ray.data import check_local_shards, expand_urls
 
     cfg.data.train_shards = absolute_local(cfg.data.train_shards)
     cfg.data.val_shards = absolute_local(cfg.data.val_shards)
     if not cfg.data.train_shards:
         raise DataError("data.train_shards is empty: point it at the training shards")
-    expand_urls(cfg.data.train_shards)  # a pattern that matches nothing fails here, before Ray starts
-    if need_val:
-        if not cfg.data.val_shards:
-            raise DataError("data.val_shards is empty: evaluation needs the validation shards")
-        expand_urls(cfg.data.val_shards)
+    if need_val and not cfg.data.val_shards:
+        raise DataError("data.val_shards is empty: evaluation needs the validation shards")
+    for spec in (cfg.data.train_shards, cfg.data.val_shards):  # val_shards, when set, serve pre-training too
+        if spec:
+            check_local_shards(expand_urls(spec))
     cfg.output_dir = os.path.abspath(cfg.output_dir)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-        f.write(cfg.to_yaml())
+    if write:
+        write_config(cfg)
     return tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
 
 
+def write_config(cfg: Config) -> str:
+    """``<output_dir>/config.yaml`` (the folder created if need be); returns its path."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    path = os.path.join(cfg.output_dir, "config.yaml")
+    with open(path, "w") as f:
+        f.write(cfg.to_yaml())
+    return path
+
+
 def num_classes(cfg: Config) -> int:
-    """``data.num_classes``, else the ``num_classes`` of the training shards' dataset.json."""
-    if cfg.data.num_classes:
-        return cfg.data.num_classes
+    """``data.num_classes``, else the ``num_classes`` of the training shards' dataset.json.
+
+    Refused when the dataset.json beside the training or validation shards lists more classes than
+    that: their labels would be out of range for the classifier, which fails late and obscurely (a
+    CUDA device-side assert) or not at all (cross-entropy ignores label -1). The loaders check every
+    label against the count as well (``make_*_loader(num_classes=...)``).
+    """
     from mae_ray.data import expand_urls
 
-    first = expand_urls(cfg.data.train_shards)[0]
-    manifest = os.path.join(os.path.dirname(first), "dataset.json")
-    if os.path.isfile(manifest):
+    listed = {which: _manifest_classes(expand_urls(spec)[0])
+              for which, spec in (("training", cfg.data.train_shards), ("validation", cfg.data.val_shards)) if spec}
+    if cfg.data.num_classes:
+        count, origin = cfg.data.num_classes, "data.num_classes"
+    elif listed["training"][1]:
+        count, origin = listed["training"][1], listed["training"][0]
+    else:
+        raise DataError(f"no num_classes in {listed['training'][0]} (missing, or without that key): "
+                        "set data.num_classes")
+    for which, (manifest, listed_count) in listed.items():
+        if listed_count and listed_count > count:
+            raise DataError(f"the {which} shards' {manifest} lists {listed_count} classes but the classifier gets "
+                            f"{count} (from {origin}): their labels would be out of range; use shards written with "
+                            "the same classes (make_shards --classes), or set data.num_classes to match")
+    return count
+
+
+def _manifest_classes(first_shard: str) -> tuple[str, int | None]:
+    """(the dataset.json beside ``first_shard``, its num_classes or None)."""
+    manifest = os.path.join(os.path.dirname(first_shard), "dataset.json")
+    try:
         with open(manifest) as f:
             count = json.load(f).get("num_classes")
-        if count:
-            return int(count)
-    raise DataError(f"no dataset.json with num_classes beside {first}: set data.num_classes")
+    except (OSError, ValueError, AttributeError):
+        return manifest, None
+    return manifest, int(count) if isinstance(count, int) and count > 0 else None
 
 
 @contextlib.contextmanager
@@ -101,7 +136,12 @@ def fit(train_fn: Callable[[dict], None], cfg: Config, *, name: str, uri: str, r
         result = launch.run_trainer(train_fn, loop_config, spec)
     except Exception as e:
         tracking.end_run(uri, run_id, "FAILED")
-        raise UserError(f"{what} failed: {launch.worker_error(e)}") from None
+        message = launch.worker_error(e)
+        if isinstance(getattr(e, "controller_failure", None), OSError):  # Ray's own writes to storage failed
+            folder = f"{storage}/{name}"
+            last = launch.newest_checkpoint_dir(folder)
+            message = f"cannot write to the checkpoint storage {folder}: {message}; last good checkpoint: {last}"
+        raise UserError(f"{what} failed: {message}") from None
     if result.checkpoint is None:
         tracking.end_run(uri, run_id, "FAILED")
         raise UserError(f"{what} finished without a checkpoint (ray.num_workers=0 runs keep none)")

@@ -68,6 +68,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from mae_ray import classify, engine, launch
     from mae_ray.data import make_eval_loader, make_train_loader
     from mae_ray.encoders import EncoderSource
+    from mae_ray.errors import DataError
     from mae_ray.knn import all_gather_rows, extract_features
     from mae_ray.loop import EpochLoop
 
@@ -80,22 +81,25 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     source = EncoderSource(ray.get(loop_config["encoder"]), loop_config["model_kwargs"], None, "")
     encoder = source.build(cfg.train.seed).to(device).eval().requires_grad_(False)
     img_size = encoder.patch_embed.img_size[0]
-    head = LinearProbeHead(encoder.cls_token.shape[-1], loop_config["num_classes"]).to(device)
+    classes = loop_config["num_classes"]
+    head = LinearProbeHead(encoder.cls_token.shape[-1], classes).to(device)
     val_kw = dict(batch_size=256, transform="eval", img_size=img_size, rank=rank, world_size=world,
-                  num_workers=cfg.data.num_workers)
+                  num_workers=cfg.data.num_workers, num_classes=classes)
     val_loader = make_eval_loader(cfg.data.val_shards, **val_kw)
     if lp.cache_features:  # features once, no augmentation; the train set gathered on every rank
         tr = make_eval_loader(cfg.data.train_shards, **{**val_kw, "batch_size": 256})
         feats, labels = extract_features(encoder, tr, device, pool=lp.pool)
-        loader = CachedFeatures(all_gather_rows(feats), all_gather_rows(labels), lp.batch_size, rank, world,
-                                cfg.train.seed)
+        feats, labels = all_gather_rows(feats), all_gather_rows(labels)
+        if feats.shape[0] == 0:  # the same on every rank (gathered)
+            raise DataError(f"no readable training samples in {cfg.data.train_shards}")
+        loader = CachedFeatures(feats, labels, lp.batch_size, rank, world, cfg.train.seed)
         vf, vy = extract_features(encoder, val_loader, device, pool=lp.pool)  # this rank's exact share
         val_loader = [(vf[i : i + 256], vy[i : i + 256]) for i in range(0, vf.shape[0], 256)]
     else:
         loader = make_train_loader(cfg.data.train_shards, batch_size=lp.batch_size, transform="linprobe",
                                    img_size=img_size, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
                                    samples_per_epoch=cfg.data.samples_per_epoch, seed=cfg.train.seed,
-                                   shuffle_buffer=cfg.data.shuffle_buffer)
+                                   shuffle_buffer=cfg.data.shuffle_buffer, num_classes=classes)
     plan = engine.StepPlan(len(loader), 1, lp.epochs, lp.warmup_epochs)
     lr = lp.blr * lp.batch_size * world / 256
     groups = [{"params": [head.fc.weight], "always_adapt": True},  # LARS trust ratio on the weight, as released

@@ -161,13 +161,14 @@ def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False, p
 
     if resume_from:
         run_id = launch.load_state(resume_from).get("mlflow_run_id")  # a bad path fails now, not in a worker
-    uri = jobs.prepare(cfg)
+    uri = jobs.prepare(cfg, write=False)  # written below, once every check has passed
     name = cfg.mlflow.run_name or os.path.basename(cfg.output_dir.rstrip("/"))
     if not (resume_from or continue_existing):
         jobs.refuse_existing(cfg, name)
     print(f"[pretrain] outputs: {cfg.output_dir}  checkpoints: {jobs.storage_for(cfg, name)}  "
           f"mlflow: {tracking.redact(uri)}", flush=True)
     with jobs.ray_session(cfg, verbose):
+        jobs.write_config(cfg)
         if run_id is None:
             run_id = tracking.start_run(uri, cfg.mlflow.experiment, name, tracking.params_from_config(cfg.flatten()),
                                         tracking.run_tags(), parent_run_id=parent_run_id)

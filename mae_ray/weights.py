@@ -8,6 +8,7 @@ encoder + decoder (``*_full``, ``mae_visualize_*``). Everything is read with
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 import torch
@@ -31,12 +32,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for pickled objects, RuntimeError for non-torch files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read {path} as a weights-only checkpoint: {first}") from None
+        raise CheckpointError(unreadable_checkpoint(path, e)) from None
     state = obj.get("model", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no state_dict (expected a dict of tensors, or one under 'model')")
     return dict(state)
+
+
+def unreadable_checkpoint(path: str, error: Exception) -> str:
+    """One line on why ``torch.load(path, weights_only=True)`` failed.
+
+    torch's own first line advises loading with ``weights_only=False`` (arbitrary code execution);
+    the reason that matters is in its "WeightsUnpickler error" part.
+    """
+    text = str(error).strip()
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please |\n\n|$)", text, re.S)
+    reason = " ".join(found.group(1).split()) if found else (text.splitlines() or [type(error).__name__])[0]
+    return (f"cannot read {path} as a weights-only checkpoint (a torch file of tensors only; "
+            f"pickled objects are refused): {reason}")
 
 
 def resize_pos_embeds(state: dict[str, torch.Tensor], model: torch.nn.Module) -> list[str]:
@@ -59,12 +72,14 @@ def load_mae_weights(
     source: str | os.PathLike | Mapping[str, torch.Tensor],
     *,
     require_decoder: bool = False,
+    name: str | None = None,
 ) -> dict[str, list[str]]:
     """Load official or mae-ray weights into ``model``, checking that the file fits.
 
     An encoder-only file leaves the decoder at its initialisation unless ``require_decoder``.
     Position tables of another image size are interpolated. Anything else that does not fit
-    (unexpected keys, missing encoder keys, other shapes) raises CheckpointError naming the keys.
+    (unexpected keys, missing encoder keys, other shapes) raises CheckpointError naming the keys
+    (and the file: ``source``, or ``name`` when ``source`` is a state_dict read from one).
     """
     state = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
     resized = resize_pos_embeds(state, model)
@@ -84,7 +99,7 @@ def load_mae_weights(
             parts.append(f"unexpected keys: {_short(unexpected)}")
         if shapes:
             parts.append(f"shape mismatch (file vs model): {_short(shapes)}")
-        name = source if not isinstance(source, Mapping) else "state_dict"
+        name = name or (source if not isinstance(source, Mapping) else "state_dict")
         raise CheckpointError(f"weights in {name} do not fit this model; " + "; ".join(parts))
     model.load_state_dict(state, strict=False)
     return {"resized": resized, "decoder_missing": sorted(k for k in own if k not in state)}

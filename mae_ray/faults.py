@@ -1,9 +1,11 @@
 """Fault injection for recovery tests: kill or fail a worker at a chosen point, once.
 
-``MAE_RAY_FAULTS`` on the driver (e.g. ``kill:rank=1:after_checkpoint=0``) is handed to the workers in
-the loop config; each fault fires once per run (a marker file in the output folder remembers it), so the
-restarted worker group runs through. Real processes are killed with SIGKILL: what Ray sees is a real
-lost worker. Unset in normal use: then every call here is a no-op.
+``MAE_RAY_FAULTS`` on the driver (``ACTION:rank=R:POINT=EPOCH``, e.g. ``kill:rank=1:mid_epoch=1``) is
+handed to the workers in the loop config. Actions: ``kill`` (SIGKILL), ``fail`` (an exception). Points:
+``mid_epoch`` (half-way through the epoch's batches), ``before_report``, ``after_report`` (around the
+epoch's report and checkpoint). Each fault fires once per run (a marker file in the output folder
+remembers it), so the restarted worker group runs through. Real processes are killed with SIGKILL:
+what Ray sees is a real lost worker. Unset in normal use: then every call here is a no-op.
 """
 
 from __future__ import annotations

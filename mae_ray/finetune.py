@@ -115,7 +115,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     for epoch in range(loop.start_epoch, ft.epochs):
         loader.set_epoch(epoch)
         model.train()
-        metrics = classify.train_epoch(model, loader, optimizer, scheduler, precision, criterion, epoch=epoch,
+        batches = loop.batches(loader, epoch, plan.batches_per_epoch)
+        metrics = classify.train_epoch(model, batches, optimizer, scheduler, precision, criterion, epoch=epoch,
                                        plan=plan, device=device, mixup=mixup)
         vit.eval()
         scores = classify.evaluate(vit, val_loader, device)

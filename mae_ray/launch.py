@@ -6,6 +6,7 @@ The training math never imports this module's Ray calls directly; the job module
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -99,11 +100,19 @@ def run_trainer(train_fn: Callable[[dict], None], loop_config: dict[str, Any], s
             logging_config=LoggingConfig(log_level="INFO" if spec.verbose else "WARNING"),
             # Train's print patch sends every print through its logger as well as to stdout, so each
             # line reached the console twice; plain prints reach it once, via Ray's log_to_driver.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **_worker_mlflow_retries()}},
             callbacks=spec.callbacks,
         ),
     )
     return trainer.fit()
+
+
+def _worker_mlflow_retries() -> dict[str, str]:
+    """Workers log to MLflow between epochs and keep what fails for the next try (``tracking.EpochLogger``):
+    MLflow's default of 7 retries with exponential backoff would stall training for minutes while the
+    server is down. The driver keeps the defaults. Values set by the user win."""
+    defaults = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    return {k: os.environ.get(k, v) for k, v in defaults.items()}
 
 
 def worker_error(e: BaseException) -> str:
@@ -154,7 +163,37 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None, epoch: int,
         for name, write in (files or {}).items():
             write(os.path.join(tmp, name))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:06d}")
+                         checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:06d}", checkpoint_upload_fn=_upload)
+
+
+def _upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
+    """Ray's copy to storage, made safe: on a local or mounted filesystem the files go to
+    ``.tmp-<dir_name>`` first and are renamed once whole, so a full or read-only disk, or a worker
+    killed mid-copy, never leaves a folder that looks like a complete checkpoint. Object stores
+    (S3, GCS) write each file whole or not at all, and a missing ``state.pt`` makes
+    ``latest_checkpoint`` skip the folder, so there Ray's own copy is used as is.
+    """
+    import pyarrow.fs as pafs
+
+    storage = ray.train.get_context().get_storage()
+    fs, root = storage.storage_filesystem, storage.experiment_fs_path
+    final, tmp = f"{root}/{dir_name}", f"{root}/.tmp-{dir_name}"
+    try:
+        if not isinstance(fs, pafs.LocalFileSystem):
+            return storage.persist_current_checkpoint(checkpoint, dir_name)
+        fs.delete_dir_contents(tmp, missing_dir_ok=True)
+        fs.create_dir(tmp)
+        pafs.copy_files(checkpoint.path, tmp, source_filesystem=checkpoint.filesystem, destination_filesystem=fs)
+        if fs.get_file_info(final).type != pafs.FileType.NotFound:
+            fs.delete_dir(final)  # the same epoch written again after a restart
+        fs.move(tmp, final)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            fs.delete_dir(tmp)  # frees what the failed copy took
+        text = str(e).strip().splitlines()
+        raise CheckpointError(f"cannot write checkpoint {dir_name} to {root}: "
+                              f"{text[0] if text else type(e).__name__}") from None
+    return Checkpoint(path=final, filesystem=fs)
 
 
 def checkpoint_location(epoch: int) -> str:
@@ -186,6 +225,15 @@ def latest_checkpoint(explicit: str | None = None) -> tuple[dict[str, Any] | Non
     if explicit:
         return load_state(explicit), explicit
     return None, None
+
+
+def newest_checkpoint_dir(folder: str) -> str:
+    """The newest ``epoch_*`` folder with a state file under a local run folder (for messages), or 'none'."""
+    if "://" in folder or not os.path.isdir(folder):
+        return "none"
+    found = sorted(p for p in os.listdir(folder)
+                   if p.startswith(CHECKPOINT_PREFIX) and os.path.isfile(os.path.join(folder, p, STATE_FILE)))
+    return os.path.join(folder, found[-1]) if found else "none"
 
 
 def _stored_checkpoints() -> list[Checkpoint]:

@@ -8,10 +8,12 @@ has rank 0 log the epoch to MLflow exactly once, also across restarts.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from mae_ray import engine, faults, launch, tracking
+from mae_ray.errors import CheckpointError
 
 
 class EpochLoop:
@@ -54,9 +56,23 @@ class EpochLoop:
         if self.rank == 0:
             print(f"[{self.job}] {text}", flush=True)
 
+    def batches(self, loader, epoch: int, count: int):
+        """``loader`` itself; under a test's ``mid_epoch`` fault, its batches with the fault fired half-way."""
+        spec = self.config.get("faults")
+        if not spec or "mid_epoch" not in spec:
+            return loader
+        return self._faulty(loader, spec, epoch, max(1, count // 2))
+
+    def _faulty(self, loader, spec: str, epoch: int, at: int):
+        for i, batch in enumerate(loader):
+            if i == at:
+                faults.maybe_fire(spec, "mid_epoch", epoch, self.rank, self.config["output_dir"])
+            yield batch
+
     def end_epoch(self, epoch: int, metrics: dict[str, float],
                   final_files: dict[str, Callable[[str], None]] | None = None) -> None:
         """Report ``metrics`` (a barrier: every rank calls it), checkpoint when due, log on rank 0."""
+        metrics = {**metrics, "rss_mb": _rss_mb()}  # per-epoch memory: a leak shows as a rising line
         self.history.append({"epoch": epoch, **metrics})
         last = epoch == self.epochs - 1
         due = last or (epoch + 1) % self.checkpoint_every == 0  # the same on every rank
@@ -70,7 +86,10 @@ class EpochLoop:
         spec, out = self.config.get("faults"), self.config["output_dir"]
         faults.maybe_fire(spec, "before_report", epoch, self.rank, out)
         if due or self.report_every_epoch:
-            launch.report({"epoch": epoch, **metrics}, state, epoch, files)
+            try:
+                launch.report({"epoch": epoch, **metrics}, state, epoch, files)
+            except CheckpointError as e:  # storage full or read-only: say which checkpoint still holds
+                raise CheckpointError(f"{e}; last good checkpoint: {self.last_good or 'none'}") from None
         faults.maybe_fire(spec, "after_report", epoch, self.rank, out)
         if state is not None:
             self.last_good = launch.checkpoint_location(epoch)
@@ -79,9 +98,32 @@ class EpochLoop:
             shown = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
             self.say(f"epoch {epoch + 1}/{self.epochs} {shown}")
 
-    def finish(self) -> None:
-        if self.logger is not None and not self.logger.flush():
-            self.say(f"warning: {len(self.logger.pending)} metric values could not reach MLflow")
+    def finish(self, retries: int = 6, wait_s: float = 5.0) -> None:
+        """Send metrics still pending (MLflow was unreachable); wait a little for it, then name what is lost."""
+        if self.logger is None:
+            return
+        for _ in range(retries):
+            if self.logger.flush():
+                return
+            time.sleep(wait_s)
+        if not self.logger.flush():
+            lost = sorted({m.step for m in self.logger.pending})
+            self.say(f"warning: MLflow unreachable: {len(self.logger.pending)} metric values of epoch(s) {lost} "
+                     f"are not in run {self.config['run_id']}; the checkpoints' history holds them")
+
+
+def _rss_mb() -> float:
+    """Resident memory of this worker and its DataLoader processes, in MiB."""
+    import psutil
+
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:  # a loader process that just exited
+            pass
+    return round(total / 2**20, 1)
 
 
 def _fmt(v: float) -> str:

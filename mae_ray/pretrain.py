@@ -79,8 +79,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         torch.manual_seed(hash((cfg.train.seed, epoch, rank)) % 2**31)  # masks: reproducible on resume
         try:
             metrics = engine.train_one_epoch(
-                model, loader, optimizer, scheduler, precision, epoch=epoch, plan=plan,
-                mask_ratio=cfg.model.mask_ratio, device=device,
+                model, loop.batches(loader, epoch, plan.batches_per_epoch), optimizer, scheduler, precision,
+                epoch=epoch, plan=plan, mask_ratio=cfg.model.mask_ratio, device=device,
             )
         except engine.NonFiniteLossError as e:
             raise engine.NonFiniteLossError(f"{e}; last good checkpoint: {loop.last_good or 'none'}") from None

@@ -7,26 +7,13 @@ import os
 
 import pytest
 import torch
+from _helpers import tiny_config
 from mlflow import MlflowClient
 
 from mae_ray import pretrain
-from mae_ray.config import load_config
 from mae_ray.errors import UserError
 
 pytestmark = pytest.mark.ray
-
-
-def tiny_config(demo, tmp_path, *extra):
-    return load_config(None, [
-        "model.name=mae_vit_micro_patch4", "model.img_size=32",
-        f"data.train_shards={demo['train']}", f"data.val_shards={demo['val']}",
-        "data.num_workers=1", "data.samples_per_epoch=256", "data.shuffle_buffer=200",
-        "train.batch_size=32", "train.epochs=3", "train.lr=2e-3", "train.warmup_epochs=1",
-        "train.checkpoint_every=1", "train.visualize_every=0",
-        "ray.num_workers=2", "ray.cpus_per_worker=1",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "mlflow.experiment=test",
-        f"output_dir={tmp_path}/run", *extra,
-    ])
 
 
 def history(uri, run_id, key):

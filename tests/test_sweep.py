@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from _helpers import free_port
+from _helpers import MlflowServer
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -67,27 +66,9 @@ def write_sweep(tmp_path, data, uri, search, **sweep_keys):
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """A real ``mlflow server`` on 127.0.0.1 with a sqlite backend and an artifact folder; stopped by pid."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("mlflow server did not start")
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    server = MlflowServer(tmp_path)
+    yield server.start()
+    server.stop()
 
 
 def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, tmp_path, mlflow_server):

@@ -1,0 +1,179 @@
+"""The fault matrix: what must hold after each fault a long run meets (real Ray, real MLflow, real disks).
+
+The sweep driver killed and resumed is in test_sweep.py; a worker killed right after a checkpoint and a
+non-finite loss are in test_pretrain.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from _helpers import MlflowServer, tiny_config
+from mlflow import MlflowClient
+
+from mae_ray import finetune, pretrain
+from mae_ray.errors import CheckpointError
+from mae_ray.launch import load_state
+
+pytestmark = pytest.mark.ray
+
+
+def steps(uri: str, run_id: str, key: str = "train_loss") -> list[int]:
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def only_run(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+def checkpoint_epochs(storage: Path) -> list[int]:
+    """The epochs in the newest checkpoint's history: what a resumed run believes it has done."""
+    newest = sorted(p for p in storage.iterdir() if p.name.startswith("epoch_"))[-1]
+    return [int(row["epoch"]) for row in load_state(str(newest))["history"]]
+
+
+# ---------------------------------------------------------------------------- storage full
+FILL_DISK = r"""
+set -u
+mount -t tmpfs -o size=64m mae-ray-test "$MNT" || exit 90
+"$PY" -m mae_ray.pretrain --config "$CFG" >"$KEEP/stdout" 2>"$KEEP/stderr" &
+job=$!
+until ls "$MNT"/run/ray/*/epoch_000000/state.pt >/dev/null 2>&1; do
+    kill -0 $job 2>/dev/null || break
+    sleep 0.2
+done
+if [ "$BREAK" = full ]; then
+    dd if=/dev/zero of="$MNT/filler" bs=1M >/dev/null 2>&1  # stops when the disk is full
+else
+    mount -o remount,ro "$MNT" || exit 91
+fi
+wait $job
+echo $? >"$KEEP/rc"
+cp -r "$MNT/run" "$KEEP/run"
+"""
+
+
+def can_mount_tmpfs() -> bool:
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs none /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs mount privileges to make a real full disk (tmpfs)")
+@pytest.mark.parametrize("fault, errno_text", [("full", "No space left on device"), ("ro", "Read-only file system")])
+def test_full_or_read_only_storage_is_one_clear_error_and_the_last_checkpoint_stays_valid(
+    demo_data, tmp_path, fault, errno_text
+):
+    # output_dir on a 64 MB tmpfs in a private mount namespace; once epoch 0's checkpoint is stored the
+    # disk is filled (or remounted read-only), so epoch 1's checkpoint cannot be written. MLflow's sqlite
+    # file stays off it.
+    mnt, keep = tmp_path / "disk", tmp_path / "keep"
+    mnt.mkdir(), keep.mkdir()
+    cfg = tiny_config(demo_data, tmp_path, f"output_dir={mnt}/run", "ray.num_workers=1",
+                      "ray.failure_max_retries=1", "train.epochs=4")
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    env = {**os.environ, "MNT": str(mnt), "KEEP": str(keep), "PY": sys.executable, "CFG": str(tmp_path / "cfg.yaml"),
+           "BREAK": fault}
+    subprocess.run(["unshare", "-m", "sh", "-c", FILL_DISK], env=env, timeout=400, check=True)
+
+    stderr = (keep / "stderr").read_text().strip().splitlines()
+    assert (keep / "rc").read_text().strip() == "2", stderr[-5:]
+    line = stderr[-1]  # above it: Ray's log of the worker's exception, once per attempt
+    # the worker's copy of epoch 1's checkpoint fails, or Ray's controller's own write to storage does
+    assert line.startswith("error: pre-training failed: cannot write"), line
+    assert errno_text in line and line.endswith("epoch_000000")  # names the last good one
+    storage = keep / "run" / "ray" / "run"
+    assert sorted(p.name for p in storage.iterdir() if "epoch_" in p.name) == ["epoch_000000"]  # no .tmp- left
+    assert load_state(str(storage / "epoch_000000"))["epoch"] == 0  # still whole and loadable
+    assert not (keep / "run" / "result.json").exists()
+    assert only_run(f"sqlite:///{tmp_path}/mlflow.db", "test").info.status == "FAILED"
+
+
+# ---------------------------------------------------------------------------- killed mid-epoch
+def test_pretraining_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(
+    local_ray, demo_data, tmp_path, monkeypatch
+):
+    # SIGKILL rank 1 half-way through epoch 1: epoch 1 restarts from epoch 0's checkpoint.
+    monkeypatch.setenv("MAE_RAY_FAULTS", "kill:rank=1:mid_epoch=1")
+    cfg = tiny_config(demo_data, tmp_path, "ray.failure_max_retries=2")
+    summary = pretrain.run(cfg)
+    assert (tmp_path / "run" / ".fault-kill-mid_epoch-1-1").exists()  # the kill really happened
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert summary["metrics"]["epoch"] == 2
+    assert steps(uri, summary["mlflow_run_id"]) == [0, 1, 2]  # nothing lost, nothing twice
+    assert checkpoint_epochs(tmp_path / "run" / "ray" / "run") == [0, 1, 2]
+    run = only_run(uri, "test")
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+
+
+def test_finetuning_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(
+    local_ray, demo_data, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MAE_RAY_FAULTS", "kill:rank=0:mid_epoch=1")
+    cfg = tiny_config(demo_data, tmp_path, "eval.checkpoint=random", "finetune.epochs=3",
+                      "finetune.batch_size=32", "finetune.warmup_epochs=0", "finetune.mixup=0",
+                      "finetune.cutmix=0", "ray.failure_max_retries=2", "mlflow.run_name=ft")
+    summary = finetune.run(cfg)
+    assert (tmp_path / "run" / ".fault-kill-mid_epoch-1-0").exists()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert steps(uri, summary["mlflow_run_id"]) == [0, 1, 2]
+    assert steps(uri, summary["mlflow_run_id"], "val_top1") == [0, 1, 2]
+    assert checkpoint_epochs(tmp_path / "run" / "ray" / "ft") == [0, 1, 2]
+    assert only_run(uri, "test").info.status == "FINISHED"
+    assert 0 <= summary["finetune_top1"] <= 100
+
+
+# ---------------------------------------------------------------------------- MLflow outage
+def wait_for(path: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.1)
+
+
+def test_mlflow_server_down_for_two_epochs_loses_nothing(local_ray, demo_data, tmp_path):
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow")
+    uri = server.start()
+    cfg = tiny_config(demo_data, tmp_path, f"mlflow.tracking_uri={uri}", "ray.num_workers=1", "train.epochs=6")
+    storage = tmp_path / "run" / "ray" / "run"
+    outage: dict[str, float] = {}
+
+    def take_server_down():  # from epoch 0's checkpoint until epoch 2's: epochs 1 and 2 log into the void
+        wait_for(storage / "epoch_000000")
+        server.stop()
+        outage["down"] = time.time() * 1000
+        wait_for(storage / "epoch_000002")
+        outage["up"] = time.time() * 1000
+        server.start()
+
+    thread = threading.Thread(target=take_server_down, daemon=True)
+    thread.start()
+    try:
+        summary = pretrain.run(cfg)  # must not crash while the server is away
+        thread.join(timeout=120)
+        assert set(outage) == {"down", "up"}
+        history = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "train_loss")
+        assert sorted(m.step for m in history) == [0, 1, 2, 3, 4, 5]  # every epoch, once
+        stamp = {m.step: m.timestamp for m in history}
+        assert outage["down"] <= stamp[1] <= outage["up"]  # measured while down, delivered later
+        assert MlflowClient(uri).get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    finally:
+        server.stop()
+    state = load_state(summary["checkpoint"])  # the checkpoint is intact
+    assert state["epoch"] == 5 and [int(r["epoch"]) for r in state["history"]] == list(range(6))
+
+
+def test_a_half_written_checkpoint_is_never_taken_for_a_whole_one(tmp_path):
+    (tmp_path / "epoch_000003").mkdir()
+    (tmp_path / "epoch_000003" / "state.pt").write_bytes(b"PK\x03\x04 cut off")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_state(str(tmp_path / "epoch_000003"))

@@ -165,7 +165,7 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
     from mae_ray import jobs, launch, sweep_report, tracking
 
     cfg = from_dict(Config, base)
-    uri = jobs.prepare(cfg)  # absolute shard paths and tracking URI, for every trial
+    uri = jobs.prepare(cfg, write=False)  # absolute shard paths and tracking URI, for every trial
     base = cfg.to_dict()
     sweep_dir = os.path.join(os.path.abspath(sweep.output_dir), sweep.name)
     if sweep.storage_path:  # Tune's state where every node sees it

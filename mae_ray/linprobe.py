@@ -71,6 +71,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from mae_ray.errors import DataError
     from mae_ray.knn import all_gather_rows, extract_features
     from mae_ray.loop import EpochLoop
+    from mae_ray.transforms import build_transform, normalize_batch
 
     cfg: Config = from_dict(Config, loop_config["config"])
     lp = cfg.linprobe
@@ -96,8 +97,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         vf, vy = extract_features(encoder, val_loader, device, pool=lp.pool)  # this rank's exact share
         val_loader = [(vf[i : i + 256], vy[i : i + 256]) for i in range(0, vf.shape[0], 256)]
     else:
-        loader = make_train_loader(cfg.data.train_shards, batch_size=lp.batch_size, transform="linprobe",
-                                   img_size=img_size, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
+        loader = make_train_loader(cfg.data.train_shards, batch_size=lp.batch_size,  # uint8: normalised below
+                                   transform=build_transform("linprobe", img_size, normalize=False),
+                                   rank=rank, world_size=world, num_workers=cfg.data.num_workers,
                                    samples_per_epoch=cfg.data.samples_per_epoch, seed=cfg.train.seed,
                                    shuffle_buffer=cfg.data.shuffle_buffer, num_classes=classes)
     plan = engine.StepPlan(len(loader), 1, lp.epochs, lp.warmup_epochs)
@@ -114,8 +116,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if lp.cache_features:  # inputs are already features
         train_forward, eval_forward = ddp_head, head
     else:
-        def train_forward(x):
-            return ddp_head(pooled(encoder, x, lp.pool))
+        def train_forward(x):  # uint8 batches, normalised on the device
+            return ddp_head(pooled(encoder, normalize_batch(x), lp.pool))
 
         def eval_forward(x):
             return head(pooled(encoder, x, lp.pool))

@@ -124,6 +124,23 @@ def test_evaluate_puts_both_accuracies_on_the_pretraining_run(pretrained, demo_d
 
 
 @pytest.mark.ray
+def test_augmented_linear_probe_the_papers_protocol(pretrained, demo_data):
+    # RandomResizedCrop + flip on every epoch (uint8 batches, normalised in the job), not cached features
+    tmp, pre = pretrained
+    cfg = eval_config(demo_data, tmp, f"eval.checkpoint={pre['checkpoint']}", "linprobe.cache_features=false",
+                      "linprobe.epochs=2", f"output_dir={tmp}/lp-aug")
+    summary = linprobe.run(cfg)
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    losses = client.get_metric_history(summary["mlflow_run_id"], "train_loss")
+    assert sorted(m.step for m in losses) == [0, 1]
+    assert client.get_run(summary["mlflow_run_id"]).data.params["linprobe.cache_features"] == "False"
+    assert summary["linprobe_top1"] == pytest.approx(
+        client.get_run(summary["mlflow_run_id"]).data.metrics["linprobe_top1"])
+    head = torch.load(f"{summary['checkpoint']}/head.pt", weights_only=True)
+    assert head["fc.weight"].abs().max() > 0.02  # learnt (init std 0.01)
+
+
+@pytest.mark.ray
 def test_head_only_finetune_leaves_the_encoder_unchanged(pretrained, demo_data):
     tmp, pre = pretrained
     cfg = eval_config(demo_data, tmp, f"eval.checkpoint={pre['checkpoint']}", "finetune.trainable_blocks=0",

@@ -22,7 +22,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from mae_ray import engine, launch
+    from mae_ray import engine, launch, tracking
     from mae_ray.data import make_train_loader
     from mae_ray.flops import peak_flops, train_flops_per_image
     from mae_ray.knn import KnnMonitor
@@ -41,6 +41,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed + rank)
 
+    config_text = tracking.redact(cfg.to_yaml())  # saved in checkpoints, which go to MLflow as artifacts
     model = MaskedAutoencoderViT(**cfg.model.kwargs())
     # uint8 batches through the DataLoader (4x fewer bytes in shared memory and to the GPU), normalised
     # on the device in on_device below: 1.5x the loader's images/s here (docs/performance.md)
@@ -62,7 +63,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     loop = EpochLoop("pretrain", loop_config, epochs=cfg.train.epochs, checkpoint_every=cfg.train.checkpoint_every,
                      stateful={"model": model, "optimizer": optimizer, "scheduler": scheduler,
                                "scaler": precision.scaler},
-                     steps_per_epoch=plan.updates_per_epoch, extra_state={"config": cfg.to_yaml()})
+                     steps_per_epoch=plan.updates_per_epoch, extra_state={"config": config_text})
     raw_model = model
     model = ray.train.torch.prepare_model(model)  # DDP over NCCL (GPU) or Gloo (CPU); no-op for 1 worker
     if cfg.train.compile:
@@ -75,7 +76,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     final_files = {
         "encoder.pth": lambda p: save_encoder(raw_model, p),
         "encoder.safetensors": lambda p: save_encoder(raw_model, p),
-        "config.yaml": lambda p: _write_text(p, cfg.to_yaml()),
+        "config.yaml": lambda p: _write_text(p, config_text),
     }
 
     for epoch in range(loop.start_epoch, cfg.train.epochs):

@@ -47,9 +47,17 @@ def resolve_tracking_uri(uri: str | None = None, cwd: str | None = None) -> str:
     return uri
 
 
+# query parameters that carry credentials: S3/GCS pre-signed URLs, Azure SAS, bearer tokens in URLs
+_SECRET_QUERY = re.compile(r"([?&](?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|"
+                           r"X-Goog-Credential|sig|signature|token|access_token|api_key|key)=)[^&\s'\"]+", re.I)
+
+
 def redact(value: Any) -> Any:
-    """Drop credentials from URLs (``scheme://user:pass@host`` -> ``scheme://***@host``)."""
-    return re.sub(r"://[^/@\s]+@", "://***@", value) if isinstance(value, str) else value
+    """Drop credentials from URLs in ``value`` (a string, also a whole YAML text):
+    ``scheme://user:pass@host`` -> ``scheme://***@host``, ``?X-Amz-Signature=...`` -> ``?X-Amz-Signature=***``."""
+    if not isinstance(value, str):
+        return value
+    return _SECRET_QUERY.sub(r"\1***", re.sub(r"://[^/@\s]+@", "://***@", value))
 
 
 def params_from_config(flat: Mapping[str, Any]) -> dict[str, str]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -81,3 +83,14 @@ def tiny_config(demo, tmp_path, *extra):
         f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "mlflow.experiment=test",
         f"output_dir={tmp_path}/run", *extra,
     ])
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """A tar shard of ``(key, {extension: bytes})`` samples, members in the given order."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, payload in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return path

@@ -20,7 +20,6 @@ per row) with Ray's start replaced by a tripwire: reaching it means the mistake 
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import write_shard
 
 from mae_ray import classify, finetune, launch, linprobe, pretrain
 from mae_ray.config import load_config
@@ -117,16 +117,6 @@ def wide_checkpoint(tmp: Path) -> Path:
     """An official-layout .pth of another width (96 instead of the micro preset's 64)."""
     path = tmp / "wide.pth"
     torch.save({"model": build_model(MICRO, embed_dim=96, num_heads=2).state_dict()}, path)
-    return path
-
-
-def write_samples(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, payload in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
     return path
 
 
@@ -407,7 +397,7 @@ def test_nothing_readable_is_a_one_line_error_of_the_training_job(local_ray, dem
 @pytest.mark.parametrize(("kind", "label", "num_workers"), [("eval", 10, 1), ("train", -1, 0)])
 def test_label_out_of_range_is_a_clear_error_naming_sample_and_shard(demo_data, tmp_path, kind, label, num_workers):
     jpeg = a_demo_jpeg(demo_data)
-    shard = write_samples(tmp_path / "val-000000.tar", [
+    shard = write_shard(tmp_path / "val-000000.tar", [
         ("s00000", {"jpg": jpeg, "cls": b"3"}),
         ("s00001", {"jpg": jpeg, "cls": str(label).encode()}),
     ])

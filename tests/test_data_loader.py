@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import write_shard
 from PIL import Image
 
 from mae_ray.data import (
@@ -50,16 +51,6 @@ def sample(label: int, **members: bytes) -> tuple[str, dict[str, bytes]]:
     files = {"jpg": image_bytes(label), "cls": str(label).encode(), "json": json.dumps({"id": label}).encode()}
     files.update(members)
     return f"s{label:05d}", files
-
-
-def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for key, files in samples:
-            for ext, payload in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    return str(path)
 
 
 @pytest.fixture

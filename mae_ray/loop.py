@@ -95,8 +95,11 @@ class EpochLoop:
             self.last_good = launch.checkpoint_location(epoch)
         if self.logger is not None:
             self.logger.log_epoch(epoch, metrics)
-            shown = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
-            self.say(f"epoch {epoch + 1}/{self.epochs} {shown}")
+            # epochs of milliseconds (cached linear probe: report_every_epoch=False) print every tenth
+            every = 1 if self.report_every_epoch else max(1, self.epochs // 10)
+            if last or (epoch + 1) % every == 0:
+                shown = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+                self.say(f"epoch {epoch + 1}/{self.epochs} {shown}")
 
     def finish(self, retries: int = 6, wait_s: float = 5.0) -> None:
         """Send metrics still pending (MLflow was unreachable); wait a little for it, then name what is lost."""

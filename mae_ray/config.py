@@ -130,6 +130,7 @@ class FinetuneConfig:
     cutmix: float = 1.0
     smoothing: float = 0.1
     trainable_blocks: int | None = None  # None: all; k: only the last k blocks (+ head); 0: head only
+    samples_per_epoch: int | None = None  # None: data.samples_per_epoch, else the training set's size
 
 
 @dataclass
@@ -241,6 +242,8 @@ def validate(cfg: Config) -> None:
     }.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.finetune.samples_per_epoch is not None and cfg.finetune.samples_per_epoch < 1:
+        raise ConfigError(f"finetune.samples_per_epoch must be >= 1, got {cfg.finetune.samples_per_epoch}")
     if cfg.linprobe.pool not in ("cls", "mean"):
         raise ConfigError(f"linprobe.pool must be cls or mean, got {cfg.linprobe.pool!r}")
     if cfg.finetune.trainable_blocks is not None and not 0 <= cfg.finetune.trainable_blocks <= k["depth"]:

@@ -83,8 +83,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     loader = make_train_loader(cfg.data.train_shards, batch_size=ft.batch_size, transform="finetune",
                                img_size=img_size, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
-                               samples_per_epoch=cfg.data.samples_per_epoch, seed=cfg.train.seed,
-                               shuffle_buffer=cfg.data.shuffle_buffer, num_classes=classes)
+                               samples_per_epoch=ft.samples_per_epoch or cfg.data.samples_per_epoch,
+                               seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, num_classes=classes)
     val_loader = make_eval_loader(cfg.data.val_shards, batch_size=256, transform="eval", img_size=img_size,
                                   rank=rank, world_size=world, num_workers=cfg.data.num_workers, num_classes=classes)
     plan = engine.StepPlan(len(loader), 1, ft.epochs, ft.warmup_epochs)

@@ -109,7 +109,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     optimizer = Lars(groups, lr=lr, momentum=0.9, weight_decay=lp.weight_decay)
     scheduler = engine.build_scheduler(optimizer, plan, lp.min_lr)
     precision = engine.Precision(cfg.train.amp, device)
-    loop = EpochLoop("linprobe", loop_config, epochs=lp.epochs, checkpoint_every=cfg.train.checkpoint_every,
+    # Cached features: the whole head training takes seconds, but each checkpoint is a Ray report that
+    # waits for the controller's 2 s health-check tick; so one checkpoint, at the end.
+    every = lp.epochs if lp.cache_features else cfg.train.checkpoint_every
+    loop = EpochLoop("linprobe", loop_config, epochs=lp.epochs, checkpoint_every=every,
                      stateful={"head": head, "optimizer": optimizer, "scheduler": scheduler},
                      steps_per_epoch=plan.updates_per_epoch, report_every_epoch=not lp.cache_features)
     ddp_head = ray.train.torch.prepare_model(head, move_to_device=False)

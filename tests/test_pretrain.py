@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -102,11 +103,19 @@ def test_resume_after_stop_continues_the_schedule(local_ray, demo_data, tmp_path
     assert MlflowClient(uri_b).get_run(resumed["mlflow_run_id"]).info.status == "FINISHED"
 
 
-def test_more_workers_than_cpus_is_refused_at_once(local_ray, demo_data, tmp_path):
-    cfg = tiny_config(demo_data, tmp_path, "ray.num_workers=3")
-    with pytest.raises(UserError, match=r"asked for 3 worker\(s\) x 1 CPU, but the cluster has 2 CPU"):
-        pretrain.run(cfg)
-    assert not os.path.exists(tmp_path / "run" / "result.json")
+@pytest.mark.parametrize("extra, asked", [
+    (["ray.num_workers=3"], r"asked for 3 worker\(s\) x 1 CPU, but the cluster has 2 CPU and 0 GPU"),
+    (["ray.num_workers=1", "ray.cpus_per_worker=4"], r"asked for 1 worker\(s\) x 4 CPU, but the cluster has 2 CPU"),
+    (["ray.num_workers=1", "ray.use_gpu=true"], r"asked for 1 worker\(s\) x 1 CPU \+ 1 GPU, but the cluster has 2 CPU "
+                                                r"and 0 GPU"),
+])
+def test_more_workers_cpus_or_gpus_than_the_cluster_has_is_refused_at_once(local_ray, demo_data, tmp_path, extra,
+                                                                            asked):
+    start = time.time()
+    with pytest.raises(UserError, match=asked):
+        pretrain.run(tiny_config(demo_data, tmp_path, *extra))
+    assert time.time() - start < 60  # Ray Train alone would wait for the resources forever
+    assert not os.path.exists(tmp_path / "run")  # nothing written
 
 
 def test_non_finite_loss_stops_the_run_naming_step_and_checkpoint(local_ray, demo_data, tmp_path):

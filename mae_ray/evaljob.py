@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mae_ray import jobs, tracking
+from mae_ray import jobs, launch, tracking
 from mae_ray.cli import guarded, job_parser, quiet_logs
 from mae_ray.config import Config, load_config
 from mae_ray.encoders import EncoderSource, resolve_encoder
@@ -21,12 +21,15 @@ WHAT = {"linprobe": "linear probe", "finetune": "fine-tuning"}
 
 
 def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, source: EncoderSource | None = None,
-             verbose: bool = False) -> dict[str, Any]:
+             verbose: bool = False, resume_from: str | None = None) -> dict[str, Any]:
+    """``resume_from``: a checkpoint of a stopped run of this job, continued in the same MLflow run."""
     # Every check before anything is written or Ray starts: a refused job leaves no trace.
+    run_id = launch.load_state(resume_from).get("mlflow_run_id") if resume_from else None  # bad path: fails now
     uri = jobs.prepare(cfg, need_val=True, write=False)
     classes = jobs.num_classes(cfg)
     name = cfg.mlflow.run_name or f"{job}-{os.path.basename(cfg.output_dir.rstrip('/'))}"
-    jobs.refuse_existing(cfg, name)
+    if not resume_from:
+        jobs.refuse_existing(cfg, name)
     source = source or resolve_encoder(cfg.eval.checkpoint, cfg, uri)  # the dearest check (builds the model)
     print(f"[{job}] encoder: {source.label}  outputs: {cfg.output_dir}  mlflow: {tracking.redact(uri)}", flush=True)
     with jobs.ray_session(cfg, verbose):
@@ -37,10 +40,13 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, sourc
         params = tracking.params_from_config(cfg.flatten())
         params["eval.encoder"] = source.label
         tags = {**tracking.run_tags(), "mae_ray.job": job}
-        run_id = tracking.start_run(uri, cfg.mlflow.experiment, name, params, tags, parent_run_id=source.parent_run_id)
+        if run_id is None:
+            run_id = tracking.start_run(uri, cfg.mlflow.experiment, name, params, tags,
+                                        parent_run_id=source.parent_run_id)
         start = time.time()
         result = jobs.fit(train_loop, cfg, name=name, uri=uri, run_id=run_id, verbose=verbose, what=WHAT[job],
-                          encoder=ray.put(source.state), model_kwargs=source.model_kwargs, num_classes=classes)
+                          encoder=ray.put(source.state), model_kwargs=source.model_kwargs, num_classes=classes,
+                          resume_from=resume_from)
     metrics = jobs.numeric(result.metrics)
     final = {f"{job}_top1": metrics["val_top1"], f"{job}_top5": metrics["val_top5"]}
     tracking.log_values(uri, run_id, final)
@@ -56,12 +62,14 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, sourc
 
 def eval_main(job: str, description: str, run: Callable[..., dict[str, Any]], argv: list[str] | None) -> int:
     """The CLI of ``mae-ray linprobe`` / ``mae-ray finetune``."""
-    args = job_parser(f"mae-ray {job}", description).parse_args(argv)
+    parser = job_parser(f"mae-ray {job}", description)
+    parser.add_argument("--resume-from", help=f"checkpoint directory (or state.pt) of a stopped {job} run to continue")
+    args = parser.parse_args(argv)
     quiet_logs(args.verbose)
 
     def go() -> int:
         cfg = load_config(args.config, args.overrides)
-        s = run(cfg, verbose=args.verbose)
+        s = run(cfg, verbose=args.verbose, resume_from=args.resume_from)
         print(f"[{job}] top-1 {s[f'{job}_top1']:.2f}  top-5 {s[f'{job}_top5']:.2f}  (encoder {s['encoder']}); "
               f"result: {os.path.join(cfg.output_dir, 'result.json')}", flush=True)
         return 0

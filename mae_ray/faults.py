@@ -1,11 +1,14 @@
 """Fault injection for recovery tests: kill or fail a worker at a chosen point, once.
 
 ``MAE_RAY_FAULTS`` on the driver (``ACTION:rank=R:POINT=EPOCH``, e.g. ``kill:rank=1:mid_epoch=1``) is
-handed to the workers in the loop config. Actions: ``kill`` (SIGKILL), ``fail`` (an exception). Points:
+handed to the workers in the loop config. Actions: ``kill`` (SIGKILL), ``fail`` (an exception),
+``desync`` (the caller nudges one parameter of that rank, as a lost gradient all-reduce would), ``nan``
+(the caller sets one parameter to NaN, as a diverging run would). Points:
 ``mid_epoch`` (half-way through the epoch's batches), ``before_report``, ``after_report`` (around the
-epoch's report and checkpoint). Each fault fires once per run (a marker file in the output folder
-remembers it), so the restarted worker group runs through. Real processes are killed with SIGKILL:
-what Ray sees is a real lost worker. Unset in normal use: then every call here is a no-op.
+epoch's report and checkpoint), ``end_epoch`` (before the ranks' parameters are compared). Each fault
+fires once per run (a marker file in the output folder remembers it), so the restarted worker group
+runs through. Real processes are killed with SIGKILL: what Ray sees is a real lost worker. Unset in
+normal use: then every call here is a no-op.
 """
 
 from __future__ import annotations
@@ -20,22 +23,28 @@ def from_env() -> str | None:
     return os.environ.get(ENV) or None
 
 
-def maybe_fire(spec: str | None, point: str, epoch: int, rank: int, marker_dir: str) -> None:
-    """Fire the fault of ``spec`` (``ACTION:rank=R:POINT=E``) if it names this point, epoch and rank."""
+def maybe_fire(spec: str | None, point: str, epoch: int, rank: int, marker_dir: str) -> str:
+    """Fire the fault of ``spec`` (``ACTION:rank=R:POINT=E``) if it names this point, epoch and rank.
+
+    Returns the action when it is one the caller carries out (``desync``, ``nan``), else "".
+    """
     if not spec:
-        return
+        return ""
     action, *fields = spec.split(":")
     opts = dict(f.split("=", 1) for f in fields)
     if int(opts.get("rank", 0)) != rank or opts.get(point) is None or int(opts[point]) != epoch:
-        return
+        return ""
     marker = os.path.join(marker_dir, f".fault-{action}-{point}-{epoch}-{rank}")
     if os.path.exists(marker):
-        return
+        return ""
     os.makedirs(marker_dir, exist_ok=True)
     open(marker, "w").close()
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "fail":
         raise RuntimeError(f"injected failure at {point}={epoch} on rank {rank}")
+    elif action in ("desync", "nan"):
+        return action
     else:
         raise ValueError(f"unknown fault action {action!r} in {ENV}")
+    return ""

@@ -106,13 +106,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     loop = EpochLoop("finetune", loop_config, epochs=ft.epochs, checkpoint_every=cfg.train.checkpoint_every,
                      stateful={"model": vit, "optimizer": optimizer, "scheduler": scheduler,
                                "scaler": precision.scaler},
-                     steps_per_epoch=plan.updates_per_epoch)
+                     seed=cfg.train.seed, steps_per_epoch=plan.updates_per_epoch)
     model = ray.train.torch.prepare_model(vit, move_to_device=False)
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
     loop.say(f"{world} worker(s), {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, "
              f"{trainable / 1e6:.2f} M trainable parameters; {loop.describe_start()}")
     final_files = {"model.pth": lambda p: torch.save({"model": vit.state_dict()}, p)}  # the release's layout
-    for epoch in range(loop.start_epoch, ft.epochs):
+    for epoch in loop.remaining():  # drop path, mixup draws: seeded per (seed, epoch, rank)
         loader.set_epoch(epoch)
         model.train()
         batches = loop.batches(loader, epoch, plan.batches_per_epoch)
@@ -125,11 +125,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     loop.finish()
 
 
-def run(cfg: Config, *, source=None, verbose: bool = False) -> dict[str, Any]:
+def run(cfg: Config, *, source=None, verbose: bool = False, resume_from: str | None = None) -> dict[str, Any]:
     """Fine-tune the encoder ``cfg.eval.checkpoint`` (or ``source``); returns what result.json holds."""
     from mae_ray.evaljob import run_eval
 
-    return run_eval("finetune", cfg, train_loop, source=source, verbose=verbose)
+    return run_eval("finetune", cfg, train_loop, source=source, verbose=verbose, resume_from=resume_from)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,7 +114,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     every = lp.epochs if lp.cache_features else cfg.train.checkpoint_every
     loop = EpochLoop("linprobe", loop_config, epochs=lp.epochs, checkpoint_every=every,
                      stateful={"head": head, "optimizer": optimizer, "scheduler": scheduler},
-                     steps_per_epoch=plan.updates_per_epoch, report_every_epoch=not lp.cache_features)
+                     seed=cfg.train.seed, steps_per_epoch=plan.updates_per_epoch,
+                     report_every_epoch=not lp.cache_features)
     ddp_head = ray.train.torch.prepare_model(head, move_to_device=False)
     if lp.cache_features:  # inputs are already features
         train_forward, eval_forward = ddp_head, head
@@ -127,7 +128,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     loop.say(f"{world} worker(s), {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, pool {lp.pool}, "
              f"{'cached features' if lp.cache_features else 'augmented images'}; {loop.describe_start()}")
     criterion = nn.CrossEntropyLoss()
-    for epoch in range(loop.start_epoch, lp.epochs):
+    for epoch in loop.remaining():
         loader.set_epoch(epoch)
         head.train()
         metrics = classify.train_epoch(train_forward, loader, optimizer, scheduler, precision, criterion,
@@ -139,11 +140,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     loop.finish()
 
 
-def run(cfg: Config, *, source=None, verbose: bool = False) -> dict[str, Any]:
+def run(cfg: Config, *, source=None, verbose: bool = False, resume_from: str | None = None) -> dict[str, Any]:
     """Linear-probe the encoder ``cfg.eval.checkpoint`` (or ``source``); returns what result.json holds."""
     from mae_ray.evaljob import run_eval
 
-    return run_eval("linprobe", cfg, train_loop, source=source, verbose=verbose)
+    return run_eval("linprobe", cfg, train_loop, source=source, verbose=verbose, resume_from=resume_from)
 
 
 def main(argv: list[str] | None = None) -> int:

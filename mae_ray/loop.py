@@ -1,9 +1,15 @@
 """The worker side of every training job's epoch loop: resume, report, checkpoint, log once.
 
-A job builds its model and optimiser, hands the objects that carry state to ``EpochLoop``, and calls
-``end_epoch`` after each epoch. ``EpochLoop`` resumes from the newest checkpoint (see
-``launch.latest_checkpoint``), reports every epoch to Ray, writes a checkpoint when one is due, and
-has rank 0 log the epoch to MLflow exactly once, also across restarts.
+A job builds its model and optimiser, hands the objects that carry state to ``EpochLoop``, runs
+``for epoch in loop.remaining():`` and calls ``end_epoch`` after each epoch. ``EpochLoop`` resumes from
+the newest checkpoint (see ``launch.latest_checkpoint``), seeds every RNG at the start of each epoch,
+checks that data-parallel ranks still hold identical parameters, reports every epoch to Ray, writes a
+checkpoint when one is due, and has rank 0 log the epoch to MLflow exactly once, also across restarts.
+
+Exact resume: a checkpoint holds model, optimiser, schedule and loss scaler; everything random an
+epoch draws is seeded from ``(seed, epoch, rank)`` (``engine.seed_everything``; the loader's workers
+and data order likewise), so a run resumed after epoch k trains epochs k+1.. bit for bit as the
+uninterrupted run does (tests/test_resume.py).
 """
 
 from __future__ import annotations
@@ -16,11 +22,16 @@ from mae_ray import engine, faults, launch, tracking
 from mae_ray.errors import CheckpointError
 
 
+class RanksDivergedError(RuntimeError):
+    """Data-parallel replicas no longer hold the same parameters: gradients are not being synchronised."""
+
+
 class EpochLoop:
     def __init__(self, job: str, loop_config: dict[str, Any], *, epochs: int, checkpoint_every: int,
-                 stateful: dict[str, Any], steps_per_epoch: int = 0, extra_state: dict[str, Any] | None = None,
-                 report_every_epoch: bool = True):
-        """``stateful``: name -> object with ``state_dict``/``load_state_dict`` (model, optimiser, ...).
+                 stateful: dict[str, Any], seed: int, steps_per_epoch: int = 0,
+                 extra_state: dict[str, Any] | None = None, report_every_epoch: bool = True):
+        """``stateful``: name -> object with ``state_dict``/``load_state_dict`` (model, optimiser, ...);
+        its ``torch.nn.Module`` values are compared across ranks after every epoch. ``seed``: the job's seed.
 
         ``report_every_epoch=False`` reports to Ray only with checkpoints: Ray Train V2 takes one report
         per health-check interval (2 s), which dominates jobs whose epochs take milliseconds (cached
@@ -31,14 +42,17 @@ class EpochLoop:
         self.extra_state = extra_state or {}
         self.steps_per_epoch = steps_per_epoch
         self.report_every_epoch = report_every_epoch
+        self.seed = seed
         self.rank, self.world_size = launch.world()
         state, self.resumed_from = launch.latest_checkpoint(loop_config.get("resume_from"))
-        self.start_epoch, self.history = 0, []
+        self.start_epoch, self.history, attempts = 0, [], []
         if state is not None:
             for name, obj in stateful.items():
                 obj.load_state_dict(state[name])
-            engine.set_rng_state(state["rng"])
             self.start_epoch, self.history = state["epoch"] + 1, list(state["history"])
+            attempts = list(state.get("attempts", []))
+        # where each attempt of this run started: the record that a resume really resumed
+        self.attempts = [*attempts, {"start_epoch": self.start_epoch, "resumed_from": self.resumed_from or ""}]
         self.last_good = self.resumed_from
         self.logger = None
         if self.rank == 0:
@@ -51,6 +65,12 @@ class EpochLoop:
 
     def describe_start(self) -> str:
         return f"resumed from {self.resumed_from} at epoch {self.start_epoch}" if self.resumed else "fresh start"
+
+    def remaining(self):
+        """The epochs still to run; each begins with every RNG seeded from ``(seed, epoch, rank)``."""
+        for epoch in range(self.start_epoch, self.epochs):
+            engine.seed_everything(self.seed, epoch, self.rank)
+            yield epoch
 
     def say(self, text: str) -> None:
         if self.rank == 0:
@@ -65,13 +85,17 @@ class EpochLoop:
 
     def _faulty(self, loader, spec: str, epoch: int, at: int):
         for i, batch in enumerate(loader):
-            if i == at:
-                faults.maybe_fire(spec, "mid_epoch", epoch, self.rank, self.config["output_dir"])
+            if i == at and faults.maybe_fire(spec, "mid_epoch", epoch, self.rank, self.config["output_dir"]) == "nan":
+                _poke_first_parameter(self.stateful, float("nan"))  # the next step's loss is NaN
             yield batch
 
     def end_epoch(self, epoch: int, metrics: dict[str, float],
                   final_files: dict[str, Callable[[str], None]] | None = None) -> None:
         """Report ``metrics`` (a barrier: every rank calls it), checkpoint when due, log on rank 0."""
+        spec, out = self.config.get("faults"), self.config["output_dir"]
+        if faults.maybe_fire(spec, "end_epoch", epoch, self.rank, out) == "desync":  # a test's: this rank drifts
+            _poke_first_parameter(self.stateful, 1e-3)
+        self.check_ranks_in_sync(epoch)
         metrics = {**metrics, "rss_mb": _rss_mb()}  # per-epoch memory: a leak shows as a rising line
         self.history.append({"epoch": epoch, **metrics})
         last = epoch == self.epochs - 1
@@ -80,10 +104,9 @@ class EpochLoop:
         if self.rank == 0 and due:
             state = {name: obj.state_dict() for name, obj in self.stateful.items()}
             state.update(self.extra_state, epoch=epoch, step=(epoch + 1) * self.steps_per_epoch,
-                         rng=engine.rng_state(), history=self.history,
+                         history=self.history, attempts=self.attempts,
                          mlflow_run_id=self.config["run_id"])
             files = (final_files or {}) if last else {}
-        spec, out = self.config.get("faults"), self.config["output_dir"]
         faults.maybe_fire(spec, "before_report", epoch, self.rank, out)
         if due or self.report_every_epoch:
             try:
@@ -101,6 +124,30 @@ class EpochLoop:
                 shown = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
                 self.say(f"epoch {epoch + 1}/{self.epochs} {shown}")
 
+    def check_ranks_in_sync(self, epoch: int) -> None:
+        """Every rank's parameters, bit for bit, equal rank 0's; else raise naming the epoch and the tensors.
+
+        A collective: all ranks call it. Data-parallel training that lost its gradient all-reduce (no
+        DDP wrapper, a ``no_sync`` left on) still lowers the loss on each rank, so only this shows it.
+        """
+        import torch
+        import torch.distributed as dist
+
+        if self.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
+            return
+        for name, module in self.stateful.items():
+            if not isinstance(module, torch.nn.Module):
+                continue
+            mine = engine.param_fingerprint(module)
+            every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(every, mine)
+            differ = sorted({i for other in every[1:] for i in (other != every[0]).nonzero().flatten().tolist()})
+            if differ:
+                names = [n for i, (n, _) in enumerate(module.named_parameters()) if i in differ]
+                raise RanksDivergedError(
+                    f"ranks diverged after epoch {epoch}: {self.job} {name!r} differs between ranks in "
+                    f"{len(differ)} tensor(s) ({', '.join(names[:3])}...): gradients are not synchronised")
+
     def finish(self, retries: int = 6, wait_s: float = 5.0) -> None:
         """Send metrics still pending (MLflow was unreachable); wait a little for it, then name what is lost."""
         if self.logger is None:
@@ -113,6 +160,15 @@ class EpochLoop:
             lost = sorted({m.step for m in self.logger.pending})
             self.say(f"warning: MLflow unreachable: {len(self.logger.pending)} metric values of epoch(s) {lost} "
                      f"are not in run {self.config['run_id']}; the checkpoints' history holds them")
+
+
+def _poke_first_parameter(stateful: dict[str, Any], delta: float) -> None:
+    """Fault injection only: add ``delta`` to one value of the first module's first parameter."""
+    import torch
+
+    module = next(m for m in stateful.values() if isinstance(m, torch.nn.Module))
+    with torch.no_grad():
+        next(module.parameters()).view(-1)[0] += delta
 
 
 def _rss_mb() -> float:

@@ -63,7 +63,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     loop = EpochLoop("pretrain", loop_config, epochs=cfg.train.epochs, checkpoint_every=cfg.train.checkpoint_every,
                      stateful={"model": model, "optimizer": optimizer, "scheduler": scheduler,
                                "scaler": precision.scaler},
-                     steps_per_epoch=plan.updates_per_epoch, extra_state={"config": config_text})
+                     seed=cfg.train.seed, steps_per_epoch=plan.updates_per_epoch, extra_state={"config": config_text})
     raw_model = model
     model = ray.train.torch.prepare_model(model)  # DDP over NCCL (GPU) or Gloo (CPU); no-op for 1 worker
     if cfg.train.compile:
@@ -79,9 +79,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         "config.yaml": lambda p: _write_text(p, config_text),
     }
 
-    for epoch in range(loop.start_epoch, cfg.train.epochs):
+    for epoch in loop.remaining():  # each epoch's masks seeded from (seed, epoch, rank): exact on resume
         loader.set_epoch(epoch)
-        torch.manual_seed(hash((cfg.train.seed, epoch, rank)) % 2**31)  # masks: reproducible on resume
         try:
             metrics = engine.train_one_epoch(
                 model, on_device(loop.batches(loader, epoch, plan.batches_per_epoch), device), optimizer,

@@ -101,14 +101,34 @@ def test_non_finite_loss_names_the_step():
                                mask_ratio=0.75, device=torch.device("cpu"))
 
 
-def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+def draws():
     import random
 
     import numpy as np
 
-    state = engine.rng_state()
-    torch.save(state, tmp_path / "rng.pt")
-    a = (torch.rand(3), random.random(), np.random.rand())
-    engine.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    b = (torch.rand(3), random.random(), np.random.rand())
-    assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+    return torch.rand(3), random.random(), np.random.rand()
+
+
+def test_every_rng_is_a_function_of_seed_epoch_and_rank():
+    engine.seed_everything(0, 3, 1)
+    a = draws()
+    draws()  # whatever ran before an epoch does not change what the epoch draws
+    engine.seed_everything(0, 3, 1)
+    b = draws()
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+    for other in [(1, 3, 1), (0, 4, 1), (0, 3, 0)]:  # another seed, epoch or rank draws something else
+        engine.seed_everything(*other)
+        c = draws()
+        assert not torch.equal(a[0], c[0]) and a[1] != c[1] and a[2] != c[2], other
+
+
+def test_param_fingerprint_sees_a_single_bit():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    before = engine.param_fingerprint(model)
+    assert before.shape == (4,) and before.dtype == torch.int64
+    with torch.no_grad():
+        w = model[1].weight.view(-1)
+        w[0] = torch.nextafter(w[0], torch.tensor(1.0))  # one ulp: the smallest change a float can make
+    after = engine.param_fingerprint(model)
+    assert (after != before).tolist() == [False, False, True, False]

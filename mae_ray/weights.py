@@ -53,7 +53,11 @@ def unreadable_checkpoint(path: str, error: Exception) -> str:
 
 
 def resize_pos_embeds(state: dict[str, torch.Tensor], model: torch.nn.Module) -> list[str]:
-    """Interpolate position tables in ``state`` to the model's grid (bicubic, cls kept). Returns keys changed."""
+    """Interpolate position tables in ``state`` to the model's grid (bicubic, cls kept). Returns keys changed.
+
+    Same values as the release's ``interpolate_pos_embed`` (and HF ViTMAE's): plain bicubic, no antialias.
+    timm's default ``antialias=True`` switches to another cubic kernel, up to 0.05 off on ViT-B's 224->256 table.
+    """
     own = model.state_dict()
     changed = []
     for key in POS_EMBED_KEYS:
@@ -62,7 +66,7 @@ def resize_pos_embeds(state: dict[str, torch.Tensor], model: torch.nn.Module) ->
             if src.shape[-1] != dst.shape[-1]:
                 continue  # a width mismatch is an architecture mismatch: reported by the caller
             grid = int((dst.shape[1] - 1) ** 0.5)
-            state[key] = resample_abs_pos_embed(src, [grid, grid], num_prefix_tokens=1)
+            state[key] = resample_abs_pos_embed(src, [grid, grid], num_prefix_tokens=1, antialias=False)
             changed.append(key)
     return changed
 

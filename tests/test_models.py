@@ -222,13 +222,22 @@ class _Evil:
 
 
 def test_pos_embed_interpolated_for_other_image_size(tmp_path, micro):
+    state = micro.state_dict()
+    g = torch.Generator().manual_seed(0)  # random tables: a zero cls row would pass any cls handling
+    tables = {k: torch.randn(state[k].shape, generator=g) for k in ("pos_embed", "decoder_pos_embed")}
     path = tmp_path / "m.pth"
-    torch.save({"model": micro.state_dict()}, path)
+    torch.save({"model": {**state, **tables}}, path)
     bigger = build_model(MICRO, img_size=48)
     report = load_mae_weights(bigger, path, require_decoder=True)
     assert report["resized"] == ["pos_embed", "decoder_pos_embed"]
     assert bigger.pos_embed.shape == (1, 1 + 12 * 12, 64)
-    assert torch.equal(bigger.pos_embed[0, 0], micro.pos_embed[0, 0])  # cls position kept
+    for key, src in tables.items():
+        got = bigger.state_dict()[key]
+        assert torch.equal(got[0, 0], src[0, 0])  # cls position kept as is
+        # patch rows: bicubic on the 8x8 grid, as the release's interpolate_pos_embed (no antialias)
+        grid = src[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+        want = torch.nn.functional.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False)
+        assert torch.allclose(got[:, 1:], want.permute(0, 2, 3, 1).reshape(1, 144, -1), atol=1e-5)
     loss, _, _ = bigger(images(1, 48))
     assert torch.isfinite(loss)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from mae_ray import recipe
 from mae_ray.errors import ConfigError
 from mae_ray.presets import MODEL_DEFAULTS, PRESETS, resolve_model_kwargs
 
@@ -57,6 +58,7 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 64  # per Ray worker, per step; effective = batch_size * accum_iter * workers
+    effective_batch: int | None = None  # the recipe's batch (paper: 4096); accum_iter derived (mae_ray/recipe.py)
     blr: float = 1.5e-4  # base lr: lr = blr * effective batch / 256 (the paper's rule)
     lr: float | None = None  # absolute lr, overrides blr when set
     min_lr: float = 0.0
@@ -105,7 +107,8 @@ class LinprobeConfig:
     """The paper's linear probe: frozen encoder, BN (no affine) + linear head, LARS."""
 
     epochs: int = 90
-    batch_size: int = 256  # per worker
+    batch_size: int = 256  # per worker, per step
+    effective_batch: int | None = None  # the recipe's batch (paper: 16384); None: batch_size x workers
     blr: float = 0.1  # lr = blr * effective batch / 256
     weight_decay: float = 0.0
     warmup_epochs: float = 10
@@ -119,8 +122,9 @@ class FinetuneConfig:
     """The release's fine-tuning recipe (ViT-B defaults)."""
 
     epochs: int = 100
-    batch_size: int = 64  # per worker
-    blr: float = 5e-4
+    batch_size: int = 64  # per worker, per step
+    effective_batch: int | None = None  # the recipe's batch (paper: 1024); None: batch_size x workers
+    blr: float = 5e-4  # lr = blr * effective batch / 256
     min_lr: float = 1e-6
     weight_decay: float = 0.05
     layer_decay: float = 0.65
@@ -256,6 +260,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {cfg.finetune.layer_decay}")
     if cfg.train.amp not in ("bf16", "fp16", "none"):
         raise ConfigError(f"train.amp must be one of bf16, fp16, none; got {cfg.train.amp!r}")
+    for job in ("pretrain", "linprobe", "finetune"):
+        recipe.for_job(cfg, job)  # effective batches that the configured workers cannot divide
     if cfg.ray.cpus_per_worker <= 0:
         raise ConfigError(f"ray.cpus_per_worker must be > 0, got {cfg.ray.cpus_per_worker}")
     if not cfg.output_dir:

@@ -2,7 +2,7 @@
 
 Knows nothing of Ray or MLflow: the caller hands in a model (maybe DDP-wrapped), a loader and the
 device, and gets back the epoch's metrics. The recipe is the paper's (../shared/reference/mae-paper.md):
-AdamW (0.9, 0.95), weight decay 0.05 except biases and norms, lr = blr * effective batch / 256,
+AdamW (0.9, 0.95), weight decay 0.05 except biases and norms, lr = blr * effective batch / 256 (``recipe``),
 per-iteration linear warmup then cosine.
 """
 
@@ -42,11 +42,6 @@ class StepPlan:
     @property
     def warmup_updates(self) -> int:
         return min(int(round(self.warmup_epochs * self.updates_per_epoch)), self.total_updates - 1)
-
-
-def scaled_lr(blr: float, batch_size: int, accum_iter: int, world_size: int) -> float:
-    """The paper's linear scaling rule: lr = blr * effective batch / 256."""
-    return blr * batch_size * accum_iter * max(1, world_size) / 256
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):

@@ -60,7 +60,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import param_groups_layer_decay
 
-    from mae_ray import classify, engine, launch
+    from mae_ray import classify, engine, launch, recipe
     from mae_ray.data import make_eval_loader, make_train_loader
     from mae_ray.encoders import EncoderSource
     from mae_ray.loop import EpochLoop
@@ -87,8 +87,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, num_classes=classes)
     val_loader = make_eval_loader(cfg.data.val_shards, batch_size=256, transform="eval", img_size=img_size,
                                   rank=rank, world_size=world, num_workers=cfg.data.num_workers, num_classes=classes)
-    plan = engine.StepPlan(len(loader), 1, ft.epochs, ft.warmup_epochs)
-    lr = ft.blr * ft.batch_size * world / 256
+    batching = recipe.for_job(cfg, "finetune", world)
+    plan = engine.StepPlan(len(loader), batching.accum_iter, ft.epochs, ft.warmup_epochs)
+    lr = batching.lr(ft.blr)
     groups = param_groups_layer_decay(vit, ft.weight_decay, no_weight_decay_list=vit.no_weight_decay(),
                                       layer_decay=ft.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
@@ -109,7 +110,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                      seed=cfg.train.seed, steps_per_epoch=plan.updates_per_epoch)
     model = ray.train.torch.prepare_model(vit, move_to_device=False)
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
-    loop.say(f"{world} worker(s), {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, "
+    loop.say(f"{batching.describe()}, {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, "
              f"{trainable / 1e6:.2f} M trainable parameters; {loop.describe_start()}")
     final_files = {"model.pth": lambda p: torch.save({"model": vit.state_dict()}, p)}  # the release's layout
     for epoch in loop.remaining():  # drop path, mixup draws: seeded per (seed, epoch, rank)
@@ -117,7 +118,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         model.train()
         batches = loop.batches(loader, epoch, plan.batches_per_epoch)
         metrics = classify.train_epoch(model, batches, optimizer, scheduler, precision, criterion, epoch=epoch,
-                                       plan=plan, device=device, mixup=mixup)
+                                       plan=plan, device=device, mixup=mixup, no_sync=model.no_sync)
         vit.eval()
         scores = classify.evaluate(vit, val_loader, device)
         metrics.update(val_top1=scores["top1"], val_top5=scores["top5"])

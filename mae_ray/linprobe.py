@@ -65,7 +65,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     from timm.optim import Lars
 
-    from mae_ray import classify, engine, launch
+    from mae_ray import classify, engine, launch, recipe
     from mae_ray.data import make_eval_loader, make_train_loader
     from mae_ray.encoders import EncoderSource
     from mae_ray.errors import DataError
@@ -102,8 +102,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                    rank=rank, world_size=world, num_workers=cfg.data.num_workers,
                                    samples_per_epoch=cfg.data.samples_per_epoch, seed=cfg.train.seed,
                                    shuffle_buffer=cfg.data.shuffle_buffer, num_classes=classes)
-    plan = engine.StepPlan(len(loader), 1, lp.epochs, lp.warmup_epochs)
-    lr = lp.blr * lp.batch_size * world / 256
+    batching = recipe.for_job(cfg, "linprobe", world)
+    plan = engine.StepPlan(len(loader), batching.accum_iter, lp.epochs, lp.warmup_epochs)
+    lr = batching.lr(lp.blr)
     groups = [{"params": [head.fc.weight], "always_adapt": True},  # LARS trust ratio on the weight, as released
               {"params": [head.fc.bias]}]
     optimizer = Lars(groups, lr=lr, momentum=0.9, weight_decay=lp.weight_decay)
@@ -125,14 +126,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
         def eval_forward(x):
             return head(pooled(encoder, x, lp.pool))
-    loop.say(f"{world} worker(s), {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, pool {lp.pool}, "
+    loop.say(f"{batching.describe()}, {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, pool {lp.pool}, "
              f"{'cached features' if lp.cache_features else 'augmented images'}; {loop.describe_start()}")
     criterion = nn.CrossEntropyLoss()
     for epoch in loop.remaining():
         loader.set_epoch(epoch)
         head.train()
         metrics = classify.train_epoch(train_forward, loader, optimizer, scheduler, precision, criterion,
-                                       epoch=epoch, plan=plan, device=device)
+                                       epoch=epoch, plan=plan, device=device,
+                                       no_sync=getattr(ddp_head, "no_sync", None))
         head.eval()
         scores = classify.evaluate(eval_forward, val_loader, device)
         metrics.update(val_top1=scores["top1"], val_top5=scores["top5"])

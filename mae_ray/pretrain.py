@@ -22,7 +22,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from mae_ray import engine, launch, tracking
+    from mae_ray import engine, launch, recipe, tracking
     from mae_ray.data import make_train_loader
     from mae_ray.flops import peak_flops, train_flops_per_image
     from mae_ray.knn import KnnMonitor
@@ -53,9 +53,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         pin_memory=device.type == "cuda",
     )
     batches = len(loader) if cfg.train.max_steps_per_epoch is None else min(len(loader), cfg.train.max_steps_per_epoch)
-    plan = engine.StepPlan(batches, cfg.train.accum_iter, cfg.train.epochs, cfg.train.warmup_epochs)
-    lr = cfg.train.lr if cfg.train.lr is not None else engine.scaled_lr(
-        cfg.train.blr, cfg.train.batch_size, cfg.train.accum_iter, world_size)
+    batching = recipe.for_job(cfg, "pretrain", world_size)
+    plan = engine.StepPlan(batches, batching.accum_iter, cfg.train.epochs, cfg.train.warmup_epochs)
+    lr = cfg.train.lr if cfg.train.lr is not None else batching.lr(cfg.train.blr)
     optimizer = engine.build_optimizer(model.to(device), lr, cfg.train.weight_decay, device)
     scheduler = engine.build_scheduler(optimizer, plan, cfg.train.min_lr)
     precision = engine.Precision(cfg.train.amp, device)
@@ -68,8 +68,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)  # DDP over NCCL (GPU) or Gloo (CPU); no-op for 1 worker
     if cfg.train.compile:
         model = torch.compile(model)
-    loop.say(f"{world_size} worker(s), {plan.batches_per_epoch} batches/epoch, effective batch "
-             f"{cfg.train.batch_size * cfg.train.accum_iter * world_size}, lr {lr:.3g}; {loop.describe_start()}")
+    loop.say(f"{batching.describe()}, {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}; {loop.describe_start()}")
     pictures = _Pictures(cfg, raw_model, loop_config) if rank == 0 else None
     monitor = KnnMonitor(cfg, rank, world_size, device, raw_model.patch_embed.img_size[0])
     flops_per_image, peak = train_flops_per_image(cfg.model.kwargs(), cfg.model.mask_ratio), peak_flops(device)

@@ -13,10 +13,6 @@ from mae_ray.models import build_model
 MICRO = "mae_vit_micro_patch4"
 
 
-def test_linear_scaling_rule():
-    assert engine.scaled_lr(1.5e-4, 64, 4, 16) == pytest.approx(1.5e-4 * 4096 / 256)
-
-
 def test_no_decay_on_biases_and_norms():
     model = build_model(MICRO)
     opt = engine.build_optimizer(model, 1e-3, 0.05, torch.device("cpu"))

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from _helpers import free_port, processes_mentioning
+from _helpers import PortReservation, processes_mentioning
 from mlflow import MlflowClient
 
 from mae_ray import pretrain
@@ -34,10 +34,11 @@ def two_nodes():
     # shutdown; with the default (/tmp/ray) it would overwrite, then remove, the file of any other head
     # on this machine. RAY_TMPDIR gives the cluster, its sessions and that file a directory of its own.
     temp_root = tempfile.mkdtemp(prefix="rm_", dir="/tmp")  # short: Ray's unix socket paths live under it
+    agent_port = PortReservation()  # held for the cluster's life: no other process can be handed it
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_TMPDIR", temp_root)
         cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "include_dashboard": False, "dashboard_agent_listen_port": free_port(),
+            "num_cpus": 1, "include_dashboard": False, "dashboard_agent_listen_port": agent_port.port,
         })
         try:
             cluster.add_node(num_cpus=1)
@@ -46,6 +47,7 @@ def two_nodes():
         finally:
             ray.shutdown()
             cluster.shutdown()
+            agent_port.release()
     left = processes_mentioning(temp_root)
     for pid in left:
         try:
@@ -96,7 +98,8 @@ def test_two_workers_on_two_nodes_train_and_checkpoint(two_nodes, demo_data, tmp
         if key == "data/skipped":
             assert all(v == 0 for _, v in history)
     out = capfd.readouterr().out
-    assert "[pretrain] 2 worker(s), 2 batches/epoch, effective batch 64" in out, out[-3000:]
+    line = "[pretrain] 2 worker(s) x batch 32 x accumulation 1 = effective batch 64, 2 batches/epoch"
+    assert line in out, out[-3000:]
 
     # ...on two different nodes: Ray's actor table (GCS; kept for dead actors) says where each
     # Train worker ran. (ray.util.state.list_actors would say the same but needs a dashboard.)

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from mae_ray import engine
+from mae_ray import engine, recipe
 from mae_ray.flops import encoder_tokens, peak_flops, train_flops_per_image
 from mae_ray.models import MaskedAutoencoderViT
 from mae_ray.presets import resolve_model_kwargs
@@ -132,7 +132,7 @@ def run_variant(args, variant: str, kwargs: dict, mode: str, device: torch.devic
         torch.manual_seed(args.seed)
         model = MaskedAutoencoderViT(**kwargs).to(device)
         plan = engine.StepPlan(args.steps, 1, args.repeats + 1, warmup_epochs=1)
-        lr = engine.scaled_lr(1.5e-4, args.batch, 1, 1)
+        lr = recipe.Batching(args.batch, 1, 1).lr(1.5e-4)
         optimizer = engine.build_optimizer(model, lr, 0.05, device)  # fused AdamW on CUDA
         scheduler = engine.build_scheduler(optimizer, plan, 0.0)
         precision = engine.Precision(args.amp, device)

@@ -53,7 +53,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from data_tools.demo_data import build_demo_dataset  # noqa: E402
-from mae_ray import engine  # noqa: E402
+from mae_ray import engine, recipe  # noqa: E402
 from mae_ray.config import Config, load_config  # noqa: E402
 from mae_ray.data import make_train_loader  # noqa: E402
 from mae_ray.models import MaskedAutoencoderViT  # noqa: E402
@@ -230,8 +230,8 @@ def plain_run(cfg: Config) -> list[dict]:
         seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
     )
     plan = engine.StepPlan(len(loader), cfg.train.accum_iter, cfg.train.epochs, cfg.train.warmup_epochs)
-    lr = cfg.train.lr if cfg.train.lr is not None else engine.scaled_lr(
-        cfg.train.blr, cfg.train.batch_size, cfg.train.accum_iter, 1)
+    lr = cfg.train.lr if cfg.train.lr is not None else recipe.for_job(cfg, "pretrain", 1).lr(
+        cfg.train.blr)
     optimizer = engine.build_optimizer(model.to(device), lr, cfg.train.weight_decay, device)
     scheduler = engine.build_scheduler(optimizer, plan, cfg.train.min_lr)
     precision = engine.Precision(cfg.train.amp, device)

@@ -29,12 +29,14 @@ CHECKPOINT_PREFIX = "epoch_"
 
 
 # --------------------------------------------------------------------------- driver side
-def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | None = None) -> bool:
+def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | None = None,
+             temp_dir: str | None = None) -> bool:
     """Join the cluster named by ``address`` or ``$RAY_ADDRESS`` (set by ``ray job submit``), else start
     a private local Ray. Returns True when this process started Ray (and so should shut it down).
 
     A plain ``ray.init()`` would try to join whatever head ``/tmp/ray/ray_current_cluster`` names,
-    even a dead one; ``address="local"`` always starts a fresh instance.
+    even a dead one; ``address="local"`` always starts a fresh instance. ``temp_dir``: the private
+    instance's session folder (default Ray's ``/tmp/ray``); tests give each instance its own.
     """
     if ray.is_initialized():
         return False
@@ -47,7 +49,7 @@ def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | 
         ray.init(address=target, logging_level=level, logging_config=logs)
         return False
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-             logging_level=level, logging_config=logs)
+             logging_level=level, logging_config=logs, **({"_temp_dir": temp_dir} if temp_dir else {}))
     return True
 
 
@@ -84,8 +86,10 @@ def run_trainer(train_fn: Callable[[dict], None], loop_config: dict[str, Any], s
     check_resources(spec.num_workers, spec.cpus_per_worker, spec.use_gpu)
     resources = {"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
     trainer = TorchTrainer(
-        train_fn,
-        train_loop_config=loop_config,
+        _from_object_store(train_fn),
+        # Ray Train keeps train_loop_config verbatim in its run records (the dashboard's Train view);
+        # the config holds URLs that may carry credentials, so only a reference to it goes there
+        train_loop_config={"loop_config": ray.put(loop_config)},
         scaling_config=ScalingConfig(
             num_workers=spec.num_workers, use_gpu=spec.use_gpu, resources_per_worker=resources
         ),
@@ -105,6 +109,13 @@ def run_trainer(train_fn: Callable[[dict], None], loop_config: dict[str, Any], s
         ),
     )
     return trainer.fit()
+
+
+def _from_object_store(train_fn: Callable[[dict], None]) -> Callable[[dict], None]:
+    def train_loop(config: dict[str, Any]) -> None:
+        train_fn(ray.get(config["loop_config"]))
+
+    return train_loop
 
 
 def _worker_mlflow_retries() -> dict[str, str]:

@@ -13,10 +13,28 @@ import time
 from pathlib import Path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class PortReservation:
+    """A port on 127.0.0.1 held for a server this test starts, not merely found free and hoped for.
+
+    The socket stays bound (never listening) with SO_REUSEADDR and SO_REUSEPORT until ``release``:
+    the kernel hands the port to no other ``bind(0)`` or connection meanwhile, while the server we
+    start, which binds with SO_REUSEADDR (uvicorn, aiohttp, http.server) or SO_REUSEPORT (gRPC), can
+    still take it. Hold it until the server listens (or for the server's whole life).
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+
+    def release(self) -> None:
+        self._sock.close()
+
+
+def reserve_ports(n: int) -> list[PortReservation]:
+    return [PortReservation() for _ in range(n)]
 
 
 def processes_mentioning(text: str) -> dict[int, str]:
@@ -41,7 +59,8 @@ class MlflowServer:
     """
 
     def __init__(self, root: Path):
-        self.root, self.port = Path(root), free_port()
+        self.root, self.reservation = Path(root), PortReservation()
+        self.port = self.reservation.port  # the same port across stop/start, held while this object lives
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -94,3 +113,56 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
     return path
+
+
+class AuthShardServer:
+    """Serves the files under ``root`` over HTTP on 127.0.0.1 only to requests that carry the credentials:
+    HTTP basic auth ``user:password`` (in the URL: ``http://user:password@host/...``) and one of the
+    ``tokens`` (``(name, value)`` pairs) as a query parameter (``?token=...``, ``?X-Amz-Signature=...``),
+    as signed shard URLs do.
+
+    A thread of the test process; ``served`` / ``refused`` count the requests. Logs nothing (the
+    request lines hold the tokens).
+    """
+
+    def __init__(self, root: Path, user: str, password: str, tokens: list[tuple[str, str]]):
+        import base64
+        import functools
+        import http.server
+        import threading
+        from urllib.parse import parse_qs, urlsplit
+
+        self.served = self.refused = 0
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def _allowed(self) -> bool:
+                query = parse_qs(urlsplit(self.path).query)
+                return self.headers.get("Authorization") == expected and any(
+                    value in query.get(name, []) for name, value in tokens)
+
+            def send_head(self):
+                if not self._allowed():
+                    outer.refused += 1
+                    self.send_error(403)
+                    return None
+                outer.served += 1
+                return super().send_head()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str, user: str, password: str, query: str) -> str:
+        return f"http://{user}:{password}@127.0.0.1:{self.port}/{path.lstrip('/')}?{query}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

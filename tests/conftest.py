@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 # Heads started by tests stop in seconds instead of draining for 30 s.
 os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Any Ray a test's subprocess starts (a CLI job, a sweep driver) keeps its sessions and its
+# ray_current_cluster file under a folder of this run, not in /tmp/ray beside a user's Ray.
+_SESSION_RAY_ROOT = tempfile.mkdtemp(prefix="mae-ray-s", dir="/tmp")
+os.environ.setdefault("RAY_TMPDIR", _SESSION_RAY_ROOT)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_ray_root():
+    yield
+    shutil.rmtree(_SESSION_RAY_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -22,11 +34,19 @@ def demo_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One private Ray instance per test module (never a ``ray.init()`` that could join a stale head)."""
+    """One private Ray instance per test module (never a ``ray.init()`` that could join a stale head),
+    in its own session folder: nothing shared with another module's Ray, or a user's, on this machine."""
     import ray
 
     from mae_ray.launch import init_ray
 
-    assert init_ray(num_cpus=2), "Ray was already running in this process"
+    temp_dir = ray_temp_dir()
+    assert init_ray(num_cpus=2, temp_dir=temp_dir), "Ray was already running in this process"
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def ray_temp_dir() -> str:
+    """A fresh, short session folder for one Ray instance (Ray's socket paths must stay under 107 bytes)."""
+    return tempfile.mkdtemp(prefix="mae-ray-", dir="/tmp")

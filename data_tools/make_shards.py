@@ -261,7 +261,7 @@ def _read_json(path: Path) -> dict | None:
         raise DataToolError(f"{path} is not valid JSON ({exc}); pass --overwrite to replace it") from None
 
 
-def _write_metadata(output: Path, plan: Plan, options: dict) -> dict:
+def _write_metadata(output: Path, plan: Plan, options: dict, crop_ratio: float | None = None) -> dict:
     """index.parquet, skipped.jsonl, then dataset.json (its presence marks a complete dataset)."""
     paths = metadata_paths(output)
     records = [_read_json(paths["work"] / f"{s.name}.json") for s in plan.shards]
@@ -295,6 +295,7 @@ def _write_metadata(output: Path, plan: Plan, options: dict) -> dict:
         "pattern": brace_pattern([r["name"] for r in records]),
         "index": paths["index"].name,
         "skipped": paths["skipped"].name,
+        **({"crop_ratio": crop_ratio} if crop_ratio is not None else {}),  # the evaluation crop (mae_ray)
     }
     atomic_write_json(paths["dataset"], manifest)
     shutil.rmtree(paths["work"])
@@ -322,16 +323,22 @@ def make_shards(
     overwrite: bool = False,
     progress: bool = True,
     fail_after: int | None = None,
+    crop_ratio: float | None = None,
 ) -> dict:
     """Write ``input`` as shards in ``output``; returns dataset.json's content plus run statistics.
 
     Raises DataToolError for bad input before anything is written. ``fail_after`` (tests only)
     raises RuntimeError once that many jobs have finished, to simulate an interrupted run.
+    ``crop_ratio``: the evaluation crop the training jobs use on these images (dataset.json's
+    ``crop_ratio``; 1.0 keeps the whole image, e.g. for small full-frame pictures); metadata only,
+    so changing it rewrites dataset.json but no shard.
     """
     if not _PREFIX_RE.match(prefix):
         raise DataToolError(f"--prefix {prefix!r}: use letters, digits, '-' and '_' only")
     if maxcount < 1 or workers < 1 or shuffle_buffer < 1 or (maxsize is not None and maxsize < 1):
         raise DataToolError("--maxcount, --maxsize, --workers and --shuffle-buffer must be positive")
+    if crop_ratio is not None and not 0 < crop_ratio <= 1:
+        raise DataToolError(f"--crop-ratio must be in (0, 1] (1.0: the whole image), got {crop_ratio}")
     source = Path(input)
     if not source.exists():
         raise DataToolError(f"input {source} does not exist")
@@ -349,6 +356,9 @@ def make_shards(
     done = _completed_shards(output, plan, overwrite)
     if done is None:
         manifest = json.loads(metadata_paths(output)["dataset"].read_text())
+        if crop_ratio is not None and manifest.get("crop_ratio") != crop_ratio:
+            manifest["crop_ratio"] = crop_ratio  # metadata only: the shards stay
+            atomic_write_json(metadata_paths(output)["dataset"], manifest)
         return {**manifest, "written_now": 0, "reused": len(manifest["shards"]), "seconds": 0.0,
                 "empty_classes": _empty_classes(output, manifest["classes"])}
 
@@ -376,7 +386,7 @@ def make_shards(
             if pool:
                 pool.terminate()
     seconds = time.perf_counter() - start
-    manifest = _write_metadata(output, plan, options)
+    manifest = _write_metadata(output, plan, options, crop_ratio)
     return {**manifest, "written_now": todo, "reused": len(done), "seconds": seconds,
             "empty_classes": _empty_classes(output, plan.classes)}
 
@@ -412,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--shuffle-buffer", type=int, default=5_000, help="parquet: rows shuffled together")
     parser.add_argument("--overwrite", action="store_true", help="replace a different dataset in --output")
+    parser.add_argument("--crop-ratio", type=float, default=None,
+                        help="evaluation crop for these images, written to dataset.json: resize to size / ratio, "
+                             "centre crop (default: the jobs' 0.875; 1.0 keeps the whole image)")
     parser.add_argument("--no-progress", action="store_true")
     options = vars(parser.parse_args(argv))
     progress = not options.pop("no_progress")

@@ -52,6 +52,8 @@ class DataConfig:
     samples_per_epoch: int | None = None  # None: the training set's size
     num_workers: int = 2  # DataLoader processes per Ray worker
     shuffle_buffer: int = 1000
+    # evaluation crop: resize to img_size / crop_ratio, centre crop; None: dataset.json's crop_ratio, else 0.875
+    crop_ratio: float | None = None
 
 
 @dataclass
@@ -248,6 +250,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if cfg.finetune.samples_per_epoch is not None and cfg.finetune.samples_per_epoch < 1:
         raise ConfigError(f"finetune.samples_per_epoch must be >= 1, got {cfg.finetune.samples_per_epoch}")
+    if cfg.data.crop_ratio is not None and not 0 < cfg.data.crop_ratio <= 1:
+        raise ConfigError(f"data.crop_ratio must be in (0, 1] (1.0: the whole image), got {cfg.data.crop_ratio}")
     if cfg.linprobe.pool not in ("cls", "mean"):
         raise ConfigError(f"linprobe.pool must be cls or mean, got {cfg.linprobe.pool!r}")
     if cfg.finetune.trainable_blocks is not None and not 0 <= cfg.finetune.trainable_blocks <= k["depth"]:

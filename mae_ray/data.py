@@ -126,6 +126,24 @@ def _manifest_counts(urls: list[str]) -> list[int] | None:
     return counts
 
 
+def manifest_crop_ratio(spec: str | list[str]) -> float | None:
+    """The ``crop_ratio`` of the dataset.json beside the first shard of ``spec``: None when the shard is
+    remote, or the manifest is missing or has no valid ratio (in (0, 1])."""
+    try:
+        urls = expand_urls(spec)
+    except DataError:
+        return None
+    if not _is_local(urls[0]):
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(urls[0])), MANIFEST_NAME)) as f:
+            ratio = json.load(f).get("crop_ratio")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio <= 1
+    return float(ratio) if ok else None
+
+
 def _read_manifest(directory: str) -> dict[str, int]:
     try:
         with open(os.path.join(directory, MANIFEST_NAME)) as f:

@@ -22,16 +22,27 @@ import yaml
 from mae_ray.config import Config, from_dict
 from mae_ray.errors import CheckpointError, ConfigError
 from mae_ray.models import MaskedAutoencoderViT, is_decoder_key
+from mae_ray.tracking import redact, run_exists
 from mae_ray.weights import load_mae_weights, read_state_dict, unreadable_checkpoint
+
+_TAG_MAX = 5000  # MLflow's limit on a tag value's length (8000 on recent servers, 5000 on older ones)
 
 
 @dataclass
 class EncoderSource:
     state: dict[str, torch.Tensor] | None  # encoder weights (MAE names); None: random init
     model_kwargs: dict[str, object]
-    parent_run_id: str | None  # the pre-training run the results belong to, if known
+    parent_run_id: str | None  # the pre-training run the results belong to, if known and in this store
     label: str  # for params and messages
     saved_config: Config | None = None  # the pre-training config, when the source carries one
+    origin_run_id: str | None = None  # the pre-training run the checkpoint names, in whichever store
+
+    def tags(self) -> dict[str, str]:
+        """Where the encoder came from, for the evaluation's run (credentials in URLs redacted)."""
+        tags = {"mae_ray.encoder_source": str(redact(self.label))[:_TAG_MAX]}
+        if self.origin_run_id:
+            tags["mae_ray.encoder_run_id"] = self.origin_run_id
+        return tags
 
     def build(self, seed: int = 0) -> MaskedAutoencoderViT:
         """The MAE with this encoder loaded (decoder left at init: evaluation never uses it)."""
@@ -55,6 +66,21 @@ def resolve_encoder(spec: str, cfg: Config, tracking_uri: str) -> EncoderSource:
     else:
         source = _from_path(spec, cfg)
     source.build()  # fail here, on the driver, if the weights do not fit
+    return in_store(source, tracking_uri)
+
+
+def in_store(source: EncoderSource, tracking_uri: str) -> EncoderSource:
+    """``source`` with its pre-training run as parent only if that run is in this tracking store.
+
+    A checkpoint records the MLflow run of its pre-training, which may live in another store (copied
+    checkpoints, another machine's sqlite file) or in none that still exists: the evaluation then gets
+    no parent and logs nothing there, and its run keeps the original id (``origin_run_id``) as a tag.
+    """
+    source.origin_run_id = source.origin_run_id or source.parent_run_id
+    if source.parent_run_id and not run_exists(tracking_uri, source.parent_run_id):
+        print(f"[eval] the encoder's pre-training run {source.parent_run_id} is not in the tracking store "
+              f"{redact(tracking_uri)}: the results go to the evaluation's own run only", flush=True)
+        source.parent_run_id = None
     return source
 
 

@@ -1,8 +1,10 @@
 """Driver of an evaluation job (linear probe or fine-tune), shared by both.
 
 Each evaluation is its own MLflow run with its params and curves; when the encoder came from a
-pre-training run, that run is its parent (``mlflow.parentRunId``) and also receives the final
-``<job>_top1`` / ``<job>_top5`` — so the pre-training run is the one row users compare.
+pre-training run of this tracking store, that run is its parent (``mlflow.parentRunId``) and also
+receives the final ``<job>_top1`` / ``<job>_top5`` — so the pre-training run is the one row users
+compare. A pre-training run of another store (or of none) is only named, in the ``mae_ray.encoder_*``
+tags and result.json's ``encoder_run_id``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from mae_ray import jobs, launch, tracking
 from mae_ray.cli import guarded, job_parser, quiet_logs
 from mae_ray.config import Config, load_config
-from mae_ray.encoders import EncoderSource, resolve_encoder
+from mae_ray.encoders import EncoderSource, in_store, resolve_encoder
 
 WHAT = {"linprobe": "linear probe", "finetune": "fine-tuning"}
 
@@ -30,7 +32,8 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, sourc
     name = cfg.mlflow.run_name or f"{job}-{os.path.basename(cfg.output_dir.rstrip('/'))}"
     if not resume_from:
         jobs.refuse_existing(cfg, name)
-    source = source or resolve_encoder(cfg.eval.checkpoint, cfg, uri)  # the dearest check (builds the model)
+    # the dearest check (builds the model); the parent run only if it is in this store (encoders.in_store)
+    source = in_store(source, uri) if source else resolve_encoder(cfg.eval.checkpoint, cfg, uri)
     print(f"[{job}] encoder: {source.label}  outputs: {cfg.output_dir}  mlflow: {tracking.redact(uri)}", flush=True)
     with jobs.ray_session(cfg, verbose):
         import ray
@@ -39,7 +42,7 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, sourc
 
         params = tracking.params_from_config(cfg.flatten())
         params["eval.encoder"] = source.label
-        tags = {**tracking.run_tags(), "mae_ray.job": job}
+        tags = {**tracking.run_tags(), **source.tags(), "mae_ray.job": job}
         if run_id is None:
             run_id = tracking.start_run(uri, cfg.mlflow.experiment, name, params, tags,
                                         parent_run_id=source.parent_run_id)
@@ -54,6 +57,7 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, sourc
         tracking.log_values(uri, source.parent_run_id, final)
     tracking.end_run(uri, run_id, "FINISHED")
     summary = {**final, "encoder": source.label, "mlflow_run_id": run_id, "parent_run_id": source.parent_run_id,
+               "encoder_run_id": source.origin_run_id,
                "checkpoint": result.checkpoint.path, "num_classes": classes, "metrics": metrics,
                "wall_time_s": round(time.time() - start, 1)}
     jobs.write_result(cfg.output_dir, summary)

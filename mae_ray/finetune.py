@@ -64,6 +64,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from mae_ray.data import make_eval_loader, make_train_loader
     from mae_ray.encoders import EncoderSource
     from mae_ray.loop import EpochLoop
+    from mae_ray.transforms import eval_transform
 
     cfg: Config = from_dict(Config, loop_config["config"])
     ft = cfg.finetune
@@ -85,8 +86,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                img_size=img_size, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
                                samples_per_epoch=ft.samples_per_epoch or cfg.data.samples_per_epoch,
                                seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, num_classes=classes)
-    val_loader = make_eval_loader(cfg.data.val_shards, batch_size=256, transform="eval", img_size=img_size,
-                                  rank=rank, world_size=world, num_workers=cfg.data.num_workers, num_classes=classes)
+    val_loader = make_eval_loader(cfg.data.val_shards, batch_size=256, transform=eval_transform(cfg.data, img_size),
+                                  img_size=img_size, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
+                                  num_classes=classes)
     batching = recipe.for_job(cfg, "finetune", world)
     plan = engine.StepPlan(len(loader), batching.accum_iter, ft.epochs, ft.warmup_epochs)
     lr = batching.lr(ft.blr)

@@ -102,10 +102,11 @@ class KnnMonitor:
 
     def _build(self):
         from mae_ray.data import make_eval_loader
+        from mae_ray.transforms import eval_transform
 
         val = self.cfg.data.val_shards or self.cfg.data.train_shards
-        kw = dict(batch_size=256, transform="eval", img_size=self.img_size, rank=self.rank,
-                  world_size=self.world_size, num_workers=self.cfg.data.num_workers)
+        kw = dict(batch_size=256, transform=eval_transform(self.cfg.data, self.img_size), img_size=self.img_size,
+                  rank=self.rank, world_size=self.world_size, num_workers=self.cfg.data.num_workers)
         self.loaders = (make_eval_loader(self.cfg.data.train_shards, **kw), make_eval_loader(val, **kw))
 
     def run(self, model) -> float:

@@ -71,7 +71,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from mae_ray.errors import DataError
     from mae_ray.knn import all_gather_rows, extract_features
     from mae_ray.loop import EpochLoop
-    from mae_ray.transforms import build_transform, normalize_batch
+    from mae_ray.transforms import build_transform, eval_transform, normalize_batch
 
     cfg: Config = from_dict(Config, loop_config["config"])
     lp = cfg.linprobe
@@ -84,8 +84,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     img_size = encoder.patch_embed.img_size[0]
     classes = loop_config["num_classes"]
     head = LinearProbeHead(encoder.cls_token.shape[-1], classes).to(device)
-    val_kw = dict(batch_size=256, transform="eval", img_size=img_size, rank=rank, world_size=world,
-                  num_workers=cfg.data.num_workers, num_classes=classes)
+    val_kw = dict(batch_size=256, transform=eval_transform(cfg.data, img_size), img_size=img_size, rank=rank,
+                  world_size=world, num_workers=cfg.data.num_workers, num_classes=classes)
     val_loader = make_eval_loader(cfg.data.val_shards, **val_kw)
     if lp.cache_features:  # features once, no augmentation; the train set gathered on every rank
         tr = make_eval_loader(cfg.data.train_shards, **{**val_kw, "batch_size": 256})

@@ -139,11 +139,13 @@ class _Pictures:
 
     def _load(self):
         from mae_ray.data import make_eval_loader
+        from mae_ray.transforms import eval_transform
         from mae_ray.visualize import fixed_noise
 
         shards = self.cfg.data.val_shards or self.cfg.data.train_shards
         size = self.model.patch_embed.img_size[0]
-        loader = make_eval_loader(shards, batch_size=self.count, transform="eval", img_size=size, num_workers=0)
+        loader = make_eval_loader(shards, batch_size=self.count, transform=eval_transform(self.cfg.data, size),
+                                  img_size=size, num_workers=0)
         self.images = next(iter(loader))[0][: self.count]
         self.noise = fixed_noise(self.images.shape[0], self.model.patch_embed.num_patches)
 

@@ -70,10 +70,25 @@ def params_from_config(flat: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _ray_submission_id() -> str | None:
+    """The submission id of the ``ray job submit`` job this driver runs as, if any.
+
+    Ray 2.x sets no ``RAY_JOB_SUBMISSION_ID``: the job supervisor hands the driver its job config
+    (with ``metadata.job_submission_id``) in ``RAY_JOB_CONFIG_JSON_ENV_VAR``.
+    """
+    import json
+
+    try:
+        metadata = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("metadata") or {}
+        return metadata.get("job_submission_id") or None
+    except (ValueError, AttributeError):
+        return None
+
+
 def run_tags() -> dict[str, str]:
-    """Ray job id (when under Ray) and git commit (when in a git checkout)."""
+    """Ray job submission id (under ``ray job submit``), Ray job id (under Ray), git commit (in a checkout)."""
     tags = {}
-    submission = os.environ.get("RAY_JOB_SUBMISSION_ID")
+    submission = os.environ.get("RAY_JOB_SUBMISSION_ID") or _ray_submission_id()
     if submission:
         tags["ray.submission_id"] = submission
     try:
@@ -115,6 +130,15 @@ def start_run(
     return run.info.run_id
 
 
+def run_exists(tracking_uri: str, run_id: str) -> bool:
+    """Whether ``run_id`` is a run of this tracking store (a checkpoint may name a run of another store)."""
+    try:
+        MlflowClient(tracking_uri).get_run(run_id)
+    except Exception:  # MlflowException (no such run, malformed id) or an unreachable store
+        return False
+    return True
+
+
 def log_values(tracking_uri: str, run_id: str, metrics: Mapping[str, float]) -> None:
     """Final results (e.g. ``linprobe_top1``) on a run; a later evaluation adds the next step."""
     client = MlflowClient(tracking_uri)
@@ -124,7 +148,18 @@ def log_values(tracking_uri: str, run_id: str, metrics: Mapping[str, float]) -> 
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
-    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+    """Mark the run ended. MLflow then prints "View run ... at: <tracking URI>/#/..." (to an HTTP server):
+    printed here with the URI's credentials redacted."""
+    import contextlib
+    import io
+    import sys
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+    finally:
+        sys.stdout.write(redact(printed.getvalue()))
 
 
 class EpochLogger:

@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TRANSFORM_KINDS = ("pretrain", "linprobe", "finetune", "eval")
+DEFAULT_CROP_RATIO = 0.875  # ImageNet's evaluation crop: resize to size / 0.875, centre crop
 # File extensions the loader treats as image payloads (webdataset keeps the original bytes).
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm"})
 
@@ -66,9 +67,26 @@ def _random_resized_crop(img_size: int, scale: tuple[float, float]) -> list[Tran
     ]
 
 
-def _eval_resize_crop(img_size: int) -> list[Transform]:
-    # Standard 0.875 centre-crop ratio: 224 -> resize shorter side to 256, crop 224.
-    return [v2.Resize(int(img_size / 0.875), interpolation=_BICUBIC, antialias=True), v2.CenterCrop(img_size)]
+def _eval_resize_crop(img_size: int, crop_ratio: float) -> list[Transform]:
+    # ImageNet's 0.875: 224 -> shorter side resized to 256, centre crop 224. 1.0: shorter side resized to
+    # img_size, so a square image is kept whole (nothing cut from its border).
+    if not 0 < crop_ratio <= 1:
+        raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
+    return [v2.Resize(int(img_size / crop_ratio), interpolation=_BICUBIC, antialias=True), v2.CenterCrop(img_size)]
+
+
+def eval_transform(data_cfg, img_size: int, *, normalize: bool = True) -> Transform:
+    """The evaluation transform of a job's data (``cfg.data``): its crop ratio is ``data.crop_ratio`` when
+    set, else the ``crop_ratio`` of the dataset.json beside the training (else validation) shards, else
+    :data:`DEFAULT_CROP_RATIO`. Linear probe, fine-tuning, kNN and reconstruction pictures all use it."""
+    from mae_ray.data import manifest_crop_ratio
+
+    ratio = data_cfg.crop_ratio
+    for spec in (data_cfg.train_shards, data_cfg.val_shards):
+        if ratio is None and spec:
+            ratio = manifest_crop_ratio(spec)
+    return build_transform("eval", img_size, normalize=normalize,
+                           crop_ratio=DEFAULT_CROP_RATIO if ratio is None else ratio)
 
 
 def _finetune_transform(img_size: int) -> v2.Compose:
@@ -92,8 +110,12 @@ def _finetune_transform(img_size: int) -> v2.Compose:
     return v2.Compose([v2.ToPILImage(), timm_transform])
 
 
-def build_transform(kind: str, img_size: int, *, normalize: bool = True) -> Transform:
+def build_transform(kind: str, img_size: int, *, normalize: bool = True,
+                    crop_ratio: float = DEFAULT_CROP_RATIO) -> Transform:
     """Return the transform for one of ``pretrain``, ``linprobe``, ``finetune`` or ``eval``.
+
+    ``crop_ratio`` (``eval`` only): resize the shorter side to ``img_size / crop_ratio``, then take the
+    centre ``img_size`` square; the jobs pass their data's ratio through :func:`eval_transform`.
 
     With ``normalize=False`` the output stays uint8 (4x fewer bytes through the DataLoader's
     shared memory and the host-to-device copy); apply :func:`normalize_batch` on the device.
@@ -108,7 +130,7 @@ def build_transform(kind: str, img_size: int, *, normalize: bool = True) -> Tran
     elif kind == "linprobe":
         steps = _random_resized_crop(img_size, scale=(0.08, 1.0))
     elif kind == "eval":
-        steps = _eval_resize_crop(img_size)
+        steps = _eval_resize_crop(img_size, crop_ratio)
     else:
         raise ValueError(f"unknown transform kind {kind!r}; expected one of {TRANSFORM_KINDS}")
     return v2.Compose([*steps, normalize_batch] if normalize else steps)

@@ -1,0 +1,78 @@
+"""The evaluation transform's crop ratio as a data setting (``data.crop_ratio``, dataset.json's ``crop_ratio``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mae_ray.config import DataConfig, load_config
+from mae_ray.data import manifest_crop_ratio
+from mae_ray.errors import ConfigError
+from mae_ray.transforms import DEFAULT_CROP_RATIO, build_transform, eval_transform
+
+
+def framed(size: int = 32, width: int = 1) -> torch.Tensor:
+    """A full-frame picture: a white border ``width`` px wide around a black inside, CHW uint8."""
+    img = torch.full((3, size, size), 255, dtype=torch.uint8)
+    img[:, width:-width, width:-width] = 0
+    return img
+
+
+def border(img: torch.Tensor) -> torch.Tensor:
+    return torch.cat([img[:, 0, :], img[:, -1, :], img[:, :, 0], img[:, :, -1]], dim=1).float()
+
+
+def test_crop_ratio_one_keeps_the_border_and_0875_drops_it():
+    img = framed()
+    whole = build_transform("eval", 32, normalize=False, crop_ratio=1.0)(img)
+    assert whole.shape == (3, 32, 32) and border(whole).min() >= 250  # every border pixel still white
+    cropped = build_transform("eval", 32, normalize=False, crop_ratio=0.875)(img)
+    assert cropped.shape == (3, 32, 32) and border(cropped).max() <= 5  # 36 px, centre 32: the frame is gone
+    default = build_transform("eval", 32, normalize=False)(img)
+    assert DEFAULT_CROP_RATIO == 0.875 and torch.equal(default, cropped)
+    with pytest.raises(ValueError, match="crop_ratio"):
+        build_transform("eval", 32, crop_ratio=1.5)
+
+
+def shards_with_manifest(folder, **manifest):
+    folder.mkdir(parents=True)
+    (folder / "train-000000.tar").write_bytes(b"")
+    (folder / "dataset.json").write_text(json.dumps({"shards": {"train-000000.tar": 0}, **manifest}))
+    return str(folder / "train-000000.tar")
+
+
+def test_the_dataset_json_ratio_is_used_unless_the_config_sets_one(tmp_path):
+    whole = shards_with_manifest(tmp_path / "whole", crop_ratio=1.0)
+    plain = shards_with_manifest(tmp_path / "plain")
+    assert manifest_crop_ratio(whole) == 1.0 and manifest_crop_ratio(plain) is None
+    assert manifest_crop_ratio("https://example.invalid/train-000000.tar") is None  # remote: not read
+
+    def edge(**data) -> torch.Tensor:
+        return border(eval_transform(DataConfig(**data), 32, normalize=False)(framed()))
+
+    assert edge(train_shards=whole).min() >= 250
+    assert edge(train_shards=plain).max() <= 5
+    assert edge(train_shards=plain, val_shards=whole).min() >= 250  # the validation shards' when training's has none
+    assert edge(train_shards=whole, crop_ratio=0.875).max() <= 5  # the config wins over the manifest
+    assert load_config(None, ["data.crop_ratio=1"]).data.crop_ratio == 1.0
+    with pytest.raises(ConfigError, match="data.crop_ratio"):
+        load_config(None, ["data.crop_ratio=0"])
+
+
+def test_make_shards_and_the_demo_write_the_ratio(tmp_path):
+    from data_tools.demo_data import build_demo_dataset
+    from data_tools.make_shards import make_shards
+
+    for name in ("a", "b"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / name / "x.png")
+    make_shards(tmp_path / "imgs", tmp_path / "out", progress=False)
+    assert manifest_crop_ratio(str(tmp_path / "out")) is None  # not asked for: not written
+    make_shards(tmp_path / "imgs", tmp_path / "out", progress=False, crop_ratio=0.9)  # complete: metadata only
+    assert manifest_crop_ratio(str(tmp_path / "out")) == 0.9
+    demo = build_demo_dataset(tmp_path / "demo", num_train=20, num_val=10, size=16)
+    assert manifest_crop_ratio(demo["train"]) == manifest_crop_ratio(demo["val"]) == 1.0

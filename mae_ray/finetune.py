@@ -120,7 +120,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         model.train()
         batches = loop.batches(loader, epoch, plan.batches_per_epoch)
         metrics = classify.train_epoch(model, batches, optimizer, scheduler, precision, criterion, epoch=epoch,
-                                       plan=plan, device=device, mixup=mixup, no_sync=model.no_sync)
+                                       plan=plan, device=device, mixup=mixup,
+                                       no_sync=getattr(model, "no_sync", None))  # DDP only with 2+ workers
         vit.eval()
         scores = classify.evaluate(vit, val_loader, device)
         metrics.update(val_top1=scores["top1"], val_top5=scores["top5"])

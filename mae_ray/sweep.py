@@ -10,6 +10,7 @@ restores the Tune experiment: finished trials are not re-run, no MLflow run is d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -89,6 +90,37 @@ def _space_entry(key: str, spec: Any) -> tuple[str, Any]:
     return kind, values
 
 
+def hide_secrets(search: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The search space with every value that holds credentials (``user:pass@`` in a URL, a signed
+    URL's token) replaced by its redacted form, and ``{key: {shown: real}}`` to map them back.
+
+    Tune writes the values it searches everywhere: trial folder names, ``params.json``, each
+    ``result.json``, its experiment state, the results table. Two values that redact alike are told
+    apart by a ``#n`` suffix.
+    """
+    from mae_ray import tracking
+
+    shown_space, hidden = {}, {}
+    for key, spec in search.items():
+        kind, values = _space_entry(key, spec)
+        if kind not in ("grid", "choice"):
+            shown_space[key] = spec
+            continue
+        shown, taken = [], set()
+        for value in values:
+            if isinstance(value, str) and tracking.redact(value) != value:
+                label, n = tracking.redact(value), 1
+                while label in taken or label in values:
+                    n += 1
+                    label = f"{tracking.redact(value)}#{n}"
+                hidden.setdefault(key, {})[label] = value
+                value = label
+            taken.add(value if isinstance(value, str) else json.dumps(value))
+            shown.append(value)
+        shown_space[key] = {kind: shown}
+    return shown_space, hidden
+
+
 def param_space(search: dict[str, Any]) -> dict[str, Any]:
     from ray import tune
 
@@ -99,8 +131,12 @@ def param_space(search: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- one trial
 def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: str, parent_run_id: str,
-          sweep: dict[str, Any]) -> None:
-    """Tune function: pre-train (reports forwarded to Tune), evaluate, report the final metrics."""
+          sweep: dict[str, Any], hidden: dict[str, dict[str, Any]] | None = None) -> None:
+    """Tune function: pre-train (reports forwarded to Tune), evaluate, report the final metrics.
+
+    ``params`` are the values Tune shows (credentials redacted, see :func:`hide_secrets`); ``hidden``
+    maps them back to the real ones, which reach this function through the object store only.
+    """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -108,7 +144,8 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
     from mae_ray.encoders import resolve_encoder
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in params.items()], base=base)
+    real = {k: (hidden or {}).get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in params.items()}
+    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in real.items()], base=base)
     cfg.output_dir = os.path.join(sweep_dir, "trials", trial_id)
     cfg.mlflow.tracking_uri, cfg.mlflow.run_name = uri, trial_id
     run_id = _trial_run(uri, cfg, parent_run_id, trial_id, params)
@@ -152,7 +189,7 @@ def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params:
         found = client.search_runs([exp.experiment_id], filter_string=f"tags.`sweep.trial_id` = '{trial_id}'")
         if found:
             return found[0].info.run_id
-    tags = {**tracking.run_tags(), "sweep.trial_id": trial_id, "sweep.params": json.dumps(params)}
+    tags = {**tracking.run_tags(), "sweep.trial_id": trial_id, "sweep.params": tracking.redact(json.dumps(params))}
     return tracking.start_run(uri, cfg.mlflow.experiment, trial_id, tracking.params_from_config(cfg.flatten()),
                               tags, parent_run_id=parent_run_id)
 
@@ -195,28 +232,26 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
             with open(state_file + ".tmp", "w") as f:  # what --resume needs to find this sweep again
                 json.dump({"parent_run_id": parent, "uri": tracking.redact(uri)}, f)
             os.replace(state_file + ".tmp", state_file)
-            logger = tracking.EpochLogger(uri, parent)
-            logger.log_artifact(sweep_file, "sweep")
-            with open(os.path.join(sweep_dir, "base_config.yaml"), "w") as f:
-                yaml.safe_dump(base, f, sort_keys=False)
-            logger.log_artifact(os.path.join(sweep_dir, "base_config.yaml"), "sweep")
+            _log_sweep_files(uri, parent, sweep_file, base, sweep_dir)
         print(f"[sweep] {sweep.name}: up to {concurrent} trial(s) at a time; folder {sweep_dir}; "
               f"mlflow parent run {parent}", flush=True)
+        shown_space, hidden = hide_secrets(sweep.search)
         fn = tune.with_resources(
             tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
-                                 sweep={"linprobe": sweep.linprobe, "finetune": sweep.finetune}),
+                                 sweep={"linprobe": sweep.linprobe, "finetune": sweep.finetune}, hidden=hidden),
             {"cpu": sweep.trial_cpus})
         if resume and tune.Tuner.can_restore(tune_path):
             # a trial the dead driver left running shows as errored: restart it (trials are idempotent)
             tuner = tune.Tuner.restore(tune_path, trainable=fn, resume_unfinished=True, restart_errored=True)
         else:
             tuner = tune.Tuner(
-                fn, param_space=param_space(sweep.search),
+                fn, param_space=param_space(shown_space),
                 tune_config=tune.TuneConfig(num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
                                             scheduler=_scheduler(sweep)),
                 run_config=tune.RunConfig(name=tune_name, storage_path=tune_root, verbose=1 if verbose else 0),
             )
-        grid = tuner.fit()
+        with _credentials_not_copied_by_tune():
+            grid = tuner.fit()
         baseline = _random_baseline(sweep, base, sweep_dir, uri, parent, verbose)
         return sweep_report.finish(grid, sweep, sweep_dir, uri, parent, baseline)
     finally:
@@ -225,6 +260,48 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
 
             ray.shutdown()
             sweep_report.forget_ray(sweep_dir)
+
+
+def _log_sweep_files(uri: str, parent: str, sweep_file: str, base: dict[str, Any], sweep_dir: str) -> None:
+    """The sweep file and the trials' base config, credentials redacted, as artifacts ``sweep/`` of the
+    parent run; the base config also in the sweep folder (a record: ``--resume`` reads the sweep file)."""
+    import tempfile
+
+    from mae_ray import tracking
+
+    logger = tracking.EpochLogger(uri, parent)
+    with open(sweep_file) as f:
+        sweep_text = tracking.redact(f.read())
+    with tempfile.TemporaryDirectory() as tmp:  # the artifact keeps the file's name
+        copy = os.path.join(tmp, os.path.basename(sweep_file))
+        with open(copy, "w") as f:
+            f.write(sweep_text)
+        logger.log_artifact(copy, "sweep")
+    path = os.path.join(sweep_dir, "base_config.yaml")
+    with open(path, "w") as f:
+        f.write(tracking.redact(yaml.safe_dump(base, sort_keys=False)))
+    logger.log_artifact(path, "sweep")
+
+
+@contextlib.contextmanager
+def _credentials_not_copied_by_tune():
+    """Ray Tune copies the driver's ``AWS_*`` credentials into every trial actor's runtime environment,
+    which Ray logs in full on the trial's node (``runtime_env_agent.log``) and keeps in its actor
+    table (the dashboard's view). Not here: the trials, like every Ray Train worker, take credentials
+    from their node's environment (``ray start``'s, or the instance role; docs/operations.md).
+    """
+    try:
+        from ray.tune.execution import class_cache
+
+        copied = class_cache.ENV_VARS_TO_PROPAGATE
+    except (ImportError, AttributeError):  # a Ray that no longer does this
+        yield
+        return
+    class_cache.ENV_VARS_TO_PROPAGATE = {name for name in copied if not name.startswith("AWS_")}
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = copied
 
 
 def _concurrency(sweep: SweepConfig, cfg: Config) -> int:
@@ -250,7 +327,10 @@ def _scheduler(sweep: SweepConfig):
 
 
 def _sweep_params(sweep: SweepConfig) -> dict[str, str]:
-    return {"sweep.name": sweep.name, "sweep.base": sweep.base, "sweep.search": json.dumps(sweep.search)[:6000],
+    from mae_ray.tracking import redact
+
+    return {"sweep.name": sweep.name, "sweep.base": redact(sweep.base),
+            "sweep.search": redact(json.dumps(sweep.search))[:6000],
             "sweep.metric": sweep.metric, "sweep.scheduler": sweep.scheduler.type,
             "sweep.num_samples": str(sweep.num_samples)}
 

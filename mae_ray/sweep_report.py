@@ -34,7 +34,7 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
                                    filter_string=f"tags.`sweep.trial_id` = '{row['trial']}'")
         for run in found:  # stopped by the scheduler: recorded as stopped, not lost
             client.set_tag(run.info.run_id, "sweep.status", "stopped")
-            client.set_terminated(run.info.run_id, "KILLED")
+            tracking.end_run(uri, run.info.run_id, "KILLED")
             row["mlflow_run_id"] = run.info.run_id
     if baseline is not None:
         rows.append({"trial": "random-init", "status": "baseline", "linprobe_top1": baseline["linprobe_top1"],
@@ -99,33 +99,48 @@ def to_markdown(rows: list[dict], columns: list[str]) -> str:
 
 
 def plot_axes(rows: list[dict], axes: list[str], sweep_dir: str) -> list[str]:
-    """Accuracy vs each numeric axis (mask ratio, decoder width, epochs, ...), as in the paper's figures."""
+    """Accuracy vs each numeric axis (mask ratio, decoder width, epochs, ...), as in the paper's figures.
+
+    Each PNG carries the points it draws (text chunk ``mae_ray.series``: label -> [xs, ys]), so the
+    picture can be checked against the results table it was drawn from.
+    """
     paths = []
-    done = [r for r in rows if r["status"] == "finished"]
     for axis in axes:
-        points = [r for r in done if isinstance(r.get(axis), (int, float)) and not isinstance(r.get(axis), bool)]
-        if len({r[axis] for r in points}) < 2:
+        fig = axis_figure(rows, axis)
+        if fig is None:
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for metric, style in zip(ACCURACIES, ("o-", "s--", "^:"), strict=True):
-            xs = sorted({r[axis] for r in points if metric in r})
-            if not xs:
-                continue
-            ys = [_mean([r[metric] for r in points if r[axis] == x and metric in r]) for x in xs]
-            ax.plot(xs, ys, style, label=metric.replace("_top1", " top-1"))
-        baseline = [r["linprobe_top1"] for r in rows if r["status"] == "baseline"]
-        if baseline:
-            ax.axhline(baseline[0], color="grey", lw=1, ls="--", label="random-init linear probe")
-        ax.set_xlabel(axis)
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        series = {line.get_label(): [[float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]]
+                  for line in fig.axes[0].get_lines()}
         path = os.path.join(sweep_dir, f"accuracy_vs_{axis.replace('.', '_')}.png")
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, metadata={"mae_ray.series": json.dumps(series)})
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def axis_figure(rows: list[dict], axis: str):
+    """The figure of accuracy vs ``axis``: per accuracy, the mean over the finished trials at each value
+    of the axis (sorted); the random-init linear probe as a horizontal line. None if < 2 values."""
+    done = [r for r in rows if r["status"] == "finished"]
+    points = [r for r in done if isinstance(r.get(axis), (int, float)) and not isinstance(r.get(axis), bool)]
+    if len({r[axis] for r in points}) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for metric, style in zip(ACCURACIES, ("o-", "s--", "^:"), strict=True):
+        xs = sorted({r[axis] for r in points if metric in r})
+        if not xs:
+            continue
+        ys = [_mean([r[metric] for r in points if r[axis] == x and metric in r]) for x in xs]
+        ax.plot(xs, ys, style, label=metric.replace("_top1", " top-1"))
+    baseline = [r["linprobe_top1"] for r in rows if r["status"] == "baseline"]
+    if baseline:
+        ax.axhline(baseline[0], color="grey", lw=1, ls="--", label="random-init linear probe")
+    ax.set_xlabel(axis)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def _mean(values: list[float]) -> float:
@@ -141,13 +156,30 @@ def _best(rows: list[dict], metric: str, mode: str) -> dict | None:
 
 # --------------------------------------------------------------------------- Ray processes of a driver
 def remember_ray(sweep_dir: str) -> None:
-    """Record the pids of the Ray instance this driver started: a killed driver leaves them running."""
+    """Record the Ray processes this driver started, with their start times: a killed driver leaves some running.
+
+    On Linux the head's own processes (gcs_server, raylet, dashboard, ...) die with the driver (Ray's
+    kernel fate sharing) and are reaped by PID 1; the raylet's children (dashboard and runtime-env
+    agents, idle workers) do not: they run on for a minute or more. So those are recorded too.
+    """
+    import psutil
     import ray
 
     node = ray._private.worker._global_node  # Ray keeps no public handle on its own processes
-    pids = [info.process.pid for infos in node.all_processes.values() for info in infos if info.process]
+    started: dict[str, float] = {}
+    for infos in node.all_processes.values():
+        for info in infos:
+            if not info.process:
+                continue
+            try:
+                proc = psutil.Process(info.process.pid)
+                for p in (proc, *proc.children(recursive=True)):
+                    started[str(p.pid)] = p.create_time()
+            except psutil.NoSuchProcess:
+                continue
     with open(os.path.join(sweep_dir, RAY_PIDS), "w") as f:
-        json.dump({"session_dir": node.get_session_dir_path(), "pids": pids}, f)
+        json.dump({"session_dir": node.get_session_dir_path(), "pids": [int(p) for p in started],
+                   "started": started}, f)
 
 
 def forget_ray(sweep_dir: str) -> None:
@@ -156,10 +188,10 @@ def forget_ray(sweep_dir: str) -> None:
         os.remove(path)
 
 
-def forget_stale_ray(sweep_dir: str) -> list[int]:
-    """Stop the Ray processes a killed driver of this sweep left behind — only those, by pid."""
-    import signal
-
+def forget_stale_ray(sweep_dir: str, grace_s: float = 10.0, reap_s: float = 10.0) -> list[int]:
+    """Stop the Ray processes a killed driver of this sweep left behind — only those, by pid — and wait
+    until they are reaped: SIGTERM, SIGKILL after ``grace_s``, then up to ``reap_s`` until each has left
+    the process table (this process reaps its own children; PID 1 reaps the orphans of the dead driver)."""
     import psutil
 
     path = os.path.join(sweep_dir, RAY_PIDS)
@@ -167,15 +199,46 @@ def forget_stale_ray(sweep_dir: str) -> list[int]:
         return []
     with open(path) as f:
         saved = json.load(f)
-    stopped = []
+    started = saved.get("started", {})
+    stale = []
     for pid in saved["pids"]:
         try:
             proc = psutil.Process(pid)
-            if saved["session_dir"] in " ".join(proc.cmdline()):  # the pid still is that Ray process
-                proc.send_signal(signal.SIGTERM)
-                stopped.append(pid)
+            if str(pid) in started:  # the pid still is that Ray process, not a reused one
+                same = abs(proc.create_time() - started[str(pid)]) < 0.01
+            else:  # a record without start times: the command line names the session
+                same = saved["session_dir"] in " ".join(proc.cmdline())
+            if same and proc.status() != psutil.STATUS_ZOMBIE:
+                proc.terminate()
+                stale.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    psutil.wait_procs([psutil.Process(p) for p in stopped if psutil.pid_exists(p)], timeout=10)
+    _, alive = psutil.wait_procs(stale, timeout=grace_s)  # reaps those that are our children
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+    zombies = _wait_reaped([p.pid for p in stale], timeout=reap_s)
+    if stale:
+        print(f"[sweep] stopped {len(stale)} Ray process(es) a killed driver left running: "
+              f"{' '.join(str(p.pid) for p in stale)}", flush=True)
+    if zombies:
+        print(f"[sweep] warning: exited but not reaped by their parent: {zombies}", flush=True)
     forget_ray(sweep_dir)
-    return stopped
+    return [p.pid for p in stale]
+
+
+def _wait_reaped(pids: list[int], timeout: float) -> list[int]:
+    """Wait until none of ``pids`` is in the process table (a zombie still is); returns those left."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if psutil.pid_exists(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [p for p in left if psutil.pid_exists(p)]
+    return left

@@ -14,7 +14,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _helpers import processes_mentioning
+from _helpers import processes_mentioning, reserve_ports
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.ray
@@ -58,17 +57,6 @@ class Head:
         from ray.job_submission import JobSubmissionClient
 
         return JobSubmissionClient(self.url, headers=self.headers)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 
@@ -116,7 +104,8 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> list[str]:
 def head():
     """A real head bound to 127.0.0.1 with token auth, on 2 CPUs, stopped (and checked gone) afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="rt_", dir="/tmp")  # short: Ray's unix socket paths live under it
-    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+    held = reserve_ports(len(PORT_FLAGS))  # held until the head is gone: no other process is handed them
+    ports = {flag: r.port for flag, r in zip(PORT_FLAGS, held, strict=True)}
     token = secrets.token_hex(32)
     # The token goes in the environment, never in ~/.ray/auth_token: this head does not depend on,
     # or change, whatever token file the machine has (`ray start` turns on token auth when one exists,
@@ -147,6 +136,8 @@ def head():
         yield h
     finally:
         forced = _stop_head(proc, temp_dir)
+        for r in held:
+            r.release()
         time.sleep(1)
         left = {**processes_mentioning(temp_dir), **_group_members(proc.pid)}
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -201,6 +192,23 @@ def _check_outputs(tmp_path: Path) -> dict:
     return result
 
 
+def _assert_ran_on_head(head: Head, tags: dict[str, str], entrypoint: str) -> str:
+    """The MLflow run's ``ray.submission_id`` tag names a job of *this* head that SUCCEEDED running
+    ``entrypoint``, and its ``ray.job_id`` is the Ray job the head gave that submission's driver."""
+    from ray.job_submission import JobStatus
+
+    submission_id = tags.get("ray.submission_id")
+    assert submission_id, f"no ray.submission_id tag on the run: {sorted(tags)}"
+    client = head.client()
+    jobs = {job.submission_id: job for job in client.list_jobs()}
+    assert submission_id in jobs, f"{submission_id} is not in the head's job list {sorted(jobs, key=str)}"
+    job = jobs[submission_id]
+    assert job.status == JobStatus.SUCCEEDED and client.get_job_status(submission_id) == JobStatus.SUCCEEDED
+    assert entrypoint in job.entrypoint, job.entrypoint
+    assert tags.get("ray.job_id") == job.job_id, (tags.get("ray.job_id"), job.job_id)
+    return submission_id
+
+
 def test_head_refuses_the_job_api_without_the_token(head):
     for path in ("/api/version", "/api/jobs/"):
         with pytest.raises(urllib.error.HTTPError) as err:
@@ -229,6 +237,9 @@ def test_documented_cli_submit_with_working_dir(head, demo_data, tmp_path):
     # the config file came from the uploaded copy: its values that no --set overrode are in the run
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result["mlflow_run_id"])
     assert run.data.params["model.norm_pix_loss"] == "True" and run.data.params["model.mask_ratio"] == "0.75"
+    # it ran as a job of this head: the id the CLI printed is the run's tag, SUCCEEDED in the head's list
+    submission_id = _assert_ran_on_head(head, run.data.tags, "python -m mae_ray.pretrain --config")
+    assert f"Job '{submission_id}' succeeded" in out, out[-4000:]
     print(f"cli job: {time.time() - t0:.1f}s")
 
 
@@ -251,7 +262,9 @@ def test_python_client_submit_with_explicit_excludes(head, demo_data, tmp_path):
     assert "[pretrain] done: 2 epochs" in logs, logs[-4000:]
     info = client.get_job_info(job_id)
     assert info.runtime_env["working_dir"].startswith("gcs://")  # uploaded to the head, not a local path
-    _check_outputs(tmp_path)
+    result = _check_outputs(tmp_path)
+    tags = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result["mlflow_run_id"]).data.tags
+    assert _assert_ran_on_head(head, tags, "-m mae_ray.pretrain --set") == job_id
     print(f"python client job: {time.time() - t0:.1f}s")
 
 
@@ -284,3 +297,5 @@ def test_sweep_submitted_to_the_head_succeeds(head, demo_data, tmp_path):
     mlflow = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     child = mlflow.get_run(row["mlflow_run_id"])
     assert child.info.status == "FINISHED" and "mlflow.parentRunId" in child.data.tags
+    parent = mlflow.get_run(child.data.tags["mlflow.parentRunId"])  # the sweep's run, made by the job's driver
+    assert _assert_ran_on_head(head, parent.data.tags, "-m mae_ray.sweep --config") == job_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -64,6 +65,17 @@ def write_sweep(tmp_path, data, uri, search, **sweep_keys):
 
 
 
+def proc_state(pid: int) -> str | None:
+    """The State letter of /proc/PID/status (Z: exited, not yet reaped), None when no such process."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("State:"):
+                return line.split()[1]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     server = MlflowServer(tmp_path)
@@ -110,14 +122,23 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(colours, tmp_pat
     assert first, "no trial finished in time"
     os.kill(driver.pid, signal.SIGKILL)  # the driver only: its Ray processes are left behind
     driver.wait()
-    left = json.loads((sweep_dir / "ray_processes.json").read_text())["pids"]
-    assert any(psutil.pid_exists(p) for p in left)
+    saved = json.loads((sweep_dir / "ray_processes.json").read_text())
+    left = saved["pids"]
+    # Really running, not merely dead and unreaped: gcs_server, raylet & co die with the driver (Ray's
+    # kernel fate sharing) and are zombies until PID 1 reaps them; the raylet's agents run on.
+    states = {p: proc_state(p) for p in left}
+    assert any(s not in (None, "Z") for s in states.values()), states
     finished_at = first[0].stat().st_mtime
 
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert first[0].stat().st_mtime == finished_at  # the finished trial was not run again
-    assert not any(psutil.pid_exists(p) and "ray" in " ".join(psutil.Process(p).cmdline()) for p in left)
+    # every process the killed driver left is gone from the process table (stopped and reaped), not a
+    # zombie; a pid in use again belongs to a process started later
+    for pid in left:
+        state = proc_state(pid)
+        assert state is None or (state != "Z" and psutil.Process(pid).create_time() != saved["started"][str(pid)]), (
+            pid, state, resumed.stdout[-2000:])
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("sweep-test")
@@ -135,7 +156,76 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(colours, tmp_pat
     assert all(r["status"] == "finished" and 0 <= r["linprobe_top1"] <= 100 for r in table)
     markdown = (sweep_dir / "sweep_results.md").read_text()
     assert f"{table[0]['linprobe_top1']:.2f}" in markdown
-    assert (sweep_dir / "accuracy_vs_model_mask_ratio.png").stat().st_size > 1000
+    # the plot is drawn from the table's rows: the points the PNG carries are the table's, x sorted
+    with Image.open(sweep_dir / "accuracy_vs_model_mask_ratio.png") as png:
+        series = json.loads(png.text["mae_ray.series"])
+    for metric in ("linprobe_top1", "finetune_top1"):
+        by_ratio = sorted((r["model.mask_ratio"], r[metric]) for r in table)
+        assert series[metric.replace("_top1", " top-1")] == [[x for x, _ in by_ratio], [y for _, y in by_ratio]]
+
+
+def test_plot_lines_are_the_tables_rows_averaged_per_axis_value():
+    """What the accuracy plot draws, read back from its lines: per accuracy, x = the axis values of the
+    finished trials (sorted), y = the mean accuracy of the trials at that x; the baseline a flat line."""
+    from mae_ray import sweep_report
+
+    rows = [  # unsorted, two trials at 0.75, one stopped and one errored trial (not drawn), a baseline
+        {"trial": "c", "status": "finished", "model.mask_ratio": 0.9, "linprobe_top1": 30.0, "knn_top1": 20.0},
+        {"trial": "a", "status": "finished", "model.mask_ratio": 0.75, "linprobe_top1": 50.0, "knn_top1": 25.0},
+        {"trial": "b", "status": "finished", "model.mask_ratio": 0.5, "linprobe_top1": 40.0},
+        {"trial": "d", "status": "finished", "model.mask_ratio": 0.75, "linprobe_top1": 60.0, "knn_top1": 35.0},
+        {"trial": "e", "status": "stopped", "model.mask_ratio": 0.25, "linprobe_top1": 99.0, "knn_top1": 99.0},
+        {"trial": "f", "status": "error", "model.mask_ratio": 0.6, "linprobe_top1": 99.0},
+        {"trial": "random-init", "status": "baseline", "linprobe_top1": 12.5},
+    ]
+    fig = sweep_report.axis_figure(rows, "model.mask_ratio")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(lines) == {"linprobe top-1", "knn top-1", "random-init linear probe"}  # no fine-tune: none has it
+    assert list(lines["linprobe top-1"].get_xdata()) == [0.5, 0.75, 0.9]
+    assert list(lines["linprobe top-1"].get_ydata()) == [40.0, 55.0, 30.0]
+    assert list(lines["knn top-1"].get_xdata()) == [0.75, 0.9]  # only the trials that have it
+    assert list(lines["knn top-1"].get_ydata()) == [30.0, 20.0]
+    assert list(lines["random-init linear probe"].get_ydata()) == [12.5, 12.5]
+    assert fig.axes[0].get_xlabel() == "model.mask_ratio"
+    assert sweep_report.axis_figure(rows[1:2] + rows[4:], "model.mask_ratio") is None  # one finished value
+
+
+def test_stale_ray_processes_are_stopped_and_reaped_not_left_as_zombies(tmp_path):
+    """forget_stale_ray on a record of a killed driver: a process that obeys SIGTERM, one that ignores it
+    (SIGKILLed after the grace period), one orphaned like the dead driver's (reaped by PID 1); a pid
+    now used by another process is left alone. Afterwards each stopped pid is out of the process table:
+    /proc/PID/status gone, not State Z."""
+    from mae_ray import sweep_report
+
+    ready = "import signal, sys, time; {}; print('ready', flush=True); time.sleep(600)"
+    obeys = subprocess.Popen([sys.executable, "-c", ready.format("pass")], stdout=subprocess.PIPE, text=True)
+    ignores = subprocess.Popen([sys.executable, "-c", ready.format("signal.signal(signal.SIGTERM, signal.SIG_IGN)")],
+                               stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen([sys.executable, "-c", ready.format("pass")], stdout=subprocess.PIPE, text=True)
+    orphan_parent = subprocess.run(["bash", "-c", "sleep 600 >/dev/null 2>&1 & echo $!"], capture_output=True,
+                                   text=True, check=True)  # its parent has exited: PID 1's child now
+    orphan = int(orphan_parent.stdout)
+    try:
+        for proc in (obeys, ignores, other):
+            assert proc.stdout.readline().strip() == "ready"  # the SIGTERM handler is in place
+        mine = [obeys.pid, ignores.pid, orphan]
+        started = {str(p): psutil.Process(p).create_time() for p in mine}
+        started[str(other.pid)] = psutil.Process(other.pid).create_time() - 100  # the pid was someone else's
+        (tmp_path / sweep_report.RAY_PIDS).write_text(json.dumps(
+            {"session_dir": "/tmp/ray/session_x", "pids": [*mine, other.pid], "started": started}))
+
+        stopped = sweep_report.forget_stale_ray(str(tmp_path), grace_s=2)
+
+        assert sorted(stopped) == sorted(mine)
+        assert {p: proc_state(p) for p in mine} == {p: None for p in mine}  # reaped, not zombies
+        assert proc_state(other.pid) in ("S", "R")  # not ours: untouched
+        assert not (tmp_path / sweep_report.RAY_PIDS).exists()
+    finally:
+        for pid in (obeys.pid, ignores.pid, other.pid, orphan):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for proc in (obeys, ignores, other):
+            proc.wait(timeout=30)
 
 
 def test_bad_sweep_configs_are_refused_before_ray(tmp_path, colours):

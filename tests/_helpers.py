@@ -64,7 +64,7 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90) -> str:
+    def start(self, timeout: float = 300) -> str:  # ~10 s on a quiet machine, 67 s seen under load 25
         self.proc = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
              "--port", str(self.port), "--backend-store-uri", f"sqlite:///{self.root}/server.db",

@@ -63,7 +63,9 @@ def digest(folder: Path) -> dict[str, tuple[str, int]]:
 def assert_same_run(full: dict, full_tmp: Path, other: dict, other_tmp: Path, resumed_from: str) -> None:
     a, b = load_state(full["checkpoint"]), load_state(other["checkpoint"])
     how = other_tmp.name
-    assert [h["train_loss"] for h in b["history"]] == [h["train_loss"] for h in a["history"]], how  # where it forks
+    assert all(h.get("data/skipped", 0) == 0 for h in a["history"] + b["history"]), how  # every sample read
+    assert [h["train_loss"] for h in b["history"]] == [h["train_loss"] for h in a["history"]], (
+        how, b["history"], a["history"], b["attempts"])  # where it forks
     for part in ("model", "optimizer", "scheduler", "scaler"):
         assert_bit_identical(a[part], b[part], f"{how}: {part}")
     assert mlflow_losses(other_tmp, other["mlflow_run_id"]) == mlflow_losses(full_tmp, full["mlflow_run_id"])

@@ -127,7 +127,9 @@ def test_finetuning_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(
     assert steps(uri, summary["mlflow_run_id"], "val_top1") == [0, 1, 2]
     assert checkpoint_epochs(tmp_path / "run" / "ray" / "ft") == [0, 1, 2]
     assert only_run(uri, "test").info.status == "FINISHED"
-    assert 0 <= summary["finetune_top1"] <= 100
+    # the reported accuracy is the last epoch's, measured by the restarted group
+    last = max(MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "val_top1"), key=lambda m: m.step)
+    assert summary["finetune_top1"] == pytest.approx(last.value)
 
 
 # ---------------------------------------------------------------------------- MLflow outage

@@ -17,7 +17,10 @@ import yaml
 
 from mae_ray import recipe
 from mae_ray.errors import ConfigError
-from mae_ray.presets import MODEL_DEFAULTS, PRESETS, resolve_model_kwargs
+from mae_ray.presets import MASK_SAMPLINGS, MODEL_DEFAULTS, PRESETS, resolve_model_kwargs
+
+# Pre-training augmentation, the paper's Table 1e; MAE's is crop_random (RandomResizedCrop 0.2-1 + flip).
+PRETRAIN_AUGMENTS = ("none", "crop_fixed", "crop_random", "crop_random_jitter")
 
 
 @dataclass
@@ -38,6 +41,7 @@ class ModelConfig:
     mlp_ratio: float | None = None
     norm_pix_loss: bool | None = None
     mask_token_in_encoder: bool | None = None
+    mask_sampling: str | None = None  # random (MAE) | block (BEiT-style) | grid (keep 1 of 4); Fig. 6
 
     def kwargs(self) -> dict[str, Any]:
         """Resolved ``MaskedAutoencoderViT`` keywords: the preset with this config's overrides."""
@@ -74,6 +78,8 @@ class TrainConfig:
     visualize_every: int = 0  # 0: only at the end
     knn_every: int = 0  # 0: off
     max_steps_per_epoch: int | None = None  # cap for quick runs and tests
+    # pre-training augmentation (Table 1e): none | crop_fixed | crop_random (MAE) | crop_random_jitter
+    augment: str = "crop_random"
 
 
 @dataclass
@@ -210,6 +216,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.img_size {k['img_size']} is not divisible by model.patch_size {k['patch_size']}"
         )
+    if cfg.train.augment not in PRETRAIN_AUGMENTS:
+        raise ConfigError(f"train.augment must be one of {', '.join(PRETRAIN_AUGMENTS)}, got {cfg.train.augment!r}")
+    if k["mask_sampling"] not in MASK_SAMPLINGS:
+        raise ConfigError(f"model.mask_sampling must be one of {', '.join(MASK_SAMPLINGS)}, "
+                          f"got {k['mask_sampling']!r}")
+    if k["mask_sampling"] == "grid" and (m.mask_ratio != 0.75 or (k["img_size"] // k["patch_size"]) % 2):
+        raise ConfigError("model.mask_sampling=grid keeps one patch of every 2x2: it needs model.mask_ratio=0.75 "
+                          "and an even number of patches per side")
     for width, heads, what in (
         ("embed_dim", "num_heads", "encoder"),
         ("decoder_embed_dim", "decoder_num_heads", "decoder"),

@@ -8,14 +8,16 @@ Blocks, patch embedding and fused SDPA attention come from timm.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from mae_ray.presets import resolve_model_kwargs
+from mae_ray.presets import MASK_SAMPLINGS, resolve_model_kwargs
 
 
 # --------------------------------------------------------------------------- position embeddings
@@ -60,6 +62,7 @@ class MaskedAutoencoderViT(nn.Module):
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
         mask_token_in_encoder: bool = False,
+        mask_sampling: str = "random",
     ):
         super().__init__()
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -68,6 +71,10 @@ class MaskedAutoencoderViT(nn.Module):
         # Table 1c's slow baseline: the encoder runs on all L tokens, a mask token (of encoder
         # width) standing in for each removed patch. Off by default: that is MAE's whole point.
         self.mask_token_in_encoder = mask_token_in_encoder
+        # Fig. 6 / Table 1f: which patches go. random (MAE), block (BEiT-style), grid (keep 1 of 4).
+        if mask_sampling not in MASK_SAMPLINGS:
+            raise ValueError(f"mask_sampling must be one of {MASK_SAMPLINGS}, got {mask_sampling!r}")
+        self.mask_sampling = mask_sampling
 
         # encoder
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -145,6 +152,26 @@ class MaskedAutoencoderViT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     # ----------------------------------------------------------------------- masking
+    def mask_noise(self, n: int, mask_ratio: float, device: torch.device) -> torch.Tensor:
+        """Per-sample noise [N, L] whose ``int(L*(1-r))`` smallest entries are the patches kept.
+
+        Every sampling strategy is expressed as noise, so :meth:`random_masking` keeps one code path:
+        random draws U(0, 1); block and grid put the patches they remove above every kept one.
+        """
+        length = self.grid_size**2
+        if self.mask_sampling == "random":
+            return torch.rand(n, length, device=device)
+        if self.mask_sampling == "grid":
+            removed = grid_mask(self.grid_size).flatten()  # [L]: keep one of every 2x2 patches
+            if int(length * (1 - mask_ratio)) != length - int(removed.sum()):
+                raise ValueError(f"grid masking removes 3 of 4 patches: mask_ratio must be 0.75, got {mask_ratio}")
+            return removed.float().expand(n, -1).to(device).clone()
+        n_mask = length - int(length * (1 - mask_ratio))
+        seeds = torch.randint(2**31 - 1, (n,)).tolist()  # from torch's RNG, so seeding it fixes the blocks
+        blocks = torch.stack([block_mask(self.grid_size, n_mask, np.random.default_rng(s)) for s in seeds])
+        # removed by a block: [1, 1.5); else [0, 0.5); ties are broken at random when blocks fall short
+        return (blocks.flatten(1).float() + 0.5 * torch.rand(n, length)).to(device)
+
     @staticmethod
     def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """Keep the ``int(L*(1-r))`` patches with the smallest noise, per sample.
@@ -168,6 +195,8 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         x = self.patch_embed(imgs)  # [N, L, D]
         x = x + self.pos_embed[:, 1:, :]
+        if noise is None:
+            noise = self.mask_noise(x.shape[0], mask_ratio, x.device)  # [N, L]
         if self.mask_token_in_encoder:
             _, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
             tokens = self.mask_token + self.pos_embed[:, 1:, :]  # [1, L, D]
@@ -223,6 +252,43 @@ class MaskedAutoencoderViT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+
+# --------------------------------------------------------------------------- mask shapes (Fig. 6)
+def grid_mask(grid_size: int) -> torch.Tensor:
+    """[G, G] bool, True = removed: one patch of every 2x2 cell is kept (its top-left), 75 % removed."""
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    return (rows % 2 == 1) | (cols % 2 == 1)
+
+
+def block_mask(grid_size: int, n_mask: int, rng: np.random.Generator, min_block: int = 16,
+               min_aspect: float = 0.3) -> torch.Tensor:
+    """[G, G] bool, True = removed: BEiT's blockwise masking (Bao et al. 2021, its MaskingGenerator).
+
+    Rectangles of random area (``min_block`` .. patches still to remove) and aspect ratio (0.3 .. 1/0.3,
+    log-uniform) are placed at random until ``n_mask`` patches are covered; a rectangle may overlap earlier
+    ones but is only taken if it adds patches without overshooting. It can stop a few short (ten failed
+    tries); :meth:`MaskedAutoencoderViT.mask_noise` then removes the rest at random.
+    """
+    mask = np.zeros((grid_size, grid_size), dtype=bool)
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    while (left_to_mask := n_mask - int(mask.sum())) > 0:
+        added = 0
+        for _ in range(10):
+            area = min_block + (left_to_mask - min_block) * rng.random()  # as BEiT: < min_block near the end
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if not (0 < h < grid_size and 0 < w < grid_size):
+                continue
+            top, left = rng.integers(0, grid_size - h + 1), rng.integers(0, grid_size - w + 1)
+            new = h * w - int(mask[top:top + h, left:left + w].sum())
+            if 0 < new <= left_to_mask:
+                mask[top:top + h, left:left + w] = True
+                added = new
+                break
+        if not added:
+            break
+    return torch.from_numpy(mask)
 
 
 def build_model(name: str, **overrides) -> MaskedAutoencoderViT:

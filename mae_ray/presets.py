@@ -22,7 +22,10 @@ MODEL_DEFAULTS: dict[str, object] = {
     "mlp_ratio": 4.0,
     "norm_pix_loss": False,
     "mask_token_in_encoder": False,
+    "mask_sampling": "random",  # random | block | grid (Fig. 6)
 }
+
+MASK_SAMPLINGS = ("random", "block", "grid")
 
 _DECODER_512_8 = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
 

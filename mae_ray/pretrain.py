@@ -47,7 +47,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # on the device in on_device below: 1.5x the loader's images/s here (docs/performance.md)
     loader = make_train_loader(
         cfg.data.train_shards, batch_size=cfg.train.batch_size,
-        transform=build_transform("pretrain", model.patch_embed.img_size[0], normalize=False),
+        transform=build_transform("pretrain", model.patch_embed.img_size[0], normalize=False,
+                                  augment=cfg.train.augment),
         rank=rank, world_size=world_size, num_workers=cfg.data.num_workers,
         samples_per_epoch=cfg.data.samples_per_epoch, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
         pin_memory=device.type == "cuda",

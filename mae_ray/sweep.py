@@ -52,6 +52,12 @@ class SweepConfig:
     random_baseline: bool = True  # linear-probe a random-init encoder once, as the table's reference row
     output_dir: str = "outputs/sweeps"  # local: report, plots, trial outputs, resume state
     storage_path: str | None = None  # Tune's experiment state: None = under output_dir; s3://... on clusters
+    # Settings that only make sense together (Table 1f: block 50 %, grid 75 %): label -> {dotted key: value},
+    # searched as one grid axis named "case".
+    cases: dict = field(default_factory=dict)
+    # The paper's numbers on this sweep's one axis: value -> {linprobe_top1: .., finetune_top1: ..};
+    # the report prints them beside the measured ones.
+    paper: dict = field(default_factory=dict)
 
 
 def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, Any]]:
@@ -63,6 +69,10 @@ def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, 
         key, value = _parse_override(item)
         _set_dotted(data, key, value)
     sweep = from_dict(SweepConfig, data)
+    if sweep.cases:
+        if CASE in sweep.search:
+            raise ConfigError(f"{path}: '{CASE}' is the axis 'cases' makes: do not also list it under search")
+        sweep.search = {CASE: {"grid": [str(label) for label in sweep.cases]}, **sweep.search}
     if not sweep.base:
         raise ConfigError(f"{path}: 'base' must name the run config the trials start from")
     base_path = sweep.base if os.path.isabs(sweep.base) else os.path.join(os.path.dirname(path), sweep.base)
@@ -70,13 +80,54 @@ def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, 
     base = load_config(base_path, flat_overrides)
     for key, spec in sweep.search.items():
         kind, values = _space_entry(key, spec)
+        if key == CASE:  # every case is a valid config
+            for label in values:
+                load_config(None, case_overrides(sweep.cases, label), base=base.to_dict())
+            continue
         sample = values[0] if isinstance(values, list) else values
         load_config(None, [f"{key}={json.dumps(sample)}"], base=base.to_dict())  # the key and its type exist
+    _check_paper(sweep, path)
     if sweep.scheduler.type not in ("asha", "none"):
         raise ConfigError(f"scheduler.type must be asha or none, got {sweep.scheduler.type!r}")
     if sweep.scheduler.type == "asha" and sweep.scheduler.metric == "knn_top1" and base.train.knn_every != 1:
         raise ConfigError("ASHA on knn_top1 needs the kNN monitor every epoch: set train.knn_every=1 in overrides")
     return sweep, base.to_dict()
+
+
+CASE = "case"
+PAPER_METRICS = ("linprobe_top1", "finetune_top1")
+
+
+def case_overrides(cases: dict[str, Any], label: str) -> list[str]:
+    """``--set`` items of one case (a mapping of dotted keys to values)."""
+    from mae_ray.config import _flatten
+
+    spec = {str(k): v for k, v in cases.items()}.get(label)
+    if not isinstance(spec, dict) or not spec:
+        raise ConfigError(f"cases.{label}: expected a mapping of dotted config keys to values, got {spec!r}")
+    return [f"{k}={json.dumps(v)}" for k, v in _flatten(spec)]
+
+
+def axis_label(value: Any) -> str:
+    """How an axis value is written in a sweep file's ``paper:`` keys (YAML's true/false for booleans)."""
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+
+
+def _check_paper(sweep: SweepConfig, path: str) -> None:
+    """``paper:`` needs one axis, and each of its keys must be a value of that axis (a typo fails here)."""
+    if not sweep.paper:
+        return
+    if len(sweep.search) != 1:
+        raise ConfigError(f"{path}: 'paper' needs exactly one search axis, got {', '.join(sweep.search) or 'none'}")
+    (key, spec), = sweep.search.items()
+    kind, values = _space_entry(key, spec)
+    known = {axis_label(v) for v in values}
+    for value, numbers in sweep.paper.items():
+        if axis_label(value) not in known:
+            raise ConfigError(f"{path}: paper.{value} is not a value of {key} ({', '.join(sorted(known))})")
+        if not isinstance(numbers, dict) or not set(numbers) <= set(PAPER_METRICS):
+            raise ConfigError(f"{path}: paper.{value}: expected {{{': .., '.join(PAPER_METRICS)}: ..}}, "
+                              f"got {numbers!r}")
 
 
 def _space_entry(key: str, spec: Any) -> tuple[str, Any]:
@@ -145,7 +196,7 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
 
     trial_id = tune.get_context().get_trial_id()
     real = {k: (hidden or {}).get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in params.items()}
-    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in real.items()], base=base)
+    cfg = trial_config(real, base, sweep["cases"])
     cfg.output_dir = os.path.join(sweep_dir, "trials", trial_id)
     cfg.mlflow.tracking_uri, cfg.mlflow.run_name = uri, trial_id
     run_id = _trial_run(uri, cfg, parent_run_id, trial_id, params)
@@ -166,6 +217,14 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
         final.update({k: v for k, v in scores.items() if k.endswith(("_top1", "_top5"))})
     tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "finished"})
     tune.report({k: v for k, v in final.items() if v is not None})
+
+
+def trial_config(params: dict[str, Any], base: dict[str, Any], cases: dict[str, Any]) -> Config:
+    """The run config of one trial: the base with the trial's values (a ``case`` expanded to its keys)."""
+    items = [f"{k}={json.dumps(v)}" for k, v in params.items() if k != CASE]
+    if CASE in params:
+        items = case_overrides(cases, params[CASE]) + items
+    return load_config(None, items, base=base)
 
 
 def _done(folder: str) -> dict[str, Any] | None:
@@ -238,7 +297,8 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
         shown_space, hidden = hide_secrets(sweep.search)
         fn = tune.with_resources(
             tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
-                                 sweep={"linprobe": sweep.linprobe, "finetune": sweep.finetune}, hidden=hidden),
+                                 sweep={"linprobe": sweep.linprobe, "finetune": sweep.finetune,
+                                        "cases": sweep.cases}, hidden=hidden),
             {"cpu": sweep.trial_cpus})
         if resume and tune.Tuner.can_restore(tune_path):
             # a trial the dead driver left running shows as errored: restart it (trials are idempotent)

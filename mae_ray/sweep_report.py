@@ -25,7 +25,7 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
 
     from mae_ray import tracking
 
-    rows = trial_rows(grid, list(sweep.search))
+    rows = add_paper(trial_rows(grid, list(sweep.search)), sweep)
     client = MlflowClient(uri)
     for row in rows:
         if row["status"] != "stopped":
@@ -48,7 +48,7 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
     md_path = os.path.join(sweep_dir, "sweep_results.md")
     with open(md_path, "w") as f:
         f.write(markdown)
-    plots = plot_axes(rows, list(sweep.search), sweep_dir)
+    plots = plot_axes(rows, list(sweep.search), sweep_dir, paper=bool(sweep.paper))
     logger = tracking.EpochLogger(uri, parent)
     for path in (parquet, md_path, *plots):
         logger.log_artifact(path, "report")
@@ -82,9 +82,26 @@ def trial_rows(grid, axes: list[str]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: tuple(str(r.get(a)) for a in axes))
 
 
+def add_paper(rows: list[dict[str, Any]], sweep) -> list[dict[str, Any]]:
+    """Each trial row gets the paper's numbers at its axis value (``paper_linprobe_top1``, ...), if the
+    sweep file gives them: measured and published side by side."""
+    from mae_ray.sweep import axis_label
+
+    if not sweep.paper:
+        return rows
+    axis = next(iter(sweep.search))
+    paper = {axis_label(k): v for k, v in sweep.paper.items()}
+    for row in rows:
+        if row["status"] == "baseline":
+            continue
+        for metric, value in paper.get(axis_label(row.get(axis)), {}).items():
+            row[f"paper_{metric}"] = float(value)
+    return rows
+
+
 def _columns(rows: list[dict], axes: list[str]) -> list[str]:
-    order = ["trial", "status", *axes, "linprobe_top1", "linprobe_top5", "finetune_top1", "finetune_top5",
-             "knn_top1", "train_loss", "training_iteration", "mlflow_run_id"]
+    order = ["trial", "status", *axes, "linprobe_top1", "paper_linprobe_top1", "linprobe_top5", "finetune_top1",
+             "paper_finetune_top1", "finetune_top5", "knn_top1", "train_loss", "training_iteration", "mlflow_run_id"]
     present = {k for r in rows for k in r}
     return [c for c in order if c in present]
 
@@ -98,7 +115,7 @@ def to_markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_axes(rows: list[dict], axes: list[str], sweep_dir: str) -> list[str]:
+def plot_axes(rows: list[dict], axes: list[str], sweep_dir: str, paper: bool = False) -> list[str]:
     """Accuracy vs each numeric axis (mask ratio, decoder width, epochs, ...), as in the paper's figures.
 
     Each PNG carries the points it draws (text chunk ``mae_ray.series``: label -> [xs, ys]), so the
@@ -106,11 +123,11 @@ def plot_axes(rows: list[dict], axes: list[str], sweep_dir: str) -> list[str]:
     """
     paths = []
     for axis in axes:
-        fig = axis_figure(rows, axis)
+        fig = axis_figure(rows, axis, paper=paper)
         if fig is None:
             continue
         series = {line.get_label(): [[float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]]
-                  for line in fig.axes[0].get_lines()}
+                  for a in fig.axes for line in a.get_lines()}
         path = os.path.join(sweep_dir, f"accuracy_vs_{axis.replace('.', '_')}.png")
         fig.savefig(path, dpi=100, metadata={"mae_ray.series": json.dumps(series)})
         plt.close(fig)
@@ -118,9 +135,11 @@ def plot_axes(rows: list[dict], axes: list[str], sweep_dir: str) -> list[str]:
     return paths
 
 
-def axis_figure(rows: list[dict], axis: str):
+def axis_figure(rows: list[dict], axis: str, paper: bool = False):
     """The figure of accuracy vs ``axis``: per accuracy, the mean over the finished trials at each value
-    of the axis (sorted); the random-init linear probe as a horizontal line. None if < 2 values."""
+    of the axis (sorted); the random-init linear probe as a horizontal line; with ``paper``, the paper's
+    numbers in the rows as hollow markers on a second y axis (ImageNet's scale is not the demo's).
+    None if < 2 values."""
     done = [r for r in rows if r["status"] == "finished"]
     points = [r for r in done if isinstance(r.get(axis), (int, float)) and not isinstance(r.get(axis), bool)]
     if len({r[axis] for r in points}) < 2:
@@ -138,9 +157,25 @@ def axis_figure(rows: list[dict], axis: str):
     ax.set_xlabel(axis)
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
+    if paper:
+        _paper_series(ax, points, axis)
     fig.tight_layout()
     return fig
+
+
+def _paper_series(ax, points: list[dict], axis: str) -> None:
+    twin = None
+    for metric, marker in (("paper_linprobe_top1", "o"), ("paper_finetune_top1", "s")):
+        xy = sorted({(r[axis], r[metric]) for r in points if metric in r})
+        if not xy:
+            continue
+        twin = twin or ax.twinx()
+        twin.plot([x for x, _ in xy], [y for _, y in xy], marker, mfc="none", color="black", ls=":",
+                  label=metric.replace("paper_", "paper ").replace("_top1", " top-1"))
+    if twin is not None:
+        twin.set_ylabel("paper, ImageNet (%)")
+        twin.legend(fontsize=8, loc="lower right")
 
 
 def _mean(values: list[float]) -> float:

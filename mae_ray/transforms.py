@@ -17,6 +17,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from mae_ray.config import PRETRAIN_AUGMENTS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TRANSFORM_KINDS = ("pretrain", "linprobe", "finetune", "eval")
@@ -67,6 +69,19 @@ def _random_resized_crop(img_size: int, scale: tuple[float, float]) -> list[Tran
     ]
 
 
+def _pretrain_augment(img_size: int, augment: str) -> list[Transform]:
+    if augment == "none":  # the largest centre square, resized: the same view every epoch
+        return [v2.Resize(img_size, interpolation=_BICUBIC, antialias=True), v2.CenterCrop(img_size)]
+    if augment == "crop_fixed":  # a random img_size crop of the image resized to img_size / 0.875, + flip
+        return [v2.Resize(int(img_size / DEFAULT_CROP_RATIO), interpolation=_BICUBIC, antialias=True),
+                v2.RandomCrop(img_size), v2.RandomHorizontalFlip()]
+    if augment == "crop_random":
+        return _random_resized_crop(img_size, scale=(0.2, 1.0))
+    if augment == "crop_random_jitter":  # the paper finds colour jitter hurts MAE (Table 1e)
+        return [*_random_resized_crop(img_size, scale=(0.2, 1.0)), v2.ColorJitter(0.4, 0.4, 0.4)]
+    raise ValueError(f"unknown pre-training augmentation {augment!r}; expected one of {PRETRAIN_AUGMENTS}")
+
+
 def _eval_resize_crop(img_size: int, crop_ratio: float) -> list[Transform]:
     # ImageNet's 0.875: 224 -> shorter side resized to 256, centre crop 224. 1.0: shorter side resized to
     # img_size, so a square image is kept whole (nothing cut from its border).
@@ -111,11 +126,12 @@ def _finetune_transform(img_size: int) -> v2.Compose:
 
 
 def build_transform(kind: str, img_size: int, *, normalize: bool = True,
-                    crop_ratio: float = DEFAULT_CROP_RATIO) -> Transform:
+                    crop_ratio: float = DEFAULT_CROP_RATIO, augment: str = "crop_random") -> Transform:
     """Return the transform for one of ``pretrain``, ``linprobe``, ``finetune`` or ``eval``.
 
     ``crop_ratio`` (``eval`` only): resize the shorter side to ``img_size / crop_ratio``, then take the
     centre ``img_size`` square; the jobs pass their data's ratio through :func:`eval_transform`.
+    ``augment`` (``pretrain`` only): one of :data:`PRETRAIN_AUGMENTS` (Table 1e of the paper).
 
     With ``normalize=False`` the output stays uint8 (4x fewer bytes through the DataLoader's
     shared memory and the host-to-device copy); apply :func:`normalize_batch` on the device.
@@ -126,7 +142,7 @@ def build_transform(kind: str, img_size: int, *, normalize: bool = True,
             raise ValueError("the finetune transform always normalises (random erasing needs it)")
         return _finetune_transform(img_size)
     if kind == "pretrain":
-        steps = _random_resized_crop(img_size, scale=(0.2, 1.0))
+        steps = _pretrain_augment(img_size, augment)
     elif kind == "linprobe":
         steps = _random_resized_crop(img_size, scale=(0.08, 1.0))
     elif kind == "eval":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -281,3 +282,62 @@ def test_tiny_model_overfits_one_batch():
         loss.backward()
         opt.step()
     assert loss.item() < first / 10
+
+
+# --------------------------------------------------------------------------- mask sampling (Fig. 6, Table 1f)
+def _neighbour_fraction(removed: torch.Tensor) -> float:
+    """Of the removed patches, the fraction with a removed 4-neighbour to the right or below."""
+    right = removed[:, :-1] & removed[:, 1:]
+    down = removed[:-1, :] & removed[1:, :]
+    return (right.sum() + down.sum()).item() / (2 * removed.sum().item())
+
+
+@pytest.mark.parametrize("sampling, ratio", [("random", 0.75), ("block", 0.5), ("block", 0.75), ("grid", 0.75)])
+def test_every_sampling_removes_exactly_the_ratio_and_is_repeatable(sampling, ratio):
+    model = build_model("mae_vit_micro_patch4", mask_sampling=sampling)  # 8 x 8 patches
+    imgs = torch.randn(16, 3, 32, 32)
+    torch.manual_seed(3)
+    loss, _, mask = model(imgs, mask_ratio=ratio)
+    torch.manual_seed(3)
+    _, _, again = model(imgs, mask_ratio=ratio)
+    assert torch.equal(mask, again)  # drawn from torch's RNG: a seeded epoch gives the same masks
+    assert (mask.sum(1) == 64 - int(64 * (1 - ratio))).all() and torch.isfinite(loss)
+
+
+def test_grid_keeps_the_top_left_patch_of_every_2x2_cell():
+    model = build_model("mae_vit_micro_patch4", mask_sampling="grid")
+    _, _, mask = model(torch.randn(3, 3, 32, 32), mask_ratio=0.75)
+    kept = (mask == 0).view(3, 8, 8)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[::2, ::2] = True
+    assert all(torch.equal(k, expected) for k in kept)
+    with pytest.raises(ValueError, match="mask_ratio must be 0.75"):
+        model(torch.randn(1, 3, 32, 32), mask_ratio=0.5)
+
+
+def test_block_masks_remove_large_blocks_random_masks_do_not():
+    """BEiT-style blocks: nearly every removed patch has a removed neighbour, far more often than under
+    uniform sampling at the same ratio (0.78 vs ~0.5 at 50 % on 8 x 8), and the blocks differ from sample to sample."""
+    torch.manual_seed(0)
+    masks = {s: build_model("mae_vit_micro_patch4", mask_sampling=s)(torch.randn(64, 3, 32, 32), mask_ratio=0.5)[2]
+             for s in ("random", "block")}
+    frac = {s: sum(_neighbour_fraction(m.view(8, 8).bool()) for m in ms) / len(ms) for s, ms in masks.items()}
+    assert frac["block"] > 0.7 and frac["random"] < 0.6, frac
+    assert len({tuple(m.tolist()) for m in masks["block"]}) > 60
+
+
+def test_block_mask_follows_beits_generator():
+    from mae_ray.models import block_mask
+
+    rng = np.random.default_rng(0)
+    shortfalls = []
+    for _ in range(200):
+        m = block_mask(14, 98, rng)
+        assert m.sum() <= 98  # never more than asked: a block is only taken if it fits
+        shortfalls.append(98 - int(m.sum()))
+    assert np.mean(shortfalls) < 2  # the few it leaves are removed at random by mask_noise
+
+
+def test_unknown_mask_sampling_is_refused():
+    with pytest.raises(ValueError, match="mask_sampling must be one of"):
+        build_model("mae_vit_micro_patch4", mask_sampling="blocks")

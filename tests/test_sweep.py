@@ -84,12 +84,18 @@ def mlflow_server(tmp_path):
 
 
 def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, tmp_path, mlflow_server):
-    path = write_sweep(tmp_path, colours, mlflow_server, {"eval.knn_train_samples": {"grid": [64, 1]}},
+    # two cases (settings that go together): the kNN bank, and Table 1f's block and grid mask sampling
+    # (ASHA needs the strong trial first: the weak one is stopped against it; labels run in sorted order)
+    cases = {"strong": {"eval.knn_train_samples": 64, "model.mask_sampling": "block", "model.mask_ratio": 0.5},
+             "weak": {"eval.knn_train_samples": 1, "model.mask_sampling": "grid"}}
+    path = write_sweep(tmp_path, colours, mlflow_server, {}, cases=cases,
+                       paper={"strong": {"linprobe_top1": 72.3}, "weak": {"linprobe_top1": 66.0}},
                        scheduler={"type": "asha", "metric": "knn_top1", "grace_period": 1, "reduction_factor": 2})
     sweep, base = sweeps.load_sweep(path, [])
     report = sweeps.run(sweep, base, path)
 
-    by_bank = {r["eval.knn_train_samples"]: r for r in report["rows"] if r["status"] != "baseline"}
+    by_bank = {{"strong": 64, "weak": 1}[r["case"]]: r for r in report["rows"] if r["status"] != "baseline"}
+    assert by_bank[64]["paper_linprobe_top1"] == 72.3 and by_bank[1]["paper_linprobe_top1"] == 66.0
     assert by_bank[64]["status"] == "finished" and by_bank[1]["status"] == "stopped"
     assert by_bank[64]["knn_top1"] > by_bank[1]["knn_top1"]  # stopped on the online kNN, not on the loss
     client = MlflowClient(mlflow_server)
@@ -101,8 +107,13 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
     assert finished.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert {"linprobe_top1", "finetune_top1", "knn_top1", "train_loss"} <= set(finished.data.metrics)
     assert [m.step for m in client.get_metric_history(finished.info.run_id, "knn_top1")] == [0, 1, 2]
-    assert finished.data.params["eval.knn_train_samples"] == "64"
+    # each trial ran its case's settings (the trial's MLflow params are what its pre-training used)
+    assert {k: finished.data.params[k] for k in ("eval.knn_train_samples", "model.mask_sampling",
+                                                 "model.mask_ratio")} == {"eval.knn_train_samples": "64",
+                                                                          "model.mask_sampling": "block",
+                                                                          "model.mask_ratio": "0.5"}
     stopped = client.get_run(by_bank[1]["mlflow_run_id"])
+    assert stopped.data.params["model.mask_sampling"] == "grid" and stopped.data.params["model.mask_ratio"] == "0.75"
     assert stopped.info.status == "KILLED" and stopped.data.tags["sweep.status"] == "stopped"
     assert len(client.get_metric_history(stopped.info.run_id, "train_loss")) < 3  # it did not run to the end
 
@@ -110,7 +121,8 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
 def test_killed_driver_resumes_without_rerunning_or_duplicating(colours, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = write_sweep(tmp_path, colours, uri, {"model.mask_ratio": {"grid": [0.5, 0.75]}},
-                       scheduler={"type": "none"}, random_baseline=False)
+                       scheduler={"type": "none"}, random_baseline=False,
+                       paper={0.5: {"linprobe_top1": 70.5, "finetune_top1": 84.0}, 0.75: {"linprobe_top1": 73.5}})
     cmd = [sys.executable, "-m", "mae_ray.sweep", "--config", path]
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     sweep_dir = tmp_path / "sweeps" / "s"
@@ -162,6 +174,12 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(colours, tmp_pat
     for metric in ("linprobe_top1", "finetune_top1"):
         by_ratio = sorted((r["model.mask_ratio"], r[metric]) for r in table)
         assert series[metric.replace("_top1", " top-1")] == [[x for x, _ in by_ratio], [y for _, y in by_ratio]]
+    # the paper's numbers beside the measured ones: in the table, the markdown and the plot
+    assert sorted((r["model.mask_ratio"], r["paper_linprobe_top1"], r["paper_finetune_top1"]) for r in table) == [
+        (0.5, 70.5, 84.0), (0.75, 73.5, None)]
+    assert "paper_linprobe_top1" in markdown and "| 70.50 |" in markdown
+    assert series["paper linprobe top-1"] == [[0.5, 0.75], [70.5, 73.5]]
+    assert series["paper finetune top-1"] == [[0.5], [84.0]]
 
 
 def test_plot_lines_are_the_tables_rows_averaged_per_axis_value():

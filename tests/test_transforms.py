@@ -76,3 +76,42 @@ def test_make_shards_and_the_demo_write_the_ratio(tmp_path):
     assert manifest_crop_ratio(str(tmp_path / "out")) == 0.9
     demo = build_demo_dataset(tmp_path / "demo", num_train=20, num_val=10, size=16)
     assert manifest_crop_ratio(demo["train"]) == manifest_crop_ratio(demo["val"]) == 1.0
+
+
+# --------------------------------------------------------------------------- pre-training augmentation (Table 1e)
+def _windows(big: torch.Tensor, size: int) -> set[bytes]:
+    """Every size x size window of a CHW image, and of its mirror image, as bytes."""
+    out = set()
+    for img in (big, big.flip(-1)):
+        for top in range(big.shape[1] - size + 1):
+            for left in range(big.shape[2] - size + 1):
+                out.add(img[:, top:top + size, left:left + size].contiguous().numpy().tobytes())
+    return out
+
+
+def test_pretrain_augmentations_do_what_table_1e_names():
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
+    views = {a: [build_transform("pretrain", 32, normalize=False, augment=a)(img) for _ in range(6)]
+             for a in ("none", "crop_fixed", "crop_random", "crop_random_jitter")}
+    # none: the same view every time, the centre square resized
+    assert all(torch.equal(v, views["none"][0]) for v in views["none"])
+    # crop_fixed: a 32 px window (maybe mirrored) of the image resized to 36 px, never rescaled again
+    resized = build_transform("eval", 32, normalize=False, crop_ratio=1.0)  # only for the shape check below
+    assert resized(img).shape == (3, 32, 32)
+    from torchvision.transforms import v2
+    big = v2.Resize(36, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(img)
+    windows = _windows(big, 32)
+    assert all(v.contiguous().numpy().tobytes() in windows for v in views["crop_fixed"])
+    assert len({v.numpy().tobytes() for v in views["crop_fixed"]}) > 1
+    # crop_random rescales (not a window of the 36 px image); + jitter changes the colours of the same crop
+    assert any(v.contiguous().numpy().tobytes() not in windows for v in views["crop_random"])
+    torch.manual_seed(5)
+    plain = build_transform("pretrain", 32, normalize=False, augment="crop_random")(img)
+    torch.manual_seed(5)
+    jittered = build_transform("pretrain", 32, normalize=False, augment="crop_random_jitter")(img)
+    assert not torch.equal(plain, jittered)
+    with pytest.raises(ValueError, match="pre-training augmentation"):
+        build_transform("pretrain", 32, augment="jitter")
+    with pytest.raises(ConfigError, match="train.augment must be one of"):
+        load_config(None, ["train.augment=jitter"])

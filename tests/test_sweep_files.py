@@ -1,0 +1,138 @@
+"""The shipped sweep files (experiments/sweeps/): one per ablation of the paper's Table 1 and Figures 5 and 7,
+each with the paper's numbers beside its axis, and every point of every file a config that trains.
+
+In-process, no Ray (a few seconds): each point's trial config is built the way a trial builds it
+(``sweep.trial_config``), shrunk to the micro model with the ablated setting kept, and one pre-training
+step is taken through the transform and model it names. The Tune path itself (cases, paper columns,
+the report) runs in tests/test_sweep.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+
+import pytest
+import torch
+
+from mae_ray import sweep as sweeps
+from mae_ray import sweep_report
+from mae_ray.config import Config
+from mae_ray.errors import ConfigError
+from mae_ray.models import MaskedAutoencoderViT
+from mae_ray.transforms import build_transform
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEPS = os.path.join(ROOT, "experiments", "sweeps")
+
+# Transcribed from /work/shared/reference/mae-paper.md, "Results to compare against" (ViT-L, 800 epochs):
+# axis value -> (fine-tune, linear probe). Figure 5 gives numbers only at 10 % (linear) and 75 %.
+PAPER = {
+    "paper_decoder_depth.yaml": ("model.decoder_depth", {1: (84.8, 65.5), 2: (84.9, 70.0), 4: (84.9, 71.9),
+                                                         8: (84.9, 73.5), 12: (84.4, 73.3)}),
+    "paper_decoder_width.yaml": ("model.decoder_embed_dim", {128: (84.9, 69.1), 256: (84.8, 71.3),
+                                                             512: (84.9, 73.5), 768: (84.4, 73.1),
+                                                             1024: (84.3, 73.1)}),
+    "paper_mask_token.yaml": ("model.mask_token_in_encoder", {True: (84.2, 59.6), False: (84.9, 73.5)}),
+    "paper_target.yaml": ("model.norm_pix_loss", {False: (84.9, 73.5), True: (85.4, 73.9)}),
+    "paper_augmentation.yaml": ("train.augment", {"none": (84.0, 65.7), "crop_fixed": (84.7, 73.1),
+                                                  "crop_random": (84.9, 73.5), "crop_random_jitter": (84.3, 71.9)}),
+    "paper_mask_sampling.yaml": ("case", {"random 75%": (84.9, 73.5), "block 50%": (83.9, 72.3),
+                                          "block 75%": (82.8, 63.9), "grid 75%": (84.0, 66.0)}),
+    "paper_mask_ratio.yaml": ("model.mask_ratio", {0.1: (None, 54.6), 0.75: (84.9, 73.5)}),
+    "paper_schedule.yaml": ("train.epochs", {100: (82.3, 57.3), 200: (83.3, 64.4), 400: (84.3, 69.7),
+                                             800: (84.9, 73.5), 1600: (85.1, 75.1)}),
+}
+# Table 1f's cases: what each label sets
+MASK_SAMPLING = {"random 75%": ("random", 0.75), "block 50%": ("block", 0.5), "block 75%": ("block", 0.75),
+                 "grid 75%": ("grid", 0.75)}
+SIZE_KEYS = {"embed_dim": 64, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
+             "decoder_num_heads": 2, "img_size": 32, "patch_size": 4}
+
+
+def shipped() -> list[str]:
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(SWEEPS, "paper_*.yaml")))
+
+
+def points(sweep) -> list[dict]:
+    axes = {k: sweeps._space_entry(k, s)[1] for k, s in sweep.search.items()}
+    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def test_every_ablation_of_the_paper_has_a_sweep_file():
+    assert shipped() == sorted(PAPER)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_the_paper_numbers_beside_each_axis_are_the_papers(name):
+    sweep, base = sweeps.load_sweep(os.path.join(SWEEPS, name), [])
+    axis, table = PAPER[name]
+    assert list(sweep.search) == [axis]
+    expected = {sweeps.axis_label(v): {k: x for k, x in (("finetune_top1", ft), ("linprobe_top1", lin))
+                                        if x is not None} for v, (ft, lin) in table.items()}
+    assert {sweeps.axis_label(k): v for k, v in sweep.paper.items()} == expected
+    # Table 1's baseline (84.9 / 73.5) is raw pixels; only the target ablation varies it
+    if axis != "model.norm_pix_loss":
+        assert base["model"]["norm_pix_loss"] is False
+    assert base["model"]["name"] == "mae_vit_large_patch16" and base["train"]["epochs"] == 800
+
+
+@pytest.mark.parametrize("name", shipped())
+def test_every_point_of_every_sweep_file_trains_one_step(name):
+    sweep, base = sweeps.load_sweep(os.path.join(SWEEPS, name), [])
+    axis = next(iter(sweep.search))
+    for point in points(sweep):
+        cfg: Config = sweeps.trial_config(point, base, sweep.cases)
+        kwargs = cfg.model.kwargs()
+        ablated = {k for k in kwargs if f"model.{k}" == axis}
+        small = {**kwargs, **{k: v for k, v in SIZE_KEYS.items() if k not in ablated}}
+        if axis == "model.decoder_embed_dim":
+            small["decoder_num_heads"] = 2
+        model = MaskedAutoencoderViT(**small)
+        transform = build_transform("pretrain", 32, augment=cfg.train.augment)
+        torch.manual_seed(0)
+        imgs = torch.stack([transform(torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)) for _ in range(4)])
+        loss, _, mask = model(imgs, mask_ratio=cfg.model.mask_ratio)
+        loss.backward()
+        assert torch.isfinite(loss) and mask.sum(1).eq(64 - int(64 * (1 - cfg.model.mask_ratio))).all()
+        # the trial really runs the setting its axis names
+        if axis == "case":
+            assert (model.mask_sampling, cfg.model.mask_ratio) == MASK_SAMPLING[point["case"]]
+        elif axis.startswith("model."):
+            assert getattr(cfg.model, axis.split(".")[1]) == point[axis] == small.get(axis.split(".")[1],
+                                                                                     cfg.model.mask_ratio)
+        else:
+            assert getattr(cfg.train, axis.split(".")[1]) == point[axis]
+
+
+def test_the_report_prints_paper_and_measured_side_by_side():
+    sweep, _ = sweeps.load_sweep(os.path.join(SWEEPS, "paper_mask_sampling.yaml"), [])
+    rows = [{"trial": "t1", "status": "finished", "case": "block 50%", "linprobe_top1": 41.25, "finetune_top1": 50.5},
+            {"trial": "t0", "status": "finished", "case": "random 75%", "linprobe_top1": 45.0},
+            {"trial": "random-init", "status": "baseline", "linprobe_top1": 30.0}]
+    rows = sweep_report.add_paper(rows, sweep)
+    assert rows[0]["paper_linprobe_top1"] == 72.3 and rows[0]["paper_finetune_top1"] == 83.9
+    assert rows[1]["paper_linprobe_top1"] == 73.5 and "paper_linprobe_top1" not in rows[2]
+    columns = sweep_report._columns(rows, ["case"])
+    assert columns[:7] == ["trial", "status", "case", "linprobe_top1", "paper_linprobe_top1", "finetune_top1",
+                           "paper_finetune_top1"]
+    lines = sweep_report.to_markdown(rows, columns).splitlines()
+    assert lines[2] == "| t1 | finished | block 50% | 41.25 | 72.30 | 50.50 | 83.90 |"
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"paper": {"0.7": {"linprobe_top1": 1.0}}}, "paper.0.7 is not a value of model.mask_ratio"),
+    ({"paper": {"0.5": {"linprobe": 1.0}}}, "expected {linprobe_top1: .., finetune_top1: ..}"),
+    ({"cases": {"a": {"model.mask_ratio": 0.5}}, "search": {"case": {"grid": ["a"]}}}, "do not also list it"),
+    ({"cases": {"g": {"model.mask_sampling": "grid", "model.mask_ratio": 0.5}}, "search": {}},
+     "mask_sampling=grid keeps one patch of every 2x2"),
+])
+def test_a_wrong_paper_key_or_case_is_one_clear_error(tmp_path, edit, message):
+    import yaml
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model": {"name": "mae_vit_micro_patch4"}}))
+    spec = {"base": "base.yaml", "search": {"model.mask_ratio": {"grid": [0.5, 0.75]}}, **edit}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}").replace(".", r"\.")):
+        sweeps.load_sweep(str(tmp_path / "s.yaml"), [])

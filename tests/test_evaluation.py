@@ -201,16 +201,54 @@ def test_augmented_linear_probe_the_papers_protocol(pretrained, demo_data):
 
 
 @pytest.mark.ray
-def test_head_only_finetune_leaves_the_encoder_unchanged(pretrained, demo_data):
+def test_evaluation_only_sweep_fine_tunes_one_encoder_partially_per_trial(pretrained, demo_data):
+    """Fig. 9's shape of sweep (``pretrain: false``): every trial fine-tunes the same pre-trained encoder,
+    the last 0 or 1 blocks; nothing is pre-trained again, the scores go to each trial's run (child of the
+    sweep), the encoder's own run is left as it was, and the frozen blocks come out as they went in."""
+    import json
+
+    import yaml
+
+    from mae_ray import sweep as sweeps
+
     tmp, pre = pretrained
-    cfg = eval_config(demo_data, tmp, f"eval.checkpoint={pre['checkpoint']}", "finetune.trainable_blocks=0",
-                      "finetune.mixup=0", "finetune.cutmix=0", "finetune.blr=0.05", f"output_dir={tmp}/ft0")
-    summary = finetune.run(cfg)
-    tuned = torch.load(f"{summary['checkpoint']}/model.pth", weights_only=True)["model"]
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    before = client.get_run(pre["mlflow_run_id"]).data.metrics
+    base = eval_config(demo_data, tmp, f"eval.checkpoint=runs:/{pre['mlflow_run_id']}", "finetune.mixup=0",
+                       "finetune.cutmix=0", "finetune.blr=0.05", "ray.num_workers=1", "ray.cpus_per_worker=0.8",
+                       f"output_dir={tmp}/unused").to_dict()
+    (tmp / "fig9_base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"base": "fig9_base.yaml", "name": "fig9", "pretrain": False, "linprobe": False, "finetune": True,
+            "random_baseline": False, "metric": "finetune_top1", "scheduler": {"type": "none"},
+            "search": {"finetune.trainable_blocks": {"grid": [0, 1]}}, "max_concurrent_trials": 1,
+            "paper": {0: {"finetune_top1": 73.5}, 1: {"finetune_top1": 81.0}}, "output_dir": str(tmp / "sweeps")}
+    (tmp / "fig9.yaml").write_text(yaml.safe_dump(spec))
+    sweep, base = sweeps.load_sweep(str(tmp / "fig9.yaml"), [])
+    report = sweeps.run(sweep, base, str(tmp / "fig9.yaml"))
+
+    rows = {r["finetune.trainable_blocks"]: r for r in report["rows"]}
+    assert set(rows) == {0, 1} and all(r["status"] == "finished" for r in rows.values())
+    assert (rows[0]["paper_finetune_top1"], rows[1]["paper_finetune_top1"]) == (73.5, 81.0)
+    assert client.get_run(pre["mlflow_run_id"]).data.metrics == before  # the encoder's run: untouched
     encoder = torch.load(pre["encoder"], weights_only=True)["model"]
-    for key in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.bias", "patch_embed.proj.weight", "cls_token"):
-        assert torch.equal(tuned[key], encoder[key]), key
-    assert tuned["head.weight"].abs().max() > 1e-3  # the head did learn (init std 2e-5)
+    for blocks, row in rows.items():
+        trial_run = client.get_run(row["mlflow_run_id"])
+        assert trial_run.data.tags["mlflow.parentRunId"] == report["parent_run_id"]
+        assert "train_loss" not in trial_run.data.metrics and trial_run.info.status == "FINISHED"  # no pre-training
+        assert trial_run.data.metrics["finetune_top1"] == row["finetune_top1"]
+        ft_dir = tmp / "sweeps" / "fig9" / "trials" / row["trial"] / "eval" / "finetune"
+        result = json.loads((ft_dir / "result.json").read_text())
+        ft_run = client.get_run(result["mlflow_run_id"])
+        assert ft_run.data.tags["mlflow.parentRunId"] == row["mlflow_run_id"]
+        assert ft_run.data.tags["mae_ray.encoder_run_id"] == pre["mlflow_run_id"]
+        assert ft_run.data.params["finetune.trainable_blocks"] == str(blocks)
+        tuned = torch.load(f"{result['checkpoint']}/model.pth", weights_only=True)["model"]
+        for key in ("blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "cls_token"):  # frozen in both
+            assert torch.equal(tuned[key], encoder[key]), (blocks, key)
+        assert torch.equal(tuned["blocks.1.mlp.fc2.weight"], encoder["blocks.1.mlp.fc2.weight"]) == (blocks == 0)
+        assert tuned["head.weight"].abs().max() > 1e-3  # the head did learn (init std 2e-5)
+    trials = tmp / "sweeps" / "fig9" / "trials"  # nothing pre-trained: each trial folder holds only eval/
+    assert sorted(p.name for p in trials.glob("*/*")) == ["eval", "eval"]
 
 
 @pytest.mark.ray

@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from mae_ray import sweep as sweeps
+from mae_ray import sweep_config as sweeps
 from mae_ray import sweep_report
 from mae_ray.config import Config
 from mae_ray.errors import ConfigError
@@ -43,6 +43,9 @@ PAPER = {
     "paper_mask_ratio.yaml": ("model.mask_ratio", {0.1: (None, 54.6), 0.75: (84.9, 73.5)}),
     "paper_schedule.yaml": ("train.epochs", {100: (82.3, 57.3), 200: (83.3, 64.4), 400: (84.3, 69.7),
                                              800: (84.9, 73.5), 1600: (85.1, 75.1)}),
+    # Figure 9, partial fine-tuning: 0 blocks (the linear probe) 73.5, 1 block 81.0, all (None) 84.9
+    "paper_partial_finetune.yaml": ("finetune.trainable_blocks", {0: (73.5, None), 1: (81.0, None),
+                                                                  None: (84.9, None)}),
 }
 # Table 1f's cases: what each label sets
 MASK_SAMPLING = {"random 75%": ("random", 0.75), "block 50%": ("block", 0.5), "block 75%": ("block", 0.75),
@@ -73,7 +76,7 @@ def test_the_paper_numbers_beside_each_axis_are_the_papers(name):
                                         if x is not None} for v, (ft, lin) in table.items()}
     assert {sweeps.axis_label(k): v for k, v in sweep.paper.items()} == expected
     # Table 1's baseline (84.9 / 73.5) is raw pixels; only the target ablation varies it
-    if axis != "model.norm_pix_loss":
+    if axis != "model.norm_pix_loss" and sweep.pretrain:
         assert base["model"]["norm_pix_loss"] is False
     assert base["model"]["name"] == "mae_vit_large_patch16" and base["train"]["epochs"] == 800
 
@@ -82,6 +85,8 @@ def test_the_paper_numbers_beside_each_axis_are_the_papers(name):
 def test_every_point_of_every_sweep_file_trains_one_step(name):
     sweep, base = sweeps.load_sweep(os.path.join(SWEEPS, name), [])
     axis = next(iter(sweep.search))
+    if not sweep.pretrain:  # an evaluation-only sweep: one fine-tuning step of the micro encoder per point
+        return fine_tune_one_step(sweep, base, axis)
     for point in points(sweep):
         cfg: Config = sweeps.trial_config(point, base, sweep.cases)
         kwargs = cfg.model.kwargs()
@@ -106,6 +111,22 @@ def test_every_point_of_every_sweep_file_trains_one_step(name):
             assert getattr(cfg.train, axis.split(".")[1]) == point[axis]
 
 
+def fine_tune_one_step(sweep, base, axis: str) -> None:
+    from mae_ray import finetune
+    from mae_ray.models import build_model
+
+    assert axis == "finetune.trainable_blocks" and sweep.finetune and base["eval"]["checkpoint"]
+    encoder = build_model("mae_vit_micro_patch4", depth=24)  # ViT-L's depth, micro width
+    for point in points(sweep):
+        cfg = sweeps.trial_config(point, base, sweep.cases)
+        vit = finetune.build_classifier(encoder, num_classes=10, drop_path=cfg.finetune.drop_path)
+        finetune.freeze_for_partial(vit, cfg.finetune.trainable_blocks)
+        vit(torch.randn(2, 3, 32, 32)).sum().backward()
+        tuned = {i for i, blk in enumerate(vit.blocks) if all(p.grad is not None for p in blk.parameters())}
+        k = point[axis]
+        assert tuned == set(range(24 - (24 if k is None else k), 24)), (k, tuned)
+
+
 def test_the_report_prints_paper_and_measured_side_by_side():
     sweep, _ = sweeps.load_sweep(os.path.join(SWEEPS, "paper_mask_sampling.yaml"), [])
     rows = [{"trial": "t1", "status": "finished", "case": "block 50%", "linprobe_top1": 41.25, "finetune_top1": 50.5},
@@ -122,6 +143,8 @@ def test_the_report_prints_paper_and_measured_side_by_side():
 
 
 @pytest.mark.parametrize("edit, message", [
+    ({"pretrain": False}, "pretrain: false evaluates one fixed encoder"),
+    ({"pretrain": False, "overrides": {"eval.checkpoint": "random"}}, "model.mask_ratio is a pre-training setting"),
     ({"paper": {"0.7": {"linprobe_top1": 1.0}}}, "paper.0.7 is not a value of model.mask_ratio"),
     ({"paper": {"0.5": {"linprobe": 1.0}}}, "expected {linprobe_top1: .., finetune_top1: ..}"),
     ({"cases": {"a": {"model.mask_ratio": 0.5}}, "search": {"case": {"grid": ["a"]}}}, "do not also list it"),

@@ -1,0 +1,197 @@
+"""What a sweep file says, checked before Ray starts: the base config, the search space, ``cases`` (settings
+that go together, one axis), the paper's numbers per axis value, evaluation-only sweeps; and what one
+trial's config is. Torch-free and Ray-free (Tune's search objects are made only in :func:`param_space`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from mae_ray.config import Config, from_dict, load_config
+from mae_ray.errors import ConfigError
+
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+@dataclass
+class SchedulerConfig:
+    type: str = "asha"  # asha | none
+    metric: str = "knn_top1"
+    mode: str = "max"
+    grace_period: int = 2
+    reduction_factor: float = 2.0
+
+
+@dataclass
+class SweepConfig:
+    base: str = ""  # run config the trials start from (relative to the sweep file)
+    name: str = "sweep"
+    overrides: dict = field(default_factory=dict)  # dotted keys applied to the base for every trial
+    search: dict = field(default_factory=dict)  # dotted key -> {grid|choice|uniform|loguniform|randint: ...}
+    num_samples: int = 1
+    max_concurrent_trials: int = 2
+    trial_cpus: float = 0.2  # the trial function itself; its Train workers ask for ray.* resources
+    metric: str = "linprobe_top1"
+    mode: str = "max"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # false: an evaluation-only sweep of one fixed encoder (the base's eval.checkpoint: runs:/ID, a checkpoint
+    # folder or bucket URI, an official .pth); trials vary only evaluation settings (Fig. 9's partial fine-tuning)
+    pretrain: bool = True
+    linprobe: bool = True
+    finetune: bool = True
+    random_baseline: bool = True  # linear-probe a random-init encoder once, as the table's reference row
+    output_dir: str = "outputs/sweeps"  # local: report, plots, trial outputs, resume state
+    storage_path: str | None = None  # Tune's experiment state: None = under output_dir; s3://... on clusters
+    # Settings that only make sense together (Table 1f: block 50 %, grid 75 %): label -> {dotted key: value},
+    # searched as one grid axis named "case".
+    cases: dict = field(default_factory=dict)
+    # The paper's numbers on this sweep's one axis: value -> {linprobe_top1: .., finetune_top1: ..};
+    # the report prints them beside the measured ones.
+    paper: dict = field(default_factory=dict)
+
+
+def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, Any]]:
+    """The sweep config and the trials' base run config (as a dict), both validated before Ray starts."""
+    from mae_ray.config import _flatten, _parse_override, _read_yaml, _set_dotted
+
+    data = _read_yaml(path)
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(data, key, value)
+    sweep = from_dict(SweepConfig, data)
+    if sweep.cases:
+        if CASE in sweep.search:
+            raise ConfigError(f"{path}: '{CASE}' is the axis 'cases' makes: do not also list it under search")
+        sweep.search = {CASE: {"grid": [str(label) for label in sweep.cases]}, **sweep.search}
+    if not sweep.base:
+        raise ConfigError(f"{path}: 'base' must name the run config the trials start from")
+    base_path = sweep.base if os.path.isabs(sweep.base) else os.path.join(os.path.dirname(path), sweep.base)
+    flat_overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in _flatten(sweep.overrides)]
+    base = load_config(base_path, flat_overrides)
+    for key, spec in sweep.search.items():
+        kind, values = _space_entry(key, spec)
+        if key == CASE:  # every case is a valid config
+            for label in values:
+                load_config(None, case_overrides(sweep.cases, label), base=base.to_dict())
+            continue
+        sample = values[0] if isinstance(values, list) else values
+        load_config(None, [f"{key}={json.dumps(sample)}"], base=base.to_dict())  # the key and its type exist
+    _check_paper(sweep, path)
+    if not sweep.pretrain:
+        _check_evaluation_only(sweep, base, path)
+    if sweep.scheduler.type not in ("asha", "none"):
+        raise ConfigError(f"scheduler.type must be asha or none, got {sweep.scheduler.type!r}")
+    if sweep.scheduler.type == "asha" and sweep.scheduler.metric == "knn_top1" and base.train.knn_every != 1:
+        raise ConfigError("ASHA on knn_top1 needs the kNN monitor every epoch: set train.knn_every=1 in overrides")
+    return sweep, base.to_dict()
+
+
+CASE = "case"
+PAPER_METRICS = ("linprobe_top1", "finetune_top1")
+
+
+def case_overrides(cases: dict[str, Any], label: str) -> list[str]:
+    """``--set`` items of one case (a mapping of dotted keys to values)."""
+    from mae_ray.config import _flatten
+
+    spec = {str(k): v for k, v in cases.items()}.get(label)
+    if not isinstance(spec, dict) or not spec:
+        raise ConfigError(f"cases.{label}: expected a mapping of dotted config keys to values, got {spec!r}")
+    return [f"{k}={json.dumps(v)}" for k, v in _flatten(spec)]
+
+
+def axis_label(value: Any) -> str:
+    """How an axis value is written in a sweep file's ``paper:`` keys (YAML's true/false for booleans)."""
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+
+
+def _check_paper(sweep: SweepConfig, path: str) -> None:
+    """``paper:`` needs one axis, and each of its keys must be a value of that axis (a typo fails here)."""
+    if not sweep.paper:
+        return
+    if len(sweep.search) != 1:
+        raise ConfigError(f"{path}: 'paper' needs exactly one search axis, got {', '.join(sweep.search) or 'none'}")
+    (key, spec), = sweep.search.items()
+    kind, values = _space_entry(key, spec)
+    known = {axis_label(v) for v in values}
+    for value, numbers in sweep.paper.items():
+        if axis_label(value) not in known:
+            raise ConfigError(f"{path}: paper.{value} is not a value of {key} ({', '.join(sorted(known))})")
+        if not isinstance(numbers, dict) or not set(numbers) <= set(PAPER_METRICS):
+            raise ConfigError(f"{path}: paper.{value}: expected {{{': .., '.join(PAPER_METRICS)}: ..}}, "
+                              f"got {numbers!r}")
+
+
+def _check_evaluation_only(sweep: SweepConfig, base: Config, path: str) -> None:
+    if not base.eval.checkpoint:
+        raise ConfigError(f"{path}: pretrain: false evaluates one fixed encoder: set overrides.eval.checkpoint "
+                          "(runs:/RUN_ID, a checkpoint folder, an official .pth)")
+    if not (sweep.linprobe or sweep.finetune):
+        raise ConfigError(f"{path}: pretrain, linprobe and finetune are all false: nothing to run")
+    keys = list(sweep.search) + [k for label in sweep.cases for k in
+                                 (i.split("=", 1)[0] for i in case_overrides(sweep.cases, label))]
+    for key in keys:
+        if key.startswith("model.") or (key.startswith("train.") and key != "train.seed"):
+            raise ConfigError(f"{path}: {key} is a pre-training setting, but pretrain: false; an evaluation-only "
+                              "sweep varies linprobe.*, finetune.*, eval.*, data.* or train.seed")
+
+
+def _space_entry(key: str, spec: Any) -> tuple[str, Any]:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+        raise ConfigError(f"search.{key}: expected one of {{{', '.join(SPACE_KINDS)}: ...}}, got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"search.{key}.{kind}: expected a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform", "randint") and len(values) != 2:
+        raise ConfigError(f"search.{key}.{kind}: expected [low, high], got {values!r}")
+    return kind, values
+
+
+def hide_secrets(search: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The search space with every value that holds credentials (``user:pass@`` in a URL, a signed
+    URL's token) replaced by its redacted form, and ``{key: {shown: real}}`` to map them back.
+
+    Tune writes the values it searches everywhere: trial folder names, ``params.json``, each
+    ``result.json``, its experiment state, the results table. Two values that redact alike are told
+    apart by a ``#n`` suffix.
+    """
+    from mae_ray import tracking
+
+    shown_space, hidden = {}, {}
+    for key, spec in search.items():
+        kind, values = _space_entry(key, spec)
+        if kind not in ("grid", "choice"):
+            shown_space[key] = spec
+            continue
+        shown, taken = [], set()
+        for value in values:
+            if isinstance(value, str) and tracking.redact(value) != value:
+                label, n = tracking.redact(value), 1
+                while label in taken or label in values:
+                    n += 1
+                    label = f"{tracking.redact(value)}#{n}"
+                hidden.setdefault(key, {})[label] = value
+                value = label
+            taken.add(value if isinstance(value, str) else json.dumps(value))
+            shown.append(value)
+        shown_space[key] = {kind: shown}
+    return shown_space, hidden
+
+
+def param_space(search: dict[str, Any]) -> dict[str, Any]:
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+    return {key: make[kind](values) for key, (kind, values) in ((k, _space_entry(k, s)) for k, s in search.items())}
+
+
+def trial_config(params: dict[str, Any], base: dict[str, Any], cases: dict[str, Any]) -> Config:
+    """The run config of one trial: the base with the trial's values (a ``case`` expanded to its keys)."""
+    items = [f"{k}={json.dumps(v)}" for k, v in params.items() if k != CASE]
+    if CASE in params:
+        items = case_overrides(cases, params[CASE]) + items
+    return load_config(None, items, base=base)

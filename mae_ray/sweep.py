@@ -169,7 +169,7 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
         with _credentials_not_copied_by_tune():
             grid = tuner.fit()
         baseline = _random_baseline(sweep, base, sweep_dir, uri, parent, verbose)
-        return sweep_report.finish(grid, sweep, sweep_dir, uri, parent, baseline)
+        return sweep_report.finish(grid, sweep, sweep_dir, uri, parent, baseline, epochs=cfg.train.epochs)
     finally:
         if started:
             import ray

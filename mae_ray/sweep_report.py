@@ -18,7 +18,9 @@ RAY_PIDS = "ray_processes.json"
 ACCURACIES = ("linprobe_top1", "finetune_top1", "knn_top1")
 
 
-def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | None) -> dict[str, Any]:
+def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | None,
+           epochs: int | None = None) -> dict[str, Any]:
+    """``epochs``: the base config's pre-training length (a trial's own ``train.epochs`` axis value wins)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from mlflow import MlflowClient
@@ -36,6 +38,8 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
             client.set_tag(run.info.run_id, "sweep.status", "stopped")
             tracking.end_run(uri, run.info.run_id, "KILLED")
             row["mlflow_run_id"] = run.info.run_id
+            # epochs it really ran: Tune's last result can lag an epoch the trial finished while being stopped
+            row["epochs_run"] = len(client.get_metric_history(run.info.run_id, "train_loss"))
     if baseline is not None:
         rows.append({"trial": "random-init", "status": "baseline", "linprobe_top1": baseline["linprobe_top1"],
                      "linprobe_top5": baseline["linprobe_top5"], "mlflow_run_id": baseline["mlflow_run_id"]})
@@ -45,6 +49,9 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
     pq.write_table(table, parquet + ".tmp")
     os.replace(parquet + ".tmp", parquet)
     markdown = to_markdown(rows, columns)
+    pruned = early_stops(rows, epochs) if sweep.pretrain and sweep.scheduler.type != "none" else None
+    if pruned is not None:  # what the scheduler stopped, and the pre-training it saved
+        markdown += "\n" + pruned["summary"].removeprefix("[sweep] ").capitalize() + "\n"
     md_path = os.path.join(sweep_dir, "sweep_results.md")
     with open(md_path, "w") as f:
         f.write(markdown)
@@ -55,10 +62,34 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
     best = _best(rows, sweep.metric, sweep.mode)
     if best is not None:
         tracking.log_values(uri, parent, {f"best_{sweep.metric}": best[sweep.metric]})
+    if pruned is not None:
+        tracking.log_values(uri, parent, {"early_stopped_trials": len(pruned["stopped"]),
+                                          "epochs_saved_fraction": pruned["saved_fraction"]})
     tracking.end_run(uri, parent, "FINISHED")
     print("\n" + markdown)
     print(f"[sweep] results: {parquet}\n[sweep] plots: {', '.join(plots) or 'none (no numeric axis)'}")
-    return {"rows": rows, "parquet": parquet, "markdown": md_path, "plots": plots, "parent_run_id": parent}
+    return {"rows": rows, "parquet": parquet, "markdown": md_path, "plots": plots, "parent_run_id": parent,
+            "early_stops": pruned}
+
+
+def early_stops(rows: list[dict[str, Any]], epochs: int | None) -> dict[str, Any] | None:
+    """Which trials the scheduler stopped, after how many of their pre-training epochs (``epochs_run``, from
+    MLflow, else Tune's ``training_iteration``), and the share of
+    all trials' planned pre-training epochs that were therefore not run (the compute ASHA saved).
+    None when the sweep has no trial rows or no known length."""
+    trials = [r for r in rows if r["status"] in ("finished", "stopped")]
+    planned = {r["trial"]: r.get("train.epochs") or epochs for r in trials}
+    if not trials or not all(planned.values()):
+        return None
+    stopped = {r["trial"]: int(r.get("epochs_run", r.get("training_iteration")) or 0)
+               for r in trials if r["status"] == "stopped"}
+    saved = sum(planned[t] - ran for t, ran in stopped.items())
+    total = sum(planned.values())
+    who = ", ".join(f"{t} after {ran}/{planned[t]}" for t, ran in stopped.items()) or "none"
+    summary = (f"[sweep] stopped early: {len(stopped)} of {len(trials)} trials ({who}); "
+               f"{saved} of {total} planned pre-training epochs not run ({100 * saved / total:.0f} % saved)")
+    return {"stopped": stopped,
+            "saved_epochs": saved, "planned_epochs": total, "saved_fraction": saved / total, "summary": summary}
 
 
 def trial_rows(grid, axes: list[str]) -> list[dict[str, Any]]:
@@ -101,7 +132,8 @@ def add_paper(rows: list[dict[str, Any]], sweep) -> list[dict[str, Any]]:
 
 def _columns(rows: list[dict], axes: list[str]) -> list[str]:
     order = ["trial", "status", *axes, "linprobe_top1", "paper_linprobe_top1", "linprobe_top5", "finetune_top1",
-             "paper_finetune_top1", "finetune_top5", "knn_top1", "train_loss", "training_iteration", "mlflow_run_id"]
+             "paper_finetune_top1", "finetune_top5", "knn_top1", "train_loss", "training_iteration", "epochs_run",
+             "mlflow_run_id"]
     present = {k for r in rows for k in r}
     return [c for c in order if c in present]
 

@@ -277,3 +277,51 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_keys(tmp_pat
     torch.save({"model": build_model(MICRO, embed_dim=96, num_heads=2).state_dict()}, path)
     with pytest.raises(CheckpointError, match=r"shape mismatch \(file vs model\): blocks.0"):
         linprobe.run(eval_config(demo_data, tmp_path, f"eval.checkpoint={path}"))
+
+
+def plain_probe_top1(encoder, cfg, demo) -> float:
+    """A plain logistic regression on the probe job's own features (eval transform, its pooling, every
+    training image): standardised with the training set's statistics, a linear layer trained full-batch
+    with AdamW to convergence, scored on the validation images. The yardstick the probe job must meet."""
+    from mae_ray.data import make_eval_loader
+    from mae_ray.knn import extract_features
+    from mae_ray.transforms import eval_transform
+
+    def features(shards):
+        loader = make_eval_loader(shards, batch_size=256, transform=eval_transform(cfg.data, 32), img_size=32,
+                                  rank=0, world_size=1, num_workers=0, num_classes=10)
+        return extract_features(encoder, loader, "cpu", pool=cfg.linprobe.pool)
+
+    (xtr, ytr), (xva, yva) = features(demo["train"]), features(demo["val"])
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xva = (xtr - mean) / std, (xva - mean) / std
+    torch.manual_seed(0)
+    head = torch.nn.Linear(xtr.shape[1], 10)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(1000):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(xtr), ytr).backward()
+        opt.step()
+    with torch.no_grad():
+        return (head(xva).argmax(1) == yva).float().mean().item() * 100
+
+
+@pytest.mark.ray
+def test_the_probe_job_converges_and_meets_a_plain_logistic_regression(pretrained, evaluated, random_probe,
+                                                                        demo_data):
+    from mae_ray.encoders import EncoderSource, resolve_encoder
+
+    tmp, pre = pretrained
+    cfg, summary = evaluated
+    random_tmp, baseline = random_probe
+    mae = resolve_encoder(pre["checkpoint"], cfg, f"sqlite:///{tmp}/mlflow.db").build(cfg.train.seed)
+    random = EncoderSource(None, cfg.model.kwargs(), None, "random").build(cfg.train.seed)  # as the job builds it
+    for name, encoder, result, store in (("mae", mae, summary, tmp), ("random", random, baseline, random_tmp)):
+        plain = plain_probe_top1(encoder.eval(), cfg, demo_data)
+        run_id = result["linprobe_run_id"] if name == "mae" else result["mlflow_run_id"]
+        top1 = result["linprobe_top1"]
+        history = [m.value for m in sorted(MlflowClient(f"sqlite:///{store}/mlflow.db").get_metric_history(
+            run_id, "val_top1"), key=lambda m: m.step)]
+        print(name, "probe", top1, "plain", plain, "last 10", history[-10:])
+        assert top1 >= plain - 1.0, (name, top1, plain)
+        assert max(history[-10:]) - min(history[-10:]) <= 2.0, (name, history[-10:])

@@ -115,7 +115,14 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
     stopped = client.get_run(by_bank[1]["mlflow_run_id"])
     assert stopped.data.params["model.mask_sampling"] == "grid" and stopped.data.params["model.mask_ratio"] == "0.75"
     assert stopped.info.status == "KILLED" and stopped.data.tags["sweep.status"] == "stopped"
-    assert len(client.get_metric_history(stopped.info.run_id, "train_loss")) < 3  # it did not run to the end
+    ran = len(client.get_metric_history(stopped.info.run_id, "train_loss"))
+    assert ran < 3  # it did not run to the end
+    # the report says which trial stopped, after how many epochs, and the pre-training that saved
+    pruned = report["early_stops"]
+    assert pruned["stopped"] == {by_bank[1]["trial"]: ran} and pruned["saved_epochs"] == 3 - ran
+    assert parent.data.metrics["early_stopped_trials"] == 1
+    assert parent.data.metrics["epochs_saved_fraction"] == pytest.approx((3 - ran) / 6)
+    assert f"{by_bank[1]['trial']} after {ran}/3" in open(report["markdown"]).read()
 
 
 def test_killed_driver_resumes_without_rerunning_or_duplicating(colours, tmp_path):

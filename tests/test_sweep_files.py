@@ -127,6 +127,25 @@ def fine_tune_one_step(sweep, base, axis: str) -> None:
         assert tuned == set(range(24 - (24 if k is None else k), 24)), (k, tuned)
 
 
+def test_a_shipped_sweep_prunes_with_asha_on_the_online_knn():
+    sweep, base = sweeps.load_sweep(os.path.join(SWEEPS, "search_decoder_asha.yaml"), [])
+    assert (sweep.scheduler.type, sweep.scheduler.metric, base["train"]["knn_every"]) == ("asha", "knn_top1", 1)
+    assert sweep.scheduler.grace_period < base["train"]["epochs"] and sweep.num_samples > 1
+
+
+def test_the_report_says_which_trials_stopped_early_and_what_that_saved():
+    rows = [{"trial": "a", "status": "finished", "training_iteration": 10},
+            {"trial": "b", "status": "stopped", "training_iteration": 1, "epochs_run": 2},  # MLflow's count wins
+            {"trial": "c", "status": "stopped", "training_iteration": 4, "train.epochs": 20},
+            {"trial": "e", "status": "error"}, {"trial": "random-init", "status": "baseline"}]
+    pruned = sweep_report.early_stops(rows, epochs=10)
+    assert pruned["stopped"] == {"b": 2, "c": 4}  # c's own length (an epochs axis) counts, not the base's
+    assert (pruned["saved_epochs"], pruned["planned_epochs"]) == (8 + 16, 40)
+    assert pruned["saved_fraction"] == 24 / 40
+    assert pruned["summary"] == ("[sweep] stopped early: 2 of 3 trials (b after 2/10, c after 4/20); "
+                                 "24 of 40 planned pre-training epochs not run (60 % saved)")
+
+
 def test_the_report_prints_paper_and_measured_side_by_side():
     sweep, _ = sweeps.load_sweep(os.path.join(SWEEPS, "paper_mask_sampling.yaml"), [])
     rows = [{"trial": "t1", "status": "finished", "case": "block 50%", "linprobe_top1": 41.25, "finetune_top1": 50.5},

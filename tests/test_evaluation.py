@@ -70,8 +70,10 @@ LEARN_PRETRAIN = ("model.norm_pix_loss=true", "data.samples_per_epoch=12000", "t
                   "train.warmup_epochs=0.1", "train.knn_every=3", "eval.knn_train_samples=1200",
                   "eval.knn_val_samples=300")
 # Linear probe: cached features, mean-pooled patch tokens (which separate MAE from random init more
-# clearly than the cls token on this task, docs/results.md), 50 epochs.
-LEARN_PROBE = ("linprobe.pool=mean", "linprobe.epochs=50", "linprobe.blr=20")
+# clearly than the cls token on this task, docs/results.md), 300 epochs: LARS moves the head by a fixed
+# fraction of its (0.01-std) weights per step, so 9 steps an epoch need that many to converge; at 50 the
+# probe stopped ~9 points under a plain logistic regression and still moved (docs/results.md).
+LEARN_PROBE = ("linprobe.pool=mean", "linprobe.epochs=300", "linprobe.blr=20")
 # Fine-tune: 2 x 1,200 images, no mixup/cutmix (they slow a short run down), lr 1e-3.
 LEARN_FINETUNE = ("finetune.epochs=2", "finetune.samples_per_epoch=1200", "finetune.blr=4e-3",
                   "finetune.warmup_epochs=0.2", "finetune.layer_decay=0.75", "finetune.mixup=0",
@@ -298,7 +300,7 @@ def plain_probe_top1(encoder, cfg, demo) -> float:
     torch.manual_seed(0)
     head = torch.nn.Linear(xtr.shape[1], 10)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(1000):
+    for _ in range(1000):  # issue 14's plain probe; its val accuracy settles by 300-1000 steps
         opt.zero_grad()
         torch.nn.functional.cross_entropy(head(xtr), ytr).backward()
         opt.step()
@@ -322,6 +324,7 @@ def test_the_probe_job_converges_and_meets_a_plain_logistic_regression(pretraine
         top1 = result["linprobe_top1"]
         history = [m.value for m in sorted(MlflowClient(f"sqlite:///{store}/mlflow.db").get_metric_history(
             run_id, "val_top1"), key=lambda m: m.step)]
-        print(name, "probe", top1, "plain", plain, "last 10", history[-10:])
-        assert top1 >= plain - 1.0, (name, top1, plain)
+        # at least the plain probe, to within 1 point (3 of the 300 val images: the two heads stop at
+        # different points of a still-falling loss); settled: the last 10 epochs within 2 points
+        assert top1 >= plain - 1.0, (name, top1, plain, history[-10:])
         assert max(history[-10:]) - min(history[-10:]) <= 2.0, (name, history[-10:])

@@ -222,7 +222,7 @@ def test_evaluation_only_sweep_fine_tunes_one_encoder_partially_per_trial(pretra
     (tmp / "fig9_base.yaml").write_text(yaml.safe_dump(base))
     spec = {"base": "fig9_base.yaml", "name": "fig9", "pretrain": False, "linprobe": False, "finetune": True,
             "random_baseline": False, "metric": "finetune_top1", "scheduler": {"type": "none"},
-            "search": {"finetune.trainable_blocks": {"grid": [0, 1]}}, "max_concurrent_trials": 1,
+            "search": {"finetune.trainable_blocks": {"grid": [0, 1]}}, "max_concurrent_trials": 2,
             "paper": {0: {"finetune_top1": 73.5}, 1: {"finetune_top1": 81.0}}, "output_dir": str(tmp / "sweeps")}
     (tmp / "fig9.yaml").write_text(yaml.safe_dump(spec))
     sweep, base = sweeps.load_sweep(str(tmp / "fig9.yaml"), [])

@@ -128,7 +128,7 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
 def test_killed_driver_resumes_without_rerunning_or_duplicating(colours, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     path = write_sweep(tmp_path, colours, uri, {"model.mask_ratio": {"grid": [0.5, 0.75]}},
-                       scheduler={"type": "none"}, random_baseline=False,
+                       scheduler={"type": "none"}, random_baseline=False, finetune=False,  # CI minutes
                        paper={0.5: {"linprobe_top1": 70.5, "finetune_top1": 84.0}, 0.75: {"linprobe_top1": 73.5}})
     cmd = [sys.executable, "-m", "mae_ray.sweep", "--config", path]
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -178,7 +178,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(colours, tmp_pat
     # the plot is drawn from the table's rows: the points the PNG carries are the table's, x sorted
     with Image.open(sweep_dir / "accuracy_vs_model_mask_ratio.png") as png:
         series = json.loads(png.text["mae_ray.series"])
-    for metric in ("linprobe_top1", "finetune_top1"):
+    for metric in ("linprobe_top1",):
         by_ratio = sorted((r["model.mask_ratio"], r[metric]) for r in table)
         assert series[metric.replace("_top1", " top-1")] == [[x for x, _ in by_ratio], [y for _, y in by_ratio]]
     # the paper's numbers beside the measured ones: in the table, the markdown and the plot

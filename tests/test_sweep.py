@@ -85,7 +85,8 @@ def mlflow_server(tmp_path):
 
 def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, tmp_path, mlflow_server):
     # two cases (settings that go together): the kNN bank, and Table 1f's block and grid mask sampling
-    # (ASHA needs the strong trial first: the weak one is stopped against it; labels run in sorted order)
+    # (ASHA needs the strong trial first: the weak one is stopped against it; cases run in file order, and
+    # write_sweep dumps the YAML with sorted keys, so "strong" < "weak")
     cases = {"strong": {"eval.knn_train_samples": 64, "model.mask_sampling": "block", "model.mask_ratio": 0.5},
              "weak": {"eval.knn_train_samples": 1, "model.mask_sampling": "grid"}}
     path = write_sweep(tmp_path, colours, mlflow_server, {}, cases=cases,

@@ -8,13 +8,13 @@ On one local Ray instance (started once, shared by every job) and with MLflow's 
 ``$MLFLOW_TRACKING_URI`` says otherwise):
 
 1. builds the demo dataset if absent (``data_tools.demo_data``; 10 shape classes, 32 px);
-2. pre-trains the demo MAE (``mae_ray.pretrain``, config ``experiments/configs/demo_cpu.yaml``);
-3. linear-probes (``mae_ray.linprobe``, cached features) the MAE encoder and the same architecture at
+2. pre-trains the demo MAE (``mae_ray.jobs.pretrain``, config ``experiments/configs/demo_cpu.yaml``);
+3. linear-probes (``mae_ray.jobs.linprobe``, cached features) the MAE encoder and the same architecture at
    its random initialisation, once per ``--pools`` entry (``mean``: average of the patch tokens,
    ``cls``: the class token, the paper's choice);
 4. linear-probes raw pixels, in this process: the flattened, normalised 32x32x3 image (the eval
    transform) through the same BatchNorm (no affine) + linear head, LARS, lr, schedule and batch;
-5. fine-tunes (``mae_ray.finetune``) from the MAE encoder and from random init, the same budget;
+5. fine-tunes (``mae_ray.jobs.finetune``) from the MAE encoder and from random init, the same budget;
 6. prints the markdown table and writes it, with the settings and timings, to ``--out``
    (and ``results.json`` beside it).
 
@@ -79,7 +79,7 @@ def pixel_features(shards: str, img_size: int) -> tuple[Any, Any]:
     """Every image of ``shards`` through the eval transform (normalised), flattened: ([N, 3*S*S], [N])."""
     import torch
 
-    from mae_ray.data import make_eval_loader
+    from mae_ray.data.loader import make_eval_loader
 
     xs, ys = [], []
     for x, y in make_eval_loader(shards, batch_size=256, transform="eval", img_size=img_size, num_workers=0):
@@ -89,7 +89,7 @@ def pixel_features(shards: str, img_size: int) -> tuple[Any, Any]:
 
 
 def raw_pixel_probe(cfg, num_classes: int, uri: str, world: int) -> dict[str, Any]:
-    """The linear probe of ``mae_ray.linprobe`` (cached-features path) on raw pixels, in this process.
+    """The linear probe of ``mae_ray.jobs.linprobe`` (cached-features path) on raw pixels, in this process.
 
     Same head (BatchNorm1d without affine + linear, init std 0.01), LARS (momentum 0.9, trust ratio on
     the weight), lr = blr * effective batch / 256, warmup + cosine, epochs; the effective batch is
@@ -99,8 +99,9 @@ def raw_pixel_probe(cfg, num_classes: int, uri: str, world: int) -> dict[str, An
     from timm.optim import Lars
     from torch import nn
 
-    from mae_ray import classify, engine, tracking
-    from mae_ray.linprobe import CachedFeatures, LinearProbeHead
+    from mae_ray import tracking
+    from mae_ray.jobs.linprobe import CachedFeatures, LinearProbeHead
+    from mae_ray.train import classify, engine
 
     lp = cfg.linprobe
     img_size = cfg.model.kwargs()["img_size"]
@@ -217,9 +218,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     import ray
 
     from data_tools.demo_data import build_demo_dataset
-    from mae_ray import finetune, jobs, launch, linprobe, pretrain, tracking
+    from mae_ray import tracking
+    from mae_ray.cluster import launch
     from mae_ray.config import load_config
-    from mae_ray.encoders import resolve_encoder
+    from mae_ray.jobs import driver, finetune, linprobe, pretrain
+    from mae_ray.jobs.encoders import resolve_encoder
 
     t_start = time.time()
     root = os.path.abspath(args.output_dir or os.path.join("outputs", "demo_eval", time.strftime("%Y%m%d-%H%M%S")))
@@ -279,7 +282,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                              "top1": r["linprobe_top1"], "top5": r["linprobe_top5"],
                              "wall_time_s": timings[f"linprobe-{short}-{pool}"], "mlflow_run_id": r["mlflow_run_id"]})
         t0 = time.time()
-        r = raw_pixel_probe(job_cfg("linprobe-raw-pixels"), jobs.num_classes(base), uri, world)
+        r = raw_pixel_probe(job_cfg("linprobe-raw-pixels"), driver.num_classes(base), uri, world)
         timings["linprobe-raw-pixels"] = time.time() - t0
         print(f"[demo] linprobe-raw-pixels: top-1 {r['linprobe_top1']:.2f}  top-5 {r['linprobe_top5']:.2f}  "
               f"({fmt_s(timings['linprobe-raw-pixels'])})", flush=True)

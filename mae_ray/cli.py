@@ -12,12 +12,12 @@ from mae_ray.errors import UserError
 
 # subcommand -> module with a ``main(argv) -> int``
 COMMANDS = {
-    "pretrain": ("mae_ray.pretrain", "MAE pre-training on Ray Train"),
-    "linprobe": ("mae_ray.linprobe", "linear probe of a frozen encoder"),
-    "finetune": ("mae_ray.finetune", "end-to-end fine-tuning of an encoder"),
-    "evaluate": ("mae_ray.evaluate", "linear probe then fine-tune a pre-training run or checkpoint"),
-    "sweep": ("mae_ray.sweep", "Ray Tune sweep: pre-train + evaluate over a search space"),
-    "quickstart": ("mae_ray.quickstart", "demo data + the quickstart sweep, offline"),
+    "pretrain": ("mae_ray.jobs.pretrain", "MAE pre-training on Ray Train"),
+    "linprobe": ("mae_ray.jobs.linprobe", "linear probe of a frozen encoder"),
+    "finetune": ("mae_ray.jobs.finetune", "end-to-end fine-tuning of an encoder"),
+    "evaluate": ("mae_ray.jobs.evaluate", "linear probe then fine-tune a pre-training run or checkpoint"),
+    "sweep": ("mae_ray.jobs.sweep", "Ray Tune sweep: pre-train + evaluate over a search space"),
+    "quickstart": ("mae_ray.jobs.quickstart", "demo data + the quickstart sweep, offline"),
 }
 
 

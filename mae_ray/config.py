@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from mae_ray import recipe
 from mae_ray.errors import ConfigError
-from mae_ray.presets import MASK_SAMPLINGS, MODEL_DEFAULTS, PRESETS, resolve_model_kwargs
+from mae_ray.model.presets import MASK_SAMPLINGS, MODEL_DEFAULTS, PRESETS, resolve_model_kwargs
+from mae_ray.train import recipe
 
 # Pre-training augmentation, the paper's Table 1e; MAE's is crop_random (RandomResizedCrop 0.2-1 + flip).
 PRETRAIN_AUGMENTS = ("none", "crop_fixed", "crop_random", "crop_random_jitter")
@@ -64,7 +64,7 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 64  # per Ray worker, per step; effective = batch_size * accum_iter * workers
-    effective_batch: int | None = None  # the recipe's batch (paper: 4096); accum_iter derived (mae_ray/recipe.py)
+    effective_batch: int | None = None  # the recipe's batch (paper: 4096); accum_iter derived (mae_ray/train/recipe.py)
     blr: float = 1.5e-4  # base lr: lr = blr * effective batch / 256 (the paper's rule)
     lr: float | None = None  # absolute lr, overrides blr when set
     min_lr: float = 0.0

@@ -38,7 +38,7 @@ def local_ray():
     in its own session folder: nothing shared with another module's Ray, or a user's, on this machine."""
     import ray
 
-    from mae_ray.launch import init_ray
+    from mae_ray.cluster.launch import init_ray
 
     temp_dir = ray_temp_dir()
     assert init_ray(num_cpus=2, temp_dir=temp_dir), "Ray was already running in this process"

@@ -32,11 +32,13 @@ import pytest
 import torch
 from _helpers import write_shard
 
-from mae_ray import classify, finetune, launch, linprobe, pretrain
+from mae_ray.cluster import launch
 from mae_ray.config import load_config
-from mae_ray.data import DataError, make_eval_loader, make_train_loader
+from mae_ray.data.loader import DataError, make_eval_loader, make_train_loader
 from mae_ray.errors import UserError
-from mae_ray.models import build_model
+from mae_ray.jobs import finetune, linprobe, pretrain
+from mae_ray.model.mae import build_model
+from mae_ray.train import classify
 
 # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -83,8 +85,10 @@ def refused(capsys, main: Callable[[list[str]], int], argv: list[str]) -> str:
     return one_error_line(capsys.readouterr().err)
 
 
-def run_cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd,
+def run_cli(command: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m mae_ray <command>``, or ``python -m <command>`` for a dotted module (data_tools)."""
+    module = ["-m", command] if "." in command else ["-m", "mae_ray", command]
+    return subprocess.run([sys.executable, *module, *args], capture_output=True, text=True, cwd=cwd,
                           timeout=120)
 
 
@@ -140,7 +144,7 @@ def a_demo_jpeg(demo: dict) -> bytes:
 def test_cli_pretrain_bad_config_key_or_value(tmp_path, setting, message):
     config = tmp_path / "c.yaml"
     config.write_text(f"model:\n  name: {MICRO}\noutput_dir: {tmp_path}/out\n")
-    proc = run_cli("mae_ray.pretrain", ["--config", str(config), "--set", setting], tmp_path)
+    proc = run_cli("pretrain", ["--config", str(config), "--set", setting], tmp_path)
     assert proc.returncode == 2
     assert one_error_line(proc.stderr).startswith(message)
     assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]  # no output folder, no mlflow.db
@@ -149,7 +153,7 @@ def test_cli_pretrain_bad_config_key_or_value(tmp_path, setting, message):
 def test_cli_pretrain_wrong_type_in_the_config_file(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(f"train:\n  epochs: ten\noutput_dir: {tmp_path}/out\n")
-    proc = run_cli("mae_ray.pretrain", ["--config", str(config)], tmp_path)
+    proc = run_cli("pretrain", ["--config", str(config)], tmp_path)
     assert proc.returncode == 2
     assert one_error_line(proc.stderr) == "error: train.epochs: expected int, got 'ten' (str)"
     assert [p.name for p in tmp_path.iterdir()] == ["c.yaml"]
@@ -158,7 +162,7 @@ def test_cli_pretrain_wrong_type_in_the_config_file(tmp_path):
 def test_cli_linprobe_checkpoint_of_another_architecture_names_the_keys(demo_data, tmp_path):
     path = wide_checkpoint(tmp_path)
     before = snapshot(tmp_path)
-    proc = run_cli("mae_ray.linprobe", as_args(overrides(demo_data, tmp_path, f"eval.checkpoint={path}")), tmp_path)
+    proc = run_cli("linprobe", as_args(overrides(demo_data, tmp_path, f"eval.checkpoint={path}")), tmp_path)
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
     assert f"weights in {path} do not fit this model" in line and WIDE_KEYS in line
@@ -313,7 +317,7 @@ def test_a_refused_rerun_leaves_the_earlier_runs_files_untouched(demo_data, tmp_
 
 
 def test_checkpoint_of_another_image_size_is_interpolated_and_the_job_proceeds(demo_data, tmp_path, capsys, no_ray):
-    from mae_ray.encoders import resolve_encoder
+    from mae_ray.jobs.encoders import resolve_encoder
 
     path = tmp_path / "mae_micro_32px.pth"
     small = build_model(MICRO)

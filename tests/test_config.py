@@ -88,7 +88,7 @@ def test_yaml_round_trip(tmp_path):
 
 def test_cli_prints_one_line_and_exits_nonzero_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "mae_ray.pretrain", "--set", "model.mask_ratio=1.5"],
+        [sys.executable, "-m", "mae_ray", "pretrain", "--set", "model.mask_ratio=1.5"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )
     assert proc.returncode == 2

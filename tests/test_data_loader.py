@@ -16,14 +16,14 @@ import torch
 from _helpers import write_shard
 from PIL import Image
 
-from mae_ray.data import (
+from mae_ray.data.loader import (
     DataError,
     dataset_size,
     expand_urls,
     make_eval_loader,
     make_train_loader,
 )
-from mae_ray.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, decode_rgb, normalize_batch
+from mae_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, decode_rgb, normalize_batch
 
 # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mae_ray import engine
-from mae_ray.models import build_model
+from mae_ray.model.mae import build_model
+from mae_ray.train import engine
 
 MICRO = "mae_vit_micro_patch4"
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mae_ray import linprobe, tracking
+from mae_ray import tracking
 from mae_ray.config import load_config
-from mae_ray.encoders import resolve_encoder
-from mae_ray.models import build_model
+from mae_ray.jobs import linprobe
+from mae_ray.jobs.encoders import resolve_encoder
+from mae_ray.model.mae import build_model
 
 MICRO = "mae_vit_micro_patch4"
 
@@ -59,7 +60,7 @@ def test_a_parent_run_of_another_store_is_named_not_used(tmp_path, demo_data):
 
 
 def test_encoder_source_tag_is_redacted():
-    from mae_ray.encoders import EncoderSource
+    from mae_ray.jobs.encoders import EncoderSource
 
     s = EncoderSource(None, {}, None, "https://user:pw@host/ckpt/state.pt?X-Amz-Signature=abc")
     assert s.tags() == {"mae_ray.encoder_source": "https://***@host/ckpt/state.pt?X-Amz-Signature=***"}

@@ -6,9 +6,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mae_ray import classify, engine, evaluate, finetune, linprobe, pretrain
 from mae_ray.config import load_config
-from mae_ray.models import build_model
+from mae_ray.jobs import evaluate, finetune, linprobe, pretrain
+from mae_ray.model.mae import build_model
+from mae_ray.train import classify, engine
 
 MICRO = "mae_vit_micro_patch4"
 
@@ -115,7 +116,7 @@ def test_distributed_eval_equals_single_process(local_ray, demo_data, tmp_path):
     from ray.train import Checkpoint, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mae_ray.data import make_eval_loader
+    from mae_ray.data.loader import make_eval_loader
 
     def scores(rank, world):
         torch.manual_seed(0)
@@ -211,7 +212,7 @@ def test_evaluation_only_sweep_fine_tunes_one_encoder_partially_per_trial(pretra
 
     import yaml
 
-    from mae_ray import sweep as sweeps
+    from mae_ray.jobs import sweep as sweeps
 
     tmp, pre = pretrained
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
@@ -285,9 +286,9 @@ def plain_probe_top1(encoder, cfg, demo) -> float:
     """A plain logistic regression on the probe job's own features (eval transform, its pooling, every
     training image): standardised with the training set's statistics, a linear layer trained full-batch
     with AdamW to convergence, scored on the validation images. The yardstick the probe job must meet."""
-    from mae_ray.data import make_eval_loader
-    from mae_ray.knn import extract_features
-    from mae_ray.transforms import eval_transform
+    from mae_ray.data.loader import make_eval_loader
+    from mae_ray.data.transforms import eval_transform
+    from mae_ray.train.knn import extract_features
 
     def features(shards):
         loader = make_eval_loader(shards, batch_size=256, transform=eval_transform(cfg.data, 32), img_size=32,
@@ -311,7 +312,7 @@ def plain_probe_top1(encoder, cfg, demo) -> float:
 @pytest.mark.ray
 def test_the_probe_job_converges_and_meets_a_plain_logistic_regression(pretrained, evaluated, random_probe,
                                                                         demo_data):
-    from mae_ray.encoders import EncoderSource, resolve_encoder
+    from mae_ray.jobs.encoders import EncoderSource, resolve_encoder
 
     tmp, pre = pretrained
     cfg, summary = evaluated

@@ -17,9 +17,9 @@ import pytest
 from _helpers import MlflowServer, tiny_config
 from mlflow import MlflowClient
 
-from mae_ray import finetune, pretrain
+from mae_ray.cluster.launch import load_state
 from mae_ray.errors import CheckpointError
-from mae_ray.launch import load_state
+from mae_ray.jobs import finetune, pretrain
 
 pytestmark = pytest.mark.ray
 
@@ -44,7 +44,7 @@ def checkpoint_epochs(storage: Path) -> list[int]:
 FILL_DISK = r"""
 set -u
 mount -t tmpfs -o size=64m mae-ray-test "$MNT" || exit 90
-"$PY" -m mae_ray.pretrain --config "$CFG" >"$KEEP/stdout" 2>"$KEEP/stderr" &
+"$PY" -m mae_ray pretrain --config "$CFG" >"$KEEP/stdout" 2>"$KEEP/stderr" &
 job=$!
 until ls "$MNT"/run/ray/*/epoch_000000/state.pt >/dev/null 2>&1; do
     kill -0 $job 2>/dev/null || break

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mae_ray import flops
-from mae_ray.models import MaskedAutoencoderViT
-from mae_ray.presets import resolve_model_kwargs
+from mae_ray.model import flops
+from mae_ray.model.mae import MaskedAutoencoderViT
+from mae_ray.model.presets import resolve_model_kwargs
 
 MICRO = "mae_vit_micro_patch4"
 

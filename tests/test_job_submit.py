@@ -223,7 +223,7 @@ def test_documented_cli_submit_with_working_dir(head, demo_data, tmp_path):
     (`mlruns/`, `outputs/`, `data/`; RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 would undo that). The relative
     --config path resolves only inside the uploaded copy, the job's working directory."""
     cmd = [RAY, "job", "submit", "--address", head.url, "--working-dir", ".", "--",
-           "python", "-m", "mae_ray.pretrain", "--config", "experiments/configs/demo_cpu.yaml"]
+           "python", "-m", "mae_ray", "pretrain", "--config", "experiments/configs/demo_cpu.yaml"]
     for item in _overrides(demo_data, tmp_path):
         cmd += ["--set", item]
     t0 = time.time()
@@ -238,7 +238,7 @@ def test_documented_cli_submit_with_working_dir(head, demo_data, tmp_path):
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result["mlflow_run_id"])
     assert run.data.params["model.norm_pix_loss"] == "True" and run.data.params["model.mask_ratio"] == "0.75"
     # it ran as a job of this head: the id the CLI printed is the run's tag, SUCCEEDED in the head's list
-    submission_id = _assert_ran_on_head(head, run.data.tags, "python -m mae_ray.pretrain --config")
+    submission_id = _assert_ran_on_head(head, run.data.tags, "python -m mae_ray pretrain --config")
     assert f"Job '{submission_id}' succeeded" in out, out[-4000:]
     print(f"cli job: {time.time() - t0:.1f}s")
 
@@ -248,7 +248,7 @@ def test_python_client_submit_with_explicit_excludes(head, demo_data, tmp_path):
     from ray.job_submission import JobStatus
 
     client = head.client()
-    entrypoint = shlex.join([sys.executable, "-m", "mae_ray.pretrain",
+    entrypoint = shlex.join([sys.executable, "-m", "mae_ray", "pretrain",
                              *(a for item in _overrides(demo_data, tmp_path) for a in ("--set", item))])
     t0 = time.time()
     job_id = client.submit_job(
@@ -264,12 +264,12 @@ def test_python_client_submit_with_explicit_excludes(head, demo_data, tmp_path):
     assert info.runtime_env["working_dir"].startswith("gcs://")  # uploaded to the head, not a local path
     result = _check_outputs(tmp_path)
     tags = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result["mlflow_run_id"]).data.tags
-    assert _assert_ran_on_head(head, tags, "-m mae_ray.pretrain --set") == job_id
+    assert _assert_ran_on_head(head, tags, "-m mae_ray pretrain --set") == job_id
     print(f"python client job: {time.time() - t0:.1f}s")
 
 
 def test_sweep_submitted_to_the_head_succeeds(head, demo_data, tmp_path):
-    """`python -m mae_ray.sweep` as a submitted job: it joins the head, each trial trains and is evaluated."""
+    """`python -m mae_ray sweep` as a submitted job: it joins the head, each trial trains and is evaluated."""
     import pyarrow.parquet as pq
     import yaml
     from ray.job_submission import JobStatus
@@ -288,7 +288,7 @@ def test_sweep_submitted_to_the_head_succeeds(head, demo_data, tmp_path):
              "random_baseline": False, "output_dir": str(tmp_path / "sweeps")}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     client = head.client()
-    job_id = client.submit_job(entrypoint=shlex.join([sys.executable, "-m", "mae_ray.sweep", "--config",
+    job_id = client.submit_job(entrypoint=shlex.join([sys.executable, "-m", "mae_ray", "sweep", "--config",
                                                       str(tmp_path / "sweep.yaml")]))
     status = _wait_for(client, job_id)
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-4000:]
@@ -298,4 +298,4 @@ def test_sweep_submitted_to_the_head_succeeds(head, demo_data, tmp_path):
     child = mlflow.get_run(row["mlflow_run_id"])
     assert child.info.status == "FINISHED" and "mlflow.parentRunId" in child.data.tags
     parent = mlflow.get_run(child.data.tags["mlflow.parentRunId"])  # the sweep's run, made by the job's driver
-    assert _assert_ran_on_head(head, parent.data.tags, "-m mae_ray.sweep --config") == job_id
+    assert _assert_ran_on_head(head, parent.data.tags, "-m mae_ray sweep --config") == job_id

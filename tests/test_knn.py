@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mae_ray.knn import knn_scores, topk_correct
+from mae_ray.train.knn import knn_scores, topk_correct
 
 
 def test_nearest_neighbours_vote_with_exp_similarity_weights():
@@ -42,8 +42,8 @@ def test_online_monitor_over_the_demo_shards_finds_each_image_itself(demo_data):
     images as the bank and k=1, every query's nearest neighbour is itself, so top-1 is exactly 100 %.
     Features and labels that drifted apart anywhere on the way would score near chance (10 %)."""
     from mae_ray.config import load_config
-    from mae_ray.knn import KnnMonitor
-    from mae_ray.models import build_model
+    from mae_ray.model.mae import build_model
+    from mae_ray.train.knn import KnnMonitor
 
     cfg = load_config(None, [f"data.train_shards={demo_data['val']}", f"data.val_shards={demo_data['val']}",
                              "data.num_workers=0", "eval.knn_k=1", "eval.knn_train_samples=300",

@@ -10,9 +10,9 @@ import timm
 import torch
 
 from mae_ray.errors import CheckpointError
-from mae_ray.models import MaskedAutoencoderViT, build_model, encoder_param_count, sincos_1d, sincos_2d
-from mae_ray.presets import PRESETS
-from mae_ray.weights import encoder_state_dict, load_mae_weights, save_encoder, timm_vit_kwargs
+from mae_ray.model.mae import MaskedAutoencoderViT, build_model, encoder_param_count, sincos_1d, sincos_2d
+from mae_ray.model.presets import PRESETS
+from mae_ray.model.weights import encoder_state_dict, load_mae_weights, save_encoder, timm_vit_kwargs
 
 MICRO = "mae_vit_micro_patch4"
 
@@ -327,7 +327,7 @@ def test_block_masks_remove_large_blocks_random_masks_do_not():
 
 
 def test_block_mask_follows_beits_generator():
-    from mae_ray.models import block_mask
+    from mae_ray.model.mae import block_mask
 
     rng = np.random.default_rng(0)
     shortfalls = []

@@ -13,8 +13,8 @@ import pytest
 from _helpers import PortReservation, processes_mentioning
 from mlflow import MlflowClient
 
-from mae_ray import pretrain
 from mae_ray.config import load_config
+from mae_ray.jobs import pretrain
 
 pytestmark = pytest.mark.ray
 

@@ -11,8 +11,8 @@ import torch
 from _helpers import tiny_config
 from mlflow import MlflowClient
 
-from mae_ray import pretrain
 from mae_ray.errors import UserError
+from mae_ray.jobs import pretrain
 
 pytestmark = pytest.mark.ray
 
@@ -54,8 +54,8 @@ def test_two_workers_finish_loss_falls_and_mlflow_has_one_row_per_epoch(local_ra
     import timm
     from safetensors.torch import load_file
 
-    from mae_ray.models import MaskedAutoencoderViT
-    from mae_ray.weights import timm_vit_kwargs
+    from mae_ray.model.mae import MaskedAutoencoderViT
+    from mae_ray.model.weights import timm_vit_kwargs
 
     state = torch.load(summary["encoder"], weights_only=True)["model"]
     vit = timm.create_model("vit_base_patch16_224", **timm_vit_kwargs(MaskedAutoencoderViT(**cfg.model.kwargs())))

@@ -1,14 +1,14 @@
 """The recipe's unit is the effective batch: gradient accumulation is derived from the cluster's size, so
-the same recipe trains alike on 1 worker or many (mae_ray/recipe.py; the paper states effective batches)."""
+the same recipe trains alike on 1 worker or many (mae_ray/train/recipe.py; the paper states effective batches)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mae_ray import classify, engine, recipe
 from mae_ray.config import load_config
 from mae_ray.errors import ConfigError
+from mae_ray.train import classify, engine, recipe
 
 SECTION = {"pretrain": "train", "linprobe": "linprobe", "finetune": "finetune"}
 

@@ -12,9 +12,10 @@ import os
 import pytest
 import torch
 
-from mae_ray import engine, finetune, linprobe, recipe
 from mae_ray.config import load_config
-from mae_ray.transforms import build_transform
+from mae_ray.data.transforms import build_transform
+from mae_ray.jobs import finetune, linprobe
+from mae_ray.train import engine, recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.yaml")))

@@ -25,10 +25,10 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from transformers.models.vit_mae import modeling_vit_mae as hf_mae
 
 from mae_ray.config import Config, ModelConfig
-from mae_ray.encoders import resolve_encoder
-from mae_ray.models import MaskedAutoencoderViT, build_model, sincos_1d, sincos_2d
-from mae_ray.presets import resolve_model_kwargs
-from mae_ray.weights import load_mae_weights, resize_pos_embeds
+from mae_ray.jobs.encoders import resolve_encoder
+from mae_ray.model.mae import MaskedAutoencoderViT, build_model, sincos_1d, sincos_2d
+from mae_ray.model.presets import resolve_model_kwargs
+from mae_ray.model.weights import load_mae_weights, resize_pos_embeds
 
 MICRO = "mae_vit_micro_patch4"
 BASE = "mae_vit_base_patch16"

@@ -17,9 +17,9 @@ import torch
 from _helpers import tiny_config
 from mlflow import MlflowClient
 
-from mae_ray import finetune, pretrain
+from mae_ray.cluster.launch import load_state
 from mae_ray.errors import UserError
-from mae_ray.launch import load_state
+from mae_ray.jobs import finetune, pretrain
 
 pytestmark = pytest.mark.ray
 
@@ -194,8 +194,8 @@ def train_steps(config: dict) -> None:
 
 def steps(config: dict, rank: int, world: int, wrap) -> tuple[dict, torch.Tensor]:
     """``STEPS`` updates of engine.train_one_epoch over this rank's share of every batch of ``sync_data``."""
-    from mae_ray import engine
-    from mae_ray.models import MaskedAutoencoderViT
+    from mae_ray.model.mae import MaskedAutoencoderViT
+    from mae_ray.train import engine
 
     accum, cpu = config["accum"], torch.device("cpu")
     torch.manual_seed(0)
@@ -237,7 +237,7 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 def test_two_workers_follow_one_worker_with_the_whole_batch(local_ray, tmp_path):
-    from mae_ray.models import MaskedAutoencoderViT
+    from mae_ray.model.mae import MaskedAutoencoderViT
 
     torch.manual_seed(0)
     init = NoiseInInput(MaskedAutoencoderViT(**MODEL)).mae.state_dict()

@@ -28,9 +28,10 @@ from _helpers import AuthShardServer, MlflowServer
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from mae_ray import linprobe, tracking
-from mae_ray import sweep as sweeps
+from mae_ray import tracking
 from mae_ray.config import load_config
+from mae_ray.jobs import linprobe
+from mae_ray.jobs import sweep as sweeps
 
 pytestmark = pytest.mark.ray
 

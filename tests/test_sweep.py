@@ -19,7 +19,7 @@ from _helpers import MlflowServer
 from mlflow import MlflowClient
 from PIL import Image
 
-from mae_ray import sweep as sweeps
+from mae_ray.jobs import sweep as sweeps
 
 pytestmark = pytest.mark.ray
 
@@ -131,7 +131,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(colours, tmp_pat
     path = write_sweep(tmp_path, colours, uri, {"model.mask_ratio": {"grid": [0.5, 0.75]}},
                        scheduler={"type": "none"}, random_baseline=False, finetune=False,  # CI minutes
                        paper={0.5: {"linprobe_top1": 70.5, "finetune_top1": 84.0}, 0.75: {"linprobe_top1": 73.5}})
-    cmd = [sys.executable, "-m", "mae_ray.sweep", "--config", path]
+    cmd = [sys.executable, "-m", "mae_ray", "sweep", "--config", path]
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     sweep_dir = tmp_path / "sweeps" / "s"
     deadline = time.time() + 400
@@ -193,7 +193,7 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(colours, tmp_pat
 def test_plot_lines_are_the_tables_rows_averaged_per_axis_value():
     """What the accuracy plot draws, read back from its lines: per accuracy, x = the axis values of the
     finished trials (sorted), y = the mean accuracy of the trials at that x; the baseline a flat line."""
-    from mae_ray import sweep_report
+    from mae_ray.jobs import sweep_report
 
     rows = [  # unsorted, two trials at 0.75, one stopped and one errored trial (not drawn), a baseline
         {"trial": "c", "status": "finished", "model.mask_ratio": 0.9, "linprobe_top1": 30.0, "knn_top1": 20.0},
@@ -221,7 +221,7 @@ def test_stale_ray_processes_are_stopped_and_reaped_not_left_as_zombies(tmp_path
     (SIGKILLed after the grace period), one orphaned like the dead driver's (reaped by PID 1); a pid
     now used by another process is left alone. Afterwards each stopped pid is out of the process table:
     /proc/PID/status gone, not State Z."""
-    from mae_ray import sweep_report
+    from mae_ray.jobs import sweep_report
 
     ready = "import signal, sys, time; {}; print('ready', flush=True); time.sleep(600)"
     obeys = subprocess.Popen([sys.executable, "-c", ready.format("pass")], stdout=subprocess.PIPE, text=True)

@@ -16,12 +16,12 @@ import os
 import pytest
 import torch
 
-from mae_ray import sweep_config as sweeps
-from mae_ray import sweep_report
 from mae_ray.config import Config
+from mae_ray.data.transforms import build_transform
 from mae_ray.errors import ConfigError
-from mae_ray.models import MaskedAutoencoderViT
-from mae_ray.transforms import build_transform
+from mae_ray.jobs import sweep_config as sweeps
+from mae_ray.jobs import sweep_report
+from mae_ray.model.mae import MaskedAutoencoderViT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEPS = os.path.join(ROOT, "experiments", "sweeps")
@@ -112,8 +112,8 @@ def test_every_point_of_every_sweep_file_trains_one_step(name):
 
 
 def fine_tune_one_step(sweep, base, axis: str) -> None:
-    from mae_ray import finetune
-    from mae_ray.models import build_model
+    from mae_ray.jobs import finetune
+    from mae_ray.model.mae import build_model
 
     assert axis == "finetune.trainable_blocks" and sweep.finetune and base["eval"]["checkpoint"]
     encoder = build_model("mae_vit_micro_patch4", depth=24)  # ViT-L's depth, micro width

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from mae_ray.config import DataConfig, load_config
-from mae_ray.data import manifest_crop_ratio
+from mae_ray.data.loader import manifest_crop_ratio
+from mae_ray.data.transforms import DEFAULT_CROP_RATIO, build_transform, eval_transform
 from mae_ray.errors import ConfigError
-from mae_ray.transforms import DEFAULT_CROP_RATIO, build_transform, eval_transform
 
 
 def framed(size: int = 32, width: int = 1) -> torch.Tensor:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mae_ray import engine
-from mae_ray.data import make_eval_loader, make_train_loader
-from mae_ray.models import MaskedAutoencoderViT
-from mae_ray.presets import resolve_model_kwargs
-from mae_ray.transforms import build_transform, eval_transform, normalize_batch
-from mae_ray.visualize import fixed_noise, reconstruct
+from mae_ray.data.loader import make_eval_loader, make_train_loader
+from mae_ray.data.transforms import build_transform, eval_transform, normalize_batch
+from mae_ray.model.mae import MaskedAutoencoderViT
+from mae_ray.model.presets import resolve_model_kwargs
+from mae_ray.model.visualize import fixed_noise, reconstruct
+from mae_ray.train import engine
 
 MASK_RATIO = 0.75
 STEPS = 100  # batches of 32: a few seconds on a quiet 2-core CPU
@@ -47,7 +47,7 @@ def eval_images(demo, split: str, batch_size: int):
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """Normalised images -> the pictures' [0, 1] display space (as reconstruct shows them)."""
-    from mae_ray.visualize import IMAGENET_MEAN, IMAGENET_STD
+    from mae_ray.model.visualize import IMAGENET_MEAN, IMAGENET_STD
 
     return (x * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1)
 

@@ -7,7 +7,7 @@ on the GPU, so data loading costs nothing. Per variant: one untimed warm-up epoc
 steps (it includes compilation), then ``--repeats`` timed epochs of ``--steps`` steps each; the
 epoch time ends with ``torch.cuda.synchronize``. The median epoch is reported.
 
-    MFU = images/s x train FLOPs per image (mae_ray.flops) / dense bf16 peak of the GPU
+    MFU = images/s x train FLOPs per image (mae_ray.model.flops) / dense bf16 peak of the GPU
 
 ``--baseline`` also runs Table 1c's mask token in the encoder, for the real MAE speed-up on a GPU.
 A compile (or any) failure of one variant is reported in the table and the JSON and the others
@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-from mae_ray import engine, recipe
-from mae_ray.flops import encoder_tokens, peak_flops, train_flops_per_image
-from mae_ray.models import MaskedAutoencoderViT
-from mae_ray.presets import resolve_model_kwargs
+from mae_ray.model.flops import encoder_tokens, peak_flops, train_flops_per_image
+from mae_ray.model.mae import MaskedAutoencoderViT
+from mae_ray.model.presets import resolve_model_kwargs
+from mae_ray.train import engine, recipe
 
 GOAL_IMAGES_PER_S = 3000  # on one H100, ViT-B/16 MAE, batch 256
 GOAL_MFU = 0.40

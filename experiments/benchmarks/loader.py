@@ -3,7 +3,7 @@
 Generates synthetic JPEGs, writes them both as an ImageFolder tree and as tar shards, then
 measures images/s for the pre-training transform:
 
-  (a) mae_ray.data.make_train_loader over the shards (torchvision.io decode, tensor transforms),
+  (a) mae_ray.data.loader.make_train_loader over the shards (torchvision.io decode, tensor transforms),
   (b) torchvision ImageFolder + DataLoader, the MAE reference pipeline (PIL decode + PIL transforms),
   (c) the ceiling: one process decoding + transforming in-memory bytes in a plain loop,
 
@@ -33,8 +33,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from mae_ray.data import TrainLoader, make_train_loader
-from mae_ray.transforms import IMAGENET_MEAN, IMAGENET_STD, Transform, build_transform, decode_rgb
+from mae_ray.data.loader import TrainLoader, make_train_loader
+from mae_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Transform, build_transform, decode_rgb
 
 # torchvision 0.29 deprecates torchvision.io decoding in favour of torchcodec; it still works.
 warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)

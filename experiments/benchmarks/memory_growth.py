@@ -33,9 +33,9 @@ def main() -> int:
     from mlflow import MlflowClient
 
     from data_tools.demo_data import build_demo_dataset
-    from mae_ray import pretrain
     from mae_ray.cli import quiet_logs
     from mae_ray.config import load_config
+    from mae_ray.jobs import pretrain
 
     quiet_logs(False)
     out = args.out or tempfile.mkdtemp(prefix="mae_ray_memory_")

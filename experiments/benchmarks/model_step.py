@@ -4,7 +4,7 @@ Both variants of one preset are built side by side and timed in interleaved repe
 so slow drift of a noisy machine hits both alike); medians are reported. The measured speed-up is
 printed beside the one predicted from matmul FLOPs, counted two ways:
 
-  analytic  mae_ray.flops.train_flops_per_image: per block 2 * tokens * (linear weights) + 4 * tokens^2
+  analytic  mae_ray.model.flops.train_flops_per_image: per block 2 * tokens * (linear weights) + 4 * tokens^2
             * width (QK^T and AV), plus the patch embedding, decoder embedding (encoder tokens), decoder
             blocks and prediction head (1 + L tokens); forward + backward = 3 x forward, less the patch
             embedding's input gradient;
@@ -32,16 +32,16 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mae_ray.flops import encoder_tokens, set_fused_attention, train_flops_per_image
-from mae_ray.models import build_model
-from mae_ray.presets import resolve_model_kwargs
+from mae_ray.model.flops import encoder_tokens, set_fused_attention, train_flops_per_image
+from mae_ray.model.mae import build_model
+from mae_ray.model.presets import resolve_model_kwargs
 
 VARIANTS = {"mae": False, "mask-token-in-encoder": True}  # name -> mask_token_in_encoder
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="mae_vit_base_patch16", help="preset name (mae_ray.presets)")
+    parser.add_argument("--model", default="mae_vit_base_patch16", help="preset name (mae_ray.model.presets)")
     parser.add_argument("--img-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--decoder-depth", type=int, default=None, help="default: the preset's")
     parser.add_argument("--batch", type=int, default=8)

@@ -5,7 +5,7 @@ Both sides train the same model on the demo dataset's tar shards with the same c
 
   plain PyTorch  in this process: what ``pretrain.train_loop`` builds (model, loader, AdamW, schedule),
                  then ``engine.train_one_epoch`` per epoch, with no Ray, no MLflow, no checkpoints;
-  Ray Train      ``mae_ray.pretrain.run(cfg)`` with ``ray.num_workers=1`` on a private local Ray that
+  Ray Train      ``mae_ray.jobs.pretrain.run(cfg)`` with ``ray.num_workers=1`` on a private local Ray that
                  this script starts before and shuts down after each run; per-epoch figures come from
                  the run's MLflow history (``images_per_s``, and the log timestamps for epoch wall time).
 
@@ -18,7 +18,7 @@ machine is noisy, CPU time is also sampled from /proc (every 0.5 s) and split ov
 epochs into: the training process and its loader workers; Ray's own processes (raylet, GCS, Train
 controller, ...); this driver; and everything else on the machine (other users' load).
 
-Time to first step: wall time from starting ``python -m mae_ray.pretrain ...`` until rank 0 prints
+Time to first step: wall time from starting ``python -m mae_ray pretrain ...`` until rank 0 prints
 its "[pretrain] N worker(s), ... fresh start" line (model, loader and optimiser built, right before
 the epoch loop; relayed to the driver's console by Ray), vs ``python -c`` importing torch and
 building the same model, optimiser and loader ("ready"), then fetching the first batch. Example:
@@ -53,10 +53,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from data_tools.demo_data import build_demo_dataset  # noqa: E402
-from mae_ray import engine, recipe  # noqa: E402
 from mae_ray.config import Config, load_config  # noqa: E402
-from mae_ray.data import make_train_loader  # noqa: E402
-from mae_ray.models import MaskedAutoencoderViT  # noqa: E402
+from mae_ray.data.loader import make_train_loader  # noqa: E402
+from mae_ray.model.mae import MaskedAutoencoderViT  # noqa: E402
+from mae_ray.train import engine, recipe  # noqa: E402
 
 READY_LINE = re.compile(r"\[pretrain\] \d+ worker\(s\).*(fresh start|resumed from)")
 
@@ -64,9 +64,9 @@ PLAIN_STARTUP = """
 import json, sys, time
 t0 = time.perf_counter()
 import torch
-from mae_ray import engine
-from mae_ray.data import make_train_loader
-from mae_ray.models import build_model
+from mae_ray.train import engine
+from mae_ray.data.loader import make_train_loader
+from mae_ray.model.mae import build_model
 p = json.loads(sys.argv[1])
 torch.set_num_threads(p["threads"])
 torch.manual_seed(0)
@@ -253,8 +253,8 @@ def ray_run(cfg: Config, num_cpus: int) -> list[dict]:
     import ray
     from mlflow import MlflowClient
 
-    from mae_ray import pretrain
-    from mae_ray.launch import init_ray
+    from mae_ray.cluster.launch import init_ray
+    from mae_ray.jobs import pretrain
 
     if not init_ray(num_cpus=num_cpus):
         raise RuntimeError("Ray was already initialised in this process; refusing to share it")
@@ -315,7 +315,7 @@ def timed_subprocess(cmd: list[str], markers: dict[str, re.Pattern], timeout: fl
 def startup_commands(args, data: dict, workdir: Path, i: int) -> dict[str, list[str]]:
     sets = overrides(args, data, workdir, f"startup_{i}", **{"train.epochs": 1, "train.max_steps_per_epoch": 2,
                                                                "train.checkpoint_every": 1})
-    ray_cmd = [sys.executable, "-m", "mae_ray.pretrain"] + [x for s in sets for x in ("--set", s)]
+    ray_cmd = [sys.executable, "-m", "mae_ray", "pretrain"] + [x for s in sets for x in ("--set", s)]
     params = {"threads": args.threads, "model": args.model, "img_size": args.img_size, "shards": data["train"],
               "batch": args.batch, "loader_workers": args.loader_workers, "samples": args.samples_per_epoch,
               "shuffle_buffer": args.shuffle_buffer}

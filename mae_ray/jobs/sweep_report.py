@@ -116,7 +116,7 @@ def trial_rows(grid, axes: list[str]) -> list[dict[str, Any]]:
 def add_paper(rows: list[dict[str, Any]], sweep) -> list[dict[str, Any]]:
     """Each trial row gets the paper's numbers at its axis value (``paper_linprobe_top1``, ...), if the
     sweep file gives them: measured and published side by side."""
-    from mae_ray.sweep_config import axis_label
+    from mae_ray.jobs.sweep_config import axis_label
 
     if not sweep.paper:
         return rows

@@ -15,7 +15,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 from mae_ray.errors import CheckpointError
-from mae_ray.models import MaskedAutoencoderViT, is_decoder_key
+from mae_ray.model.mae import MaskedAutoencoderViT, is_decoder_key
 
 POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
 

@@ -21,9 +21,9 @@ import yaml
 
 from mae_ray.config import Config, from_dict
 from mae_ray.errors import CheckpointError, ConfigError
-from mae_ray.models import MaskedAutoencoderViT, is_decoder_key
+from mae_ray.model.mae import MaskedAutoencoderViT, is_decoder_key
+from mae_ray.model.weights import load_mae_weights, read_state_dict, unreadable_checkpoint
 from mae_ray.tracking import redact, run_exists
-from mae_ray.weights import load_mae_weights, read_state_dict, unreadable_checkpoint
 
 _TAG_MAX = 5000  # MLflow's limit on a tag value's length (8000 on recent servers, 5000 on older ones)
 

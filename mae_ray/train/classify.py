@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from mae_ray.engine import NonFiniteLossError, Precision, StepPlan
 from mae_ray.errors import DataError
+from mae_ray.train.engine import NonFiniteLossError, Precision, StepPlan
 
 
 def train_epoch(

@@ -14,7 +14,7 @@ loss are left out. For one image of ``L`` patches of width ``p*p*C``:
 Training is forward + backward; the backward of each product costs twice its forward, except that
 the images need no gradient, so the patch embedding's input gradient is never computed:
 ``train = 3 * forward - patch embedding``. Functions take ``MaskedAutoencoderViT`` constructor
-keywords (a preset's via ``mae_ray.presets.resolve_model_kwargs``; missing keys take the release's
+keywords (a preset's via ``mae_ray.model.presets.resolve_model_kwargs``; missing keys take the release's
 defaults) and import no torch, except the measuring helpers at the end.
 """
 
@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from mae_ray.presets import MODEL_DEFAULTS
+from mae_ray.model.presets import MODEL_DEFAULTS
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets.
 # Matched in order against the words of torch.cuda.get_device_name(): more specific names first.

@@ -101,8 +101,8 @@ class KnnMonitor:
         return bool(self.every) and (epoch + 1) % self.every == 0
 
     def _build(self):
-        from mae_ray.data import make_eval_loader
-        from mae_ray.transforms import eval_transform
+        from mae_ray.data.loader import make_eval_loader
+        from mae_ray.data.transforms import eval_transform
 
         val = self.cfg.data.val_shards or self.cfg.data.train_shards
         kw = dict(batch_size=256, transform=eval_transform(self.cfg.data, self.img_size), img_size=self.img_size,

@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from mae_ray.data.transforms import IMAGE_EXTENSIONS, Transform, build_transform, decode_rgb
 from mae_ray.errors import DataError
-from mae_ray.transforms import IMAGE_EXTENSIONS, Transform, build_transform, decode_rgb
 
 log = logging.getLogger(__name__)
 

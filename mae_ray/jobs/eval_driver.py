@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mae_ray import jobs, launch, tracking
+from mae_ray import tracking
 from mae_ray.cli import guarded, job_parser, quiet_logs
+from mae_ray.cluster import launch
 from mae_ray.config import Config, load_config
-from mae_ray.encoders import EncoderSource, in_store, resolve_encoder
+from mae_ray.jobs import driver
+from mae_ray.jobs.encoders import EncoderSource, in_store, resolve_encoder
 
 WHAT = {"linprobe": "linear probe", "finetune": "fine-tuning"}
 
@@ -27,18 +29,18 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, sourc
     """``resume_from``: a checkpoint of a stopped run of this job, continued in the same MLflow run."""
     # Every check before anything is written or Ray starts: a refused job leaves no trace.
     run_id = launch.load_state(resume_from).get("mlflow_run_id") if resume_from else None  # bad path: fails now
-    uri = jobs.prepare(cfg, need_val=True, write=False)
-    classes = jobs.num_classes(cfg)
+    uri = driver.prepare(cfg, need_val=True, write=False)
+    classes = driver.num_classes(cfg)
     name = cfg.mlflow.run_name or f"{job}-{os.path.basename(cfg.output_dir.rstrip('/'))}"
     if not resume_from:
-        jobs.refuse_existing(cfg, name)
+        driver.refuse_existing(cfg, name)
     # the dearest check (builds the model); the parent run only if it is in this store (encoders.in_store)
     source = in_store(source, uri) if source else resolve_encoder(cfg.eval.checkpoint, cfg, uri)
     print(f"[{job}] encoder: {source.label}  outputs: {cfg.output_dir}  mlflow: {tracking.redact(uri)}", flush=True)
-    with jobs.ray_session(cfg, verbose):
+    with driver.ray_session(cfg, verbose):
         import ray
 
-        jobs.write_config(cfg)  # once the cluster is known to fit the request
+        driver.write_config(cfg)  # once the cluster is known to fit the request
 
         params = tracking.params_from_config(cfg.flatten())
         params["eval.encoder"] = source.label
@@ -47,10 +49,10 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, sourc
             run_id = tracking.start_run(uri, cfg.mlflow.experiment, name, params, tags,
                                         parent_run_id=source.parent_run_id)
         start = time.time()
-        result = jobs.fit(train_loop, cfg, name=name, uri=uri, run_id=run_id, verbose=verbose, what=WHAT[job],
+        result = driver.fit(train_loop, cfg, name=name, uri=uri, run_id=run_id, verbose=verbose, what=WHAT[job],
                           encoder=ray.put(source.state), model_kwargs=source.model_kwargs, num_classes=classes,
                           resume_from=resume_from)
-    metrics = jobs.numeric(result.metrics)
+    metrics = driver.numeric(result.metrics)
     final = {f"{job}_top1": metrics["val_top1"], f"{job}_top5": metrics["val_top5"]}
     tracking.log_values(uri, run_id, final)
     if source.parent_run_id:
@@ -60,7 +62,7 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, sourc
                "encoder_run_id": source.origin_run_id,
                "checkpoint": result.checkpoint.path, "num_classes": classes, "metrics": metrics,
                "wall_time_s": round(time.time() - start, 1)}
-    jobs.write_result(cfg.output_dir, summary)
+    driver.write_result(cfg.output_dir, summary)
     return summary
 
 

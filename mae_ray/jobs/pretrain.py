@@ -1,4 +1,4 @@
-"""MAE pre-training as a Ray Train job: ``python -m mae_ray.pretrain --config FILE [--set KEY=VALUE ...]``.
+"""MAE pre-training as a Ray Train job: ``python -m mae_ray pretrain --config FILE [--set KEY=VALUE ...]``.
 
 Driver: validate config and data paths, create the MLflow run, start or join Ray, run the workers,
 log the final artifacts, write ``result.json``. Worker (``train_loop``): build model and loader,
@@ -22,14 +22,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from mae_ray import engine, launch, recipe, tracking
-    from mae_ray.data import make_train_loader
-    from mae_ray.flops import peak_flops, train_flops_per_image
-    from mae_ray.knn import KnnMonitor
-    from mae_ray.loop import EpochLoop
-    from mae_ray.models import MaskedAutoencoderViT
-    from mae_ray.transforms import build_transform
-    from mae_ray.weights import save_encoder
+    from mae_ray import tracking
+    from mae_ray.cluster import launch
+    from mae_ray.cluster.worker_loop import EpochLoop
+    from mae_ray.data.loader import make_train_loader
+    from mae_ray.data.transforms import build_transform
+    from mae_ray.model.flops import peak_flops, train_flops_per_image
+    from mae_ray.model.mae import MaskedAutoencoderViT
+    from mae_ray.model.weights import save_encoder
+    from mae_ray.train import engine, recipe
+    from mae_ray.train.knn import KnnMonitor
 
     cfg: Config = from_dict(Config, loop_config["config"])
     launch.quiet_worker(loop_config.get("verbose", False))
@@ -102,7 +104,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 def on_device(batches, device):
     """uint8 image batches -> float32 normalised on ``device`` (where the model runs)."""
-    from mae_ray.transforms import normalize_batch
+    from mae_ray.data.transforms import normalize_batch
 
     for imgs, labels in batches:
         yield normalize_batch(imgs.to(device, non_blocking=True)), labels
@@ -139,9 +141,9 @@ class _Pictures:
         self.images = None
 
     def _load(self):
-        from mae_ray.data import make_eval_loader
-        from mae_ray.transforms import eval_transform
-        from mae_ray.visualize import fixed_noise
+        from mae_ray.data.loader import make_eval_loader
+        from mae_ray.data.transforms import eval_transform
+        from mae_ray.model.visualize import fixed_noise
 
         shards = self.cfg.data.val_shards or self.cfg.data.train_shards
         size = self.model.patch_embed.img_size[0]
@@ -153,7 +155,7 @@ class _Pictures:
     def maybe_log(self, epoch: int, last: bool, logger) -> None:
         if not (last or (self.every and (epoch + 1) % self.every == 0)):
             return
-        from mae_ray.visualize import reconstruct, save_reconstruction_grid
+        from mae_ray.model.visualize import reconstruct, save_reconstruction_grid
 
         if self.images is None:
             self._load()
@@ -172,23 +174,25 @@ def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False, p
     restored by Tune); otherwise such checkpoints are an error, not a silent resume. ``run_id``: an
     MLflow run created by the caller (a sweep trial); ``callbacks``: Ray Train callbacks.
     """
-    from mae_ray import jobs, launch, tracking
+    from mae_ray import tracking
+    from mae_ray.cluster import launch
+    from mae_ray.jobs import driver
 
     if resume_from:
         run_id = launch.load_state(resume_from).get("mlflow_run_id")  # a bad path fails now, not in a worker
-    uri = jobs.prepare(cfg, write=False)  # written below, once every check has passed
+    uri = driver.prepare(cfg, write=False)  # written below, once every check has passed
     name = cfg.mlflow.run_name or os.path.basename(cfg.output_dir.rstrip("/"))
     if not (resume_from or continue_existing):
-        jobs.refuse_existing(cfg, name)
-    print(f"[pretrain] outputs: {cfg.output_dir}  checkpoints: {jobs.storage_for(cfg, name)}  "
+        driver.refuse_existing(cfg, name)
+    print(f"[pretrain] outputs: {cfg.output_dir}  checkpoints: {driver.storage_for(cfg, name)}  "
           f"mlflow: {tracking.redact(uri)}", flush=True)
-    with jobs.ray_session(cfg, verbose):
-        jobs.write_config(cfg)
+    with driver.ray_session(cfg, verbose):
+        driver.write_config(cfg)
         if run_id is None:
             run_id = tracking.start_run(uri, cfg.mlflow.experiment, name, tracking.params_from_config(cfg.flatten()),
                                         tracking.run_tags(), parent_run_id=parent_run_id)
         start = time.time()
-        result = jobs.fit(train_loop, cfg, name=name, uri=uri, run_id=run_id, verbose=verbose,
+        result = driver.fit(train_loop, cfg, name=name, uri=uri, run_id=run_id, verbose=verbose,
                           what="pre-training", resume_from=resume_from, callbacks=callbacks)
     ckpt = result.checkpoint
     logger = tracking.EpochLogger(uri, run_id)
@@ -202,10 +206,10 @@ def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False, p
         "encoder_safetensors": os.path.join(ckpt.path, "encoder.safetensors"),
         "mlflow_run_id": run_id,
         "mlflow_tracking_uri": tracking.redact(uri),
-        "metrics": jobs.numeric(result.metrics),
+        "metrics": driver.numeric(result.metrics),
         "wall_time_s": round(time.time() - start, 1),
     }
-    jobs.write_result(cfg.output_dir, summary)
+    driver.write_result(cfg.output_dir, summary)
     return summary
 
 

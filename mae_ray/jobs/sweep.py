@@ -1,4 +1,4 @@
-"""Ray Tune sweeps over any config key: ``python -m mae_ray.sweep --config SWEEP.yaml [--resume] [--set ...]``.
+"""Ray Tune sweeps over any config key: ``python -m mae_ray sweep --config SWEEP.yaml [--resume] [--set ...]``.
 
 Each trial is a Tune function with a small CPU share that runs pre-training as its own TorchTrainer
 (named after the trial), forwarding rank-0 reports to Tune with ``TuneReportCallback``, then the
@@ -23,7 +23,7 @@ import yaml
 from mae_ray.cli import guarded, job_parser, quiet_logs
 from mae_ray.config import Config, from_dict, load_config
 from mae_ray.errors import ConfigError
-from mae_ray.sweep_config import SweepConfig, hide_secrets, load_sweep, param_space, trial_config
+from mae_ray.jobs.sweep_config import SweepConfig, hide_secrets, load_sweep, param_space, trial_config
 
 
 # --------------------------------------------------------------------------- one trial
@@ -37,8 +37,9 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mae_ray import evaluate, pretrain, tracking
-    from mae_ray.encoders import resolve_encoder
+    from mae_ray import tracking
+    from mae_ray.jobs import evaluate, pretrain
+    from mae_ray.jobs.encoders import resolve_encoder
 
     trial_id = tune.get_context().get_trial_id()
     real = {k: (hidden or {}).get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in params.items()}
@@ -108,12 +109,14 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
         verbose: bool = False) -> dict[str, Any]:
     from ray import tune
 
-    from mae_ray import jobs, launch, sweep_report, tracking
+    from mae_ray import tracking
+    from mae_ray.cluster import launch
+    from mae_ray.jobs import driver, sweep_report
 
     cfg = from_dict(Config, base)
-    uri = jobs.prepare(cfg, write=False)  # absolute shard paths and tracking URI, for every trial
+    uri = driver.prepare(cfg, write=False)  # absolute shard paths and tracking URI, for every trial
     if not sweep.pretrain:  # the one encoder every trial evaluates: a missing or misfit one fails here
-        from mae_ray.encoders import resolve_encoder
+        from mae_ray.jobs.encoders import resolve_encoder
 
         if os.path.exists(cfg.eval.checkpoint):  # trials run in their own folders
             cfg.eval.checkpoint = os.path.abspath(cfg.eval.checkpoint)
@@ -256,7 +259,7 @@ def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, u
     """Linear probe of the same architecture at initialisation: the row MAE trials must beat."""
     if not (sweep.random_baseline and sweep.linprobe):
         return None
-    from mae_ray import linprobe
+    from mae_ray.jobs import linprobe
 
     out = os.path.join(sweep_dir, "random_baseline")
     if os.path.isfile(os.path.join(out, "result.json")):  # done before a --resume

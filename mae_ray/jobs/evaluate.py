@@ -1,4 +1,4 @@
-"""``python -m mae_ray.evaluate --run RUN_ID_or_CHECKPOINT``: linear probe, then fine-tune.
+"""``python -m mae_ray evaluate --run RUN_ID_or_CHECKPOINT``: linear probe, then fine-tune.
 
 Both with the configured budgets (``linprobe.*``, ``finetune.*``), both recorded in MLflow as child
 runs of the pre-training run, which receives ``linprobe_top1/5`` and ``finetune_top1/5``. Without
@@ -26,8 +26,9 @@ def as_spec(run: str) -> str:
 
 def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool = False) -> dict[str, Any]:
     """Linear probe then fine-tune ``cfg.eval.checkpoint`` (or ``source``); returns the combined summary."""
-    from mae_ray import finetune, jobs, linprobe, tracking
-    from mae_ray.encoders import resolve_encoder
+    from mae_ray import tracking
+    from mae_ray.jobs import driver, finetune, linprobe
+    from mae_ray.jobs.encoders import resolve_encoder
 
     root = os.path.abspath(cfg.output_dir)
     source = source or resolve_encoder(cfg.eval.checkpoint, cfg, tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri))
@@ -40,7 +41,7 @@ def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool =
         summary.update({k: v for k, v in result.items() if k.startswith(name)})
         summary[f"{name}_run_id"] = result["mlflow_run_id"]
     os.makedirs(root, exist_ok=True)
-    jobs.write_result(root, summary)
+    driver.write_result(root, summary)
     return summary
 
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> int:
         from mae_ray import tracking
-        from mae_ray.encoders import resolve_encoder
+        from mae_ray.jobs.encoders import resolve_encoder
 
         spec = as_spec(args.run)
         cfg = load_config(args.config, [*args.overrides, f"eval.checkpoint={spec}"])

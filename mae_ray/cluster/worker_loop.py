@@ -18,8 +18,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mae_ray import engine, faults, launch, tracking
+from mae_ray import tracking
+from mae_ray.cluster import faults, launch
 from mae_ray.errors import CheckpointError
+from mae_ray.train import engine
 
 
 class RanksDivergedError(RuntimeError):

@@ -11,7 +11,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from mae_ray import faults, launch, tracking
+from mae_ray import tracking
+from mae_ray.cluster import faults, launch
 from mae_ray.config import Config
 from mae_ray.errors import DataError, UserError
 
@@ -30,7 +31,7 @@ def prepare(cfg: Config, *, need_val: bool = False, write: bool = True) -> str:
     before Ray starts. ``write=False`` leaves the writing to :func:`write_config`, for jobs with more
     to check first: a refused job leaves no output folder behind and an earlier run's files untouched.
     """
-    from mae_ray.data import check_local_shards, expand_urls
+    from mae_ray.data.loader import check_local_shards, expand_urls
 
     cfg.data.train_shards = absolute_local(cfg.data.train_shards)
     cfg.data.val_shards = absolute_local(cfg.data.val_shards)
@@ -64,7 +65,7 @@ def num_classes(cfg: Config) -> int:
     CUDA device-side assert) or not at all (cross-entropy ignores label -1). The loaders check every
     label against the count as well (``make_*_loader(num_classes=...)``).
     """
-    from mae_ray.data import expand_urls
+    from mae_ray.data.loader import expand_urls
 
     listed = {which: _manifest_classes(expand_urls(spec)[0])
               for which, spec in (("training", cfg.data.train_shards), ("validation", cfg.data.val_shards)) if spec}

@@ -94,7 +94,7 @@ def eval_transform(data_cfg, img_size: int, *, normalize: bool = True) -> Transf
     """The evaluation transform of a job's data (``cfg.data``): its crop ratio is ``data.crop_ratio`` when
     set, else the ``crop_ratio`` of the dataset.json beside the training (else validation) shards, else
     :data:`DEFAULT_CROP_RATIO`. Linear probe, fine-tuning, kNN and reconstruction pictures all use it."""
-    from mae_ray.data import manifest_crop_ratio
+    from mae_ray.data.loader import manifest_crop_ratio
 
     ratio = data_cfg.crop_ratio
     for spec in (data_cfg.train_shards, data_cfg.val_shards):

@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning on Ray Train: ``python -m mae_ray.finetune --config FILE [--set eval.checkpoint=...]``.
+"""End-to-end fine-tuning on Ray Train: ``python -m mae_ray finetune --config FILE [--set eval.checkpoint=...]``.
 
 The release's recipe: timm ``VisionTransformer`` with global average pooling + fc_norm, initialised
 from the MAE encoder; layer-wise lr decay (timm's param groups), drop path, mixup/cutmix with label
@@ -27,7 +27,7 @@ def build_classifier(encoder, num_classes: int, drop_path: float):
     """timm ViT (global pool) with the MAE encoder's weights; the head as the release initialises it."""
     import timm
 
-    from mae_ray.weights import encoder_state_dict, timm_vit_kwargs
+    from mae_ray.model.weights import encoder_state_dict, timm_vit_kwargs
 
     kwargs = {**timm_vit_kwargs(encoder), "num_classes": num_classes, "global_pool": "avg",
               "drop_path_rate": drop_path}
@@ -60,11 +60,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import param_groups_layer_decay
 
-    from mae_ray import classify, engine, launch, recipe
-    from mae_ray.data import make_eval_loader, make_train_loader
-    from mae_ray.encoders import EncoderSource
-    from mae_ray.loop import EpochLoop
-    from mae_ray.transforms import eval_transform
+    from mae_ray.cluster import launch
+    from mae_ray.cluster.worker_loop import EpochLoop
+    from mae_ray.data.loader import make_eval_loader, make_train_loader
+    from mae_ray.data.transforms import eval_transform
+    from mae_ray.jobs.encoders import EncoderSource
+    from mae_ray.train import classify, engine, recipe
 
     cfg: Config = from_dict(Config, loop_config["config"])
     ft = cfg.finetune
@@ -131,13 +132,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 def run(cfg: Config, *, source=None, verbose: bool = False, resume_from: str | None = None) -> dict[str, Any]:
     """Fine-tune the encoder ``cfg.eval.checkpoint`` (or ``source``); returns what result.json holds."""
-    from mae_ray.evaljob import run_eval
+    from mae_ray.jobs.eval_driver import run_eval
 
     return run_eval("finetune", cfg, train_loop, source=source, verbose=verbose, resume_from=resume_from)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mae_ray.evaljob import eval_main
+    from mae_ray.jobs.eval_driver import eval_main
 
     return eval_main("finetune", "end-to-end fine-tuning of an MAE encoder on Ray Train", run, argv)
 

@@ -14,7 +14,7 @@ import time
 from mae_ray.cli import guarded, job_parser, quiet_logs
 from mae_ray.errors import UserError
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments")
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "experiments")
 DEFAULT_SWEEP = os.path.join(EXPERIMENTS, "sweeps", "quickstart.yaml")
 
 
@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> int:
         from data_tools.demo_data import build_demo_dataset
-        from mae_ray import sweep as sweeps
         from mae_ray import tracking
+        from mae_ray.jobs import sweep as sweeps
 
         config = os.path.abspath(args.config or DEFAULT_SWEEP)
         if not os.path.isfile(config):  # installed without the repository's experiments/ folder

@@ -1,4 +1,4 @@
-"""Linear probing on Ray Train: ``python -m mae_ray.linprobe --config FILE [--set eval.checkpoint=...]``.
+"""Linear probing on Ray Train: ``python -m mae_ray linprobe --config FILE [--set eval.checkpoint=...]``.
 
 The paper's protocol: frozen encoder, cls-token features (``linprobe.pool=mean`` averages the patch
 tokens instead), BatchNorm1d without affine (eps 1e-6) then a linear layer (init std 0.01), LARS
@@ -73,13 +73,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     from timm.optim import Lars
 
-    from mae_ray import classify, engine, launch, recipe
-    from mae_ray.data import make_eval_loader, make_train_loader
-    from mae_ray.encoders import EncoderSource
+    from mae_ray.cluster import launch
+    from mae_ray.cluster.worker_loop import EpochLoop
+    from mae_ray.data.loader import make_eval_loader, make_train_loader
+    from mae_ray.data.transforms import build_transform, eval_transform, normalize_batch
     from mae_ray.errors import DataError
-    from mae_ray.knn import all_gather_rows, extract_features
-    from mae_ray.loop import EpochLoop
-    from mae_ray.transforms import build_transform, eval_transform, normalize_batch
+    from mae_ray.jobs.encoders import EncoderSource
+    from mae_ray.train import classify, engine, recipe
+    from mae_ray.train.knn import all_gather_rows, extract_features
 
     cfg: Config = from_dict(Config, loop_config["config"])
     lp = cfg.linprobe
@@ -152,13 +153,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 def run(cfg: Config, *, source=None, verbose: bool = False, resume_from: str | None = None) -> dict[str, Any]:
     """Linear-probe the encoder ``cfg.eval.checkpoint`` (or ``source``); returns what result.json holds."""
-    from mae_ray.evaljob import run_eval
+    from mae_ray.jobs.eval_driver import run_eval
 
     return run_eval("linprobe", cfg, train_loop, source=source, verbose=verbose, resume_from=resume_from)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mae_ray.evaljob import eval_main
+    from mae_ray.jobs.eval_driver import eval_main
 
     return eval_main("linprobe", "linear probe of a frozen MAE encoder on Ray Train", run, argv)
 

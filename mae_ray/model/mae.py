@@ -17,7 +17,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from mae_ray.presets import MASK_SAMPLINGS, resolve_model_kwargs
+from mae_ray.model.presets import MASK_SAMPLINGS, resolve_model_kwargs
 
 
 # --------------------------------------------------------------------------- position embeddings

@@ -1,36 +1,122 @@
-"""The ``mae-ray`` command: subcommands dispatch to the jobs; shared argument and error handling."""
+"""The ``mae-ray`` command (also ``python -m mae_ray``): every subcommand's arguments, one line per user mistake.
+
+The only module that parses arguments or prints a job's closing line. Each subcommand loads its config
+and calls its job's ``run()`` (``mae_ray.jobs.*``); the job modules import nothing from here. A
+``UserError`` anywhere in a job becomes one ``error: ...`` line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 
-from mae_ray.errors import UserError
+from mae_ray.errors import ConfigError, UserError
 
-# subcommand -> module with a ``main(argv) -> int``
-COMMANDS = {
-    "pretrain": ("mae_ray.jobs.pretrain", "MAE pre-training on Ray Train"),
-    "linprobe": ("mae_ray.jobs.linprobe", "linear probe of a frozen encoder"),
-    "finetune": ("mae_ray.jobs.finetune", "end-to-end fine-tuning of an encoder"),
-    "evaluate": ("mae_ray.jobs.evaluate", "linear probe then fine-tune a pre-training run or checkpoint"),
-    "sweep": ("mae_ray.jobs.sweep", "Ray Tune sweep: pre-train + evaluate over a search space"),
-    "quickstart": ("mae_ray.jobs.quickstart", "demo data + the quickstart sweep, offline"),
+
+# --------------------------------------------------------------------------- the subcommands
+def _pretrain(args: argparse.Namespace) -> int:
+    from mae_ray.config import load_config
+    from mae_ray.jobs import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    summary = pretrain.run(cfg, resume_from=args.resume_from, verbose=args.verbose)
+    m = summary["metrics"]
+    print(f"[pretrain] done: {m.get('epoch', -1) + 1} epochs, final loss {m.get('train_loss', float('nan')):.4f}, "
+          f"{summary['wall_time_s']}s; result: {os.path.join(os.path.abspath(cfg.output_dir), 'result.json')}; "
+          f"mlflow run {summary['mlflow_run_id']}", flush=True)
+    return 0
+
+
+def _evaluation(job: str) -> Callable[[argparse.Namespace], int]:
+    def go(args: argparse.Namespace) -> int:
+        import importlib
+
+        from mae_ray.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        s = importlib.import_module(f"mae_ray.jobs.{job}").run(cfg, verbose=args.verbose, resume_from=args.resume_from)
+        print(f"[{job}] top-1 {s[f'{job}_top1']:.2f}  top-5 {s[f'{job}_top5']:.2f}  (encoder {s['encoder']}); "
+              f"result: {os.path.join(cfg.output_dir, 'result.json')}", flush=True)
+        return 0
+
+    return go
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from mae_ray.jobs import evaluate
+
+    cfg, s = evaluate.run_spec(evaluate.as_spec(args.run), args.config, args.overrides, skip=tuple(args.skip),
+                               verbose=args.verbose)
+    shown = "  ".join(f"{k} {v:.2f}" for k, v in s.items() if k.endswith(("_top1", "_top5")))
+    print(f"[evaluate] {shown}  (encoder {s['encoder']}); result: {os.path.join(cfg.output_dir, 'result.json')}",
+          flush=True)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from mae_ray.jobs import sweep
+    from mae_ray.jobs.sweep_config import load_sweep
+
+    if not args.config:
+        raise ConfigError("--config SWEEP.yaml is required (see experiments/sweeps/)")
+    spec, base = load_sweep(args.config, args.overrides)
+    sweep.run(spec, base, os.path.abspath(args.config), resume=args.resume, verbose=args.verbose)
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from mae_ray.jobs import quickstart
+
+    quickstart.run(args.config, args.data_dir, args.overrides, verbose=args.verbose)
+    return 0
+
+
+def _resume_from(job: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--resume-from", help=f"checkpoint directory (or state.pt) of a stopped {job} run to continue")
+
+    return add
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="MLflow run id, runs:/ID, a checkpoint directory, an official .pth, "
+                                                "or random")
+    p.add_argument("--skip", choices=["linprobe", "finetune"], action="append", default=[],
+                   help="leave out one of the two evaluations")
+
+
+# name -> (help, extra arguments, handler)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "pretrain": ("MAE pre-training on Ray Train", _resume_from("pre-training"), _pretrain),
+    "linprobe": ("linear probe of a frozen encoder", _resume_from("linprobe"), _evaluation("linprobe")),
+    "finetune": ("end-to-end fine-tuning of an encoder", _resume_from("finetune"), _evaluation("finetune")),
+    "evaluate": ("linear probe then fine-tune a pre-training run or checkpoint", _evaluate_args, _evaluate),
+    "sweep": ("Ray Tune sweep: pre-train + evaluate over a search space",
+              lambda p: p.add_argument("--resume", action="store_true", help="continue a killed or stopped sweep"),
+              _sweep),
+    "quickstart": ("demo data + the quickstart sweep, offline",
+                   lambda p: p.add_argument("--data-dir", default="data/demo",
+                                            help="where the demo dataset is (or is built)"),
+                   _quickstart),
 }
 
 
-def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """``--config FILE``, repeated ``--set key=value`` and ``--verbose``: what every job takes."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="YAML run config (see experiments/configs/)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config key, e.g. --set model.mask_ratio=0.6 (repeatable)",
-    )
-    parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own logs")
-    return parser
+# --------------------------------------------------------------------------- shared plumbing
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="mae-ray", description="MAE pre-training, evaluation and sweeps on Ray")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, (help_, extra, handler) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", help="YAML run config (see experiments/configs/; a sweep file for sweep)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config key, e.g. --set model.mask_ratio=0.6 (repeatable)")
+        p.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own logs")
+        extra(p)
+        p.set_defaults(handler=handler)
+    return top
 
 
 def quiet_logs(verbose: bool) -> None:
@@ -61,16 +147,13 @@ def guarded(fn: Callable[[], int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: mae-ray COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
-        unknown = argv and argv[0] not in ("-h", "--help")
-        if unknown:
-            print(f"error: unknown command {argv[0]!r}", file=sys.stderr)
-        return 2 if unknown or not argv else 0
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    top = parser()
+    args = top.parse_args(sys.argv[1:] if argv is None else argv)  # a usage mistake: argparse's line, exit 2
+    if args.command is None:
+        top.print_help()
+        return 2
+    quiet_logs(args.verbose)
+    return guarded(lambda: args.handler(args))
 
 
 if __name__ == "__main__":

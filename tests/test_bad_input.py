@@ -25,13 +25,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from _helpers import write_shard
 
+from mae_ray import cli
 from mae_ray.cluster import launch
 from mae_ray.config import load_config
 from mae_ray.data.loader import DataError, make_eval_loader, make_train_loader
@@ -79,9 +79,9 @@ def one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def refused(capsys, main: Callable[[list[str]], int], argv: list[str]) -> str:
-    """Run a CLI's main in-process: exit code 2 and exactly one ``error:`` line on stderr; returns it."""
-    assert main(argv) == 2
+def refused(capsys, job, argv: list[str]) -> str:
+    """``mae-ray <job> ARGV`` in-process: exit code 2 and exactly one ``error:`` line on stderr; returns it."""
+    assert cli.main([job.__name__.rsplit(".", 1)[1], *argv]) == 2
     return one_error_line(capsys.readouterr().err)
 
 
@@ -296,7 +296,7 @@ ROWS = [_no_match, _val_partly_missing, _zero_byte_shard, _empty_archive, _not_a
 def test_refused_before_ray(row, demo_data, tmp_path, capsys, no_ray):
     job, extra, fragments = row(demo_data, tmp_path)
     before = snapshot(tmp_path)
-    line = refused(capsys, job.main, as_args(overrides(demo_data, tmp_path, *extra)))
+    line = refused(capsys, job, as_args(overrides(demo_data, tmp_path, *extra)))
     for fragment in fragments:
         assert fragment in line
     assert "weights_only" not in line  # torch's advice to load a file unsafely is not passed on
@@ -309,9 +309,9 @@ def test_a_refused_rerun_leaves_the_earlier_runs_files_untouched(demo_data, tmp_
     (out / "config.yaml").write_text("the earlier run's config\n")
     (out / "result.json").write_text('{"earlier": true}\n')
     before = snapshot(tmp_path)
-    line = refused(capsys, pretrain.main, as_args(overrides(demo_data, tmp_path)))
+    line = refused(capsys, pretrain, as_args(overrides(demo_data, tmp_path)))
     assert "already holds checkpoints of an earlier run (epoch_000001)" in line and "--resume-from" in line
-    line = refused(capsys, linprobe.main, as_args(overrides(demo_data, tmp_path, f"eval.checkpoint={tmp_path}/x")))
+    line = refused(capsys, linprobe, as_args(overrides(demo_data, tmp_path, f"eval.checkpoint={tmp_path}/x")))
     assert "checkpoint not found" in line
     assert snapshot(tmp_path) == before  # config.yaml not overwritten by the refused jobs
 
@@ -328,7 +328,7 @@ def test_checkpoint_of_another_image_size_is_interpolated_and_the_job_proceeds(d
     assert model.pos_embed.shape == (1, 1 + 12 * 12, 64)  # 48 px / 4 px patches, from a 8 x 8 table
     assert torch.equal(model.pos_embed[0, 0], small.pos_embed[0, 0])
     with pytest.raises(RayStarted):  # every check passed: the job went on to start Ray
-        linprobe.main(as_args(settings))
+        cli.main(["linprobe", *as_args(settings)])
     assert f"encoder: {path}" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
 

@@ -213,6 +213,7 @@ def test_evaluation_only_sweep_fine_tunes_one_encoder_partially_per_trial(pretra
     import yaml
 
     from mae_ray.jobs import sweep as sweeps
+    from mae_ray.jobs.sweep_config import load_sweep
 
     tmp, pre = pretrained
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
@@ -226,7 +227,7 @@ def test_evaluation_only_sweep_fine_tunes_one_encoder_partially_per_trial(pretra
             "search": {"finetune.trainable_blocks": {"grid": [0, 1]}}, "max_concurrent_trials": 2,
             "paper": {0: {"finetune_top1": 73.5}, 1: {"finetune_top1": 81.0}}, "output_dir": str(tmp / "sweeps")}
     (tmp / "fig9.yaml").write_text(yaml.safe_dump(spec))
-    sweep, base = sweeps.load_sweep(str(tmp / "fig9.yaml"), [])
+    sweep, base = load_sweep(str(tmp / "fig9.yaml"), [])
     report = sweeps.run(sweep, base, str(tmp / "fig9.yaml"))
 
     rows = {r["finetune.trainable_blocks"]: r for r in report["rows"]}

@@ -11,11 +11,9 @@ PKG = ROOT / "mae_ray"
 
 # Lowest first: a module may import from its own layer and the layers below it, never from one above.
 LAYERS = ["errors", "model", "config", "tracking", "data", "train", "cluster", "jobs", "cli"]
-# Known upward imports, each with its reason. config validates against two torch-free rule tables;
-# the job modules still take their argument parsing from cli (issue 12, item 6: one CLI module).
+# Known upward imports, each with its reason.
 ALLOWED_UP = {
     ("config", "train.recipe"): "the effective-batch rule the config checks up front (torch-free)",
-    ("jobs", "cli"): "job_parser / guarded / quiet_logs, until the CLI owns all argument parsing",
 }
 
 

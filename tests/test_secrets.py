@@ -32,6 +32,7 @@ from mae_ray import tracking
 from mae_ray.config import load_config
 from mae_ray.jobs import linprobe
 from mae_ray.jobs import sweep as sweeps
+from mae_ray.jobs.sweep_config import load_sweep
 
 pytestmark = pytest.mark.ray
 
@@ -154,7 +155,7 @@ def ran(planted, mlflow_server, local_ray, demo_data, tmp_path_factory):
             "scheduler": {"type": "none"}, "finetune": False, "random_baseline": False,
             "max_concurrent_trials": 1, "trial_cpus": 0.2,
         }))
-        sweep, sweep_base = sweeps.load_sweep(str(inputs / "sweep.yaml"), [])
+        sweep, sweep_base = load_sweep(str(inputs / "sweep.yaml"), [])
         report = sweeps.run(sweep, sweep_base, str(inputs / "sweep.yaml"))
 
         # the documented way to name the server: $MLFLOW_TRACKING_URI; the encoder comes from MLflow

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from mae_ray.jobs import sweep as sweeps
+from mae_ray.jobs.sweep_config import load_sweep
 
 pytestmark = pytest.mark.ray
 
@@ -92,7 +93,7 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
     path = write_sweep(tmp_path, colours, mlflow_server, {}, cases=cases,
                        paper={"strong": {"linprobe_top1": 72.3}, "weak": {"linprobe_top1": 66.0}},
                        scheduler={"type": "asha", "metric": "knn_top1", "grace_period": 1, "reduction_factor": 2})
-    sweep, base = sweeps.load_sweep(path, [])
+    sweep, base = load_sweep(path, [])
     report = sweeps.run(sweep, base, path)
 
     by_bank = {{"strong": 64, "weak": 1}[r["case"]]: r for r in report["rows"] if r["status"] != "baseline"}
@@ -259,7 +260,7 @@ def test_bad_sweep_configs_are_refused_before_ray(tmp_path, colours):
 
     path = write_sweep(tmp_path, colours, "sqlite:///x.db", {"model.mask_ratoi": {"grid": [0.5]}})
     with pytest.raises(ConfigError, match="unknown key 'model.mask_ratoi'"):
-        sweeps.load_sweep(path, [])
+        load_sweep(path, [])
     path = write_sweep(tmp_path, colours, "sqlite:///x.db", {"model.mask_ratio": {"between": [0, 1]}})
     with pytest.raises(ConfigError, match=r"search.model.mask_ratio: expected one of \{grid, choice"):
-        sweeps.load_sweep(path, [])
+        load_sweep(path, [])

@@ -15,9 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mae_ray import tracking
-from mae_ray.cli import guarded, job_parser, quiet_logs
 from mae_ray.cluster import launch
-from mae_ray.config import Config, load_config
+from mae_ray.config import Config
 from mae_ray.jobs import driver
 from mae_ray.jobs.encoders import EncoderSource, in_store, resolve_encoder
 
@@ -64,20 +63,3 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, sourc
                "wall_time_s": round(time.time() - start, 1)}
     driver.write_result(cfg.output_dir, summary)
     return summary
-
-
-def eval_main(job: str, description: str, run: Callable[..., dict[str, Any]], argv: list[str] | None) -> int:
-    """The CLI of ``mae-ray linprobe`` / ``mae-ray finetune``."""
-    parser = job_parser(f"mae-ray {job}", description)
-    parser.add_argument("--resume-from", help=f"checkpoint directory (or state.pt) of a stopped {job} run to continue")
-    args = parser.parse_args(argv)
-    quiet_logs(args.verbose)
-
-    def go() -> int:
-        cfg = load_config(args.config, args.overrides)
-        s = run(cfg, verbose=args.verbose, resume_from=args.resume_from)
-        print(f"[{job}] top-1 {s[f'{job}_top1']:.2f}  top-5 {s[f'{job}_top5']:.2f}  (encoder {s['encoder']}); "
-              f"result: {os.path.join(cfg.output_dir, 'result.json')}", flush=True)
-        return 0
-
-    return guarded(go)

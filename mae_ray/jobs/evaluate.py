@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from typing import Any
 
-from mae_ray.cli import guarded, job_parser, quiet_logs
 from mae_ray.config import Config, load_config
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -45,34 +43,17 @@ def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool =
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = job_parser("mae-ray evaluate", "linear probe + fine-tune of a pre-training run or checkpoint")
-    parser.add_argument("--run", required=True, help="MLflow run id, runs:/ID, a checkpoint directory, "
-                                                     "an official .pth, or random")
-    parser.add_argument("--skip", choices=["linprobe", "finetune"], action="append", default=[],
-                        help="leave out one of the two evaluations")
-    args = parser.parse_args(argv)
-    quiet_logs(args.verbose)
+def run_spec(spec: str, config: str | None, overrides: list[str], *, skip: tuple[str, ...] = (),
+             verbose: bool = False) -> tuple[Config, dict[str, Any]]:
+    """``mae-ray evaluate --run SPEC``: without ``config`` the pre-training run's own config is the base
+    (its data, its budgets; outputs beside, not over, its result.json). Returns (config used, summary)."""
+    from mae_ray import tracking
+    from mae_ray.jobs.encoders import resolve_encoder
 
-    def job() -> int:
-        from mae_ray import tracking
-        from mae_ray.jobs.encoders import resolve_encoder
-
-        spec = as_spec(args.run)
-        cfg = load_config(args.config, [*args.overrides, f"eval.checkpoint={spec}"])
-        source = resolve_encoder(spec, cfg, tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri))
-        if args.config is None and source.saved_config is not None:  # the run's own data and budgets
-            base = source.saved_config.to_dict()
-            base["output_dir"] = os.path.join(base["output_dir"], "eval")  # beside, not over, its result.json
-            cfg = load_config(None, [*args.overrides, f"eval.checkpoint={spec}"], base=base)
-        s = run(cfg, source=source, skip=tuple(args.skip), verbose=args.verbose)
-        shown = "  ".join(f"{k} {v:.2f}" for k, v in s.items() if k.endswith(("_top1", "_top5")))
-        print(f"[evaluate] {shown}  (encoder {s['encoder']}); result: {os.path.join(cfg.output_dir, 'result.json')}",
-              flush=True)
-        return 0
-
-    return guarded(job)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    cfg = load_config(config, [*overrides, f"eval.checkpoint={spec}"])
+    source = resolve_encoder(spec, cfg, tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri))
+    if config is None and source.saved_config is not None:
+        base = source.saved_config.to_dict()
+        base["output_dir"] = os.path.join(base["output_dir"], "eval")
+        cfg = load_config(None, [*overrides, f"eval.checkpoint={spec}"], base=base)
+    return cfg, run(cfg, source=source, skip=skip, verbose=verbose)

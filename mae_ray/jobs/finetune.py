@@ -10,7 +10,6 @@ smoothing (timm ``Mixup`` + soft-target loss), RandAugment and random erasing (t
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -135,13 +134,3 @@ def run(cfg: Config, *, source=None, verbose: bool = False, resume_from: str | N
     from mae_ray.jobs.eval_driver import run_eval
 
     return run_eval("finetune", cfg, train_loop, source=source, verbose=verbose, resume_from=resume_from)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from mae_ray.jobs.eval_driver import eval_main
-
-    return eval_main("finetune", "end-to-end fine-tuning of an MAE encoder on Ray Train", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

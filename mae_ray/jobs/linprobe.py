@@ -11,7 +11,6 @@ protocol (no augmentation of the probe's inputs), so its numbers run a little lo
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -156,13 +155,3 @@ def run(cfg: Config, *, source=None, verbose: bool = False, resume_from: str | N
     from mae_ray.jobs.eval_driver import run_eval
 
     return run_eval("linprobe", cfg, train_loop, source=source, verbose=verbose, resume_from=resume_from)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from mae_ray.jobs.eval_driver import eval_main
-
-    return eval_main("linprobe", "linear probe of a frozen MAE encoder on Ray Train", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,12 +8,10 @@ resume from the newest checkpoint, train epochs, report metrics + checkpoints, l
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
-from mae_ray.cli import guarded, job_parser, quiet_logs
-from mae_ray.config import Config, from_dict, load_config
+from mae_ray.config import Config, from_dict
 
 
 # --------------------------------------------------------------------------- worker
@@ -211,25 +209,3 @@ def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False, p
     }
     driver.write_result(cfg.output_dir, summary)
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = job_parser("mae-ray pretrain", "MAE pre-training on Ray Train")
-    parser.add_argument("--resume-from", help="checkpoint directory (or state.pt) of a stopped run to continue")
-    args = parser.parse_args(argv)
-    quiet_logs(args.verbose)
-
-    def job() -> int:
-        cfg = load_config(args.config, args.overrides)
-        summary = run(cfg, resume_from=args.resume_from, verbose=args.verbose)
-        m = summary["metrics"]
-        print(f"[pretrain] done: {m.get('epoch', -1) + 1} epochs, final loss {m.get('train_loss', float('nan')):.4f}, "
-              f"{summary['wall_time_s']}s; result: {os.path.join(os.path.abspath(cfg.output_dir), 'result.json')}; "
-              f"mlflow run {summary['mlflow_run_id']}", flush=True)
-        return 0
-
-    return guarded(job)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,15 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from typing import Any
 
 import yaml
 
-from mae_ray.cli import guarded, job_parser, quiet_logs
 from mae_ray.config import Config, from_dict, load_config
 from mae_ray.errors import ConfigError
-from mae_ray.jobs.sweep_config import SweepConfig, hide_secrets, load_sweep, param_space, trial_config
+from mae_ray.jobs.sweep_config import SweepConfig, hide_secrets, param_space, trial_config
 
 
 # --------------------------------------------------------------------------- one trial
@@ -273,23 +271,3 @@ def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, u
 
     MlflowClient(uri).set_tag(result["mlflow_run_id"], "mlflow.parentRunId", parent)
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = job_parser("mae-ray sweep", "Ray Tune sweep of MAE pre-training + evaluation")
-    parser.add_argument("--resume", action="store_true", help="continue a killed or stopped sweep")
-    args = parser.parse_args(argv)
-    quiet_logs(args.verbose)
-
-    def job() -> int:
-        if not args.config:
-            raise ConfigError("--config SWEEP.yaml is required (see experiments/sweeps/)")
-        sweep, base = load_sweep(args.config, args.overrides)
-        run(sweep, base, os.path.abspath(args.config), resume=args.resume, verbose=args.verbose)
-        return 0
-
-    return guarded(job)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

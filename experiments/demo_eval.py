@@ -96,12 +96,11 @@ def raw_pixel_probe(cfg, num_classes: int, uri: str, world: int) -> dict[str, An
     ``linprobe.batch_size`` x ``world`` as in the Ray job (one process here, so one BatchNorm batch).
     """
     import torch
-    from timm.optim import Lars
     from torch import nn
 
     from mae_ray import tracking
     from mae_ray.jobs.linprobe import CachedFeatures, LinearProbeHead
-    from mae_ray.train import classify, engine
+    from mae_ray.train import classify, engine, optim
 
     lp = cfg.linprobe
     img_size = cfg.model.kwargs()["img_size"]
@@ -115,9 +114,8 @@ def raw_pixel_probe(cfg, num_classes: int, uri: str, world: int) -> dict[str, An
     head = LinearProbeHead(feats.shape[1], num_classes)
     plan = engine.StepPlan(len(loader), 1, lp.epochs, lp.warmup_epochs)
     lr = lp.blr * batch / 256
-    optimizer = Lars([{"params": [head.fc.weight], "always_adapt": True}, {"params": [head.fc.bias]}],
-                     lr=lr, momentum=0.9, weight_decay=lp.weight_decay)
-    scheduler = engine.build_scheduler(optimizer, plan, lp.min_lr)
+    optimizer = optim.linprobe_optimizer(head.fc, lr, lp.weight_decay)
+    scheduler = optim.build_scheduler(optimizer, plan, lp.min_lr)
     device = torch.device("cpu")
     precision = engine.Precision("none", device)
     criterion = nn.CrossEntropyLoss()

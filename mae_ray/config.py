@@ -11,7 +11,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -110,6 +110,9 @@ class EvalConfig:
     knn_val_samples: int = 1000
 
 
+AMP_MODES = ("bf16", "fp16", "none")
+
+
 @dataclass
 class LinprobeConfig:
     """The paper's linear probe: frozen encoder, BN (no affine) + linear head, LARS."""
@@ -123,6 +126,10 @@ class LinprobeConfig:
     min_lr: float = 0.0
     pool: str = "cls"  # cls (the paper) | mean (patch tokens)
     cache_features: bool = False  # extract features once (no augmentation), train the head on them
+    # The job's own run settings; None takes pre-training's (train.seed, train.amp, train.checkpoint_every).
+    seed: int | None = None
+    amp: str | None = None  # bf16 | fp16 | none; applies on GPU only
+    checkpoint_every: int | None = None
 
 
 @dataclass
@@ -143,6 +150,18 @@ class FinetuneConfig:
     smoothing: float = 0.1
     trainable_blocks: int | None = None  # None: all; k: only the last k blocks (+ head); 0: head only
     samples_per_epoch: int | None = None  # None: data.samples_per_epoch, else the training set's size
+    # The job's own run settings; None takes pre-training's (train.seed, train.amp, train.checkpoint_every).
+    seed: int | None = None
+    amp: str | None = None  # bf16 | fp16 | none; applies on GPU only
+    checkpoint_every: int | None = None
+
+
+class RunSettings(NamedTuple):
+    """Seed, mixed precision and checkpoint cadence of one job (``Config.run_settings``)."""
+
+    seed: int
+    amp: str
+    checkpoint_every: int
 
 
 @dataclass
@@ -159,6 +178,14 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def run_settings(self, job: str) -> RunSettings:
+        """``job`` (pretrain | linprobe | finetune)'s seed, amp and checkpoint_every: its own section's where
+        set, else ``train``'s."""
+        t = self.train
+        own = {"pretrain": t, "linprobe": self.linprobe, "finetune": self.finetune}[job]
+        return RunSettings(*(t_value if value is None else value for value, t_value in
+                             ((own.seed, t.seed), (own.amp, t.amp), (own.checkpoint_every, t.checkpoint_every))))
 
     def flatten(self) -> dict[str, Any]:
         """``{"model.mask_ratio": 0.75, ...}``: every key, for MLflow params and sweep tables."""
@@ -266,6 +293,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"finetune.samples_per_epoch must be >= 1, got {cfg.finetune.samples_per_epoch}")
     if cfg.data.crop_ratio is not None and not 0 < cfg.data.crop_ratio <= 1:
         raise ConfigError(f"data.crop_ratio must be in (0, 1] (1.0: the whole image), got {cfg.data.crop_ratio}")
+    for section in ("train", "linprobe", "finetune"):
+        sec = getattr(cfg, section)
+        if sec.amp is not None and sec.amp not in AMP_MODES:
+            raise ConfigError(f"{section}.amp must be one of {', '.join(AMP_MODES)}, got {sec.amp!r}")
+        if sec.checkpoint_every is not None and sec.checkpoint_every < 1:
+            raise ConfigError(f"{section}.checkpoint_every must be >= 1, got {sec.checkpoint_every}")
     if cfg.linprobe.pool not in ("cls", "mean"):
         raise ConfigError(f"linprobe.pool must be cls or mean, got {cfg.linprobe.pool!r}")
     if cfg.finetune.trainable_blocks is not None and not 0 <= cfg.finetune.trainable_blocks <= k["depth"]:

@@ -96,3 +96,15 @@ def test_cli_prints_one_line_and_exits_nonzero_without_traceback(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines == ["error: model.mask_ratio must be in (0, 1), got 1.5"]
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_each_evaluation_job_has_its_own_seed_precision_and_checkpoint_cadence():
+    cfg = load_config(None, ["train.seed=3", "train.amp=fp16", "train.checkpoint_every=5",
+                             "linprobe.seed=7", "finetune.amp=none", "finetune.checkpoint_every=2"])
+    assert cfg.run_settings("pretrain") == (3, "fp16", 5)
+    assert cfg.run_settings("linprobe") == (7, "fp16", 5)  # unset keys: pre-training's
+    assert cfg.run_settings("finetune") == (3, "none", 2)
+    for bad, message in (("linprobe.amp=fp32", "linprobe.amp must be one of bf16, fp16, none"),
+                         ("finetune.checkpoint_every=0", "finetune.checkpoint_every must be >= 1")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [bad])

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from mae_ray.model.mae import build_model
-from mae_ray.train import engine
+from mae_ray.train import engine, optim
 
 MICRO = "mae_vit_micro_patch4"
 
 
 def test_no_decay_on_biases_and_norms():
     model = build_model(MICRO)
-    opt = engine.build_optimizer(model, 1e-3, 0.05, torch.device("cpu"))
+    opt = optim.pretrain_optimizer(model, 1e-3, 0.05, torch.device("cpu"))
     decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -30,7 +30,7 @@ def test_schedule_warmup_then_cosine():
     assert (plan.updates_per_epoch, plan.total_updates, plan.warmup_updates) == (5, 50, 10)
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched = engine.build_scheduler(opt, plan, min_lr=0.01)
+    sched = optim.build_scheduler(opt, plan, min_lr=0.01)
     lrs = []
     for t in range(plan.total_updates):
         sched.step_update(t)
@@ -60,7 +60,7 @@ def _one_update(batches, accum):
     bank = torch.rand(8, model.patch_embed.num_patches, generator=torch.Generator().manual_seed(1))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     plan = engine.StepPlan(batches_per_epoch=len(batches), accum_iter=accum, epochs=1, warmup_epochs=0)
-    sched = engine.build_scheduler(opt, plan, min_lr=0.0)
+    sched = optim.build_scheduler(opt, plan, min_lr=0.0)
     engine.train_one_epoch(_FixedNoise(model, bank), [(b, None) for b in batches], opt, sched,
                            engine.Precision("none", torch.device("cpu")), epoch=0, plan=plan,
                            mask_ratio=0.75, device=torch.device("cpu"))
@@ -92,7 +92,7 @@ def test_non_finite_loss_names_the_step():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     plan = engine.StepPlan(batches_per_epoch=3, accum_iter=1, epochs=2, warmup_epochs=0)
     with pytest.raises(engine.NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 1, batch 0, update 3"):
-        engine.train_one_epoch(model, [(torch.zeros(1), None)] * 3, opt, engine.build_scheduler(opt, plan, 0.0),
+        engine.train_one_epoch(model, [(torch.zeros(1), None)] * 3, opt, optim.build_scheduler(opt, plan, 0.0),
                                engine.Precision("none", torch.device("cpu")), epoch=1, plan=plan,
                                mask_ratio=0.75, device=torch.device("cpu"))
 

@@ -24,7 +24,7 @@ MICRO = "mae_vit_micro_patch4"
 
 
 def checkpoint_from_other_store(tmp_path, demo):
-    """A mae-ray checkpoint directory (launch.load_state's format: config, model, mlflow_run_id) whose
+    """A mae-ray checkpoint directory (checkpoints.load_state's format: config, model, mlflow_run_id) whose
     pre-training run lives in the sqlite store ``other.db``, not in the one the evaluation uses."""
     other = f"sqlite:///{tmp_path}/other.db"
     pre_cfg = load_config(None, [f"model.name={MICRO}", f"data.train_shards={demo['train']}",

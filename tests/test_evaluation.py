@@ -9,15 +9,13 @@ from mlflow import MlflowClient
 from mae_ray.config import load_config
 from mae_ray.jobs import evaluate, finetune, linprobe, pretrain
 from mae_ray.model.mae import build_model
-from mae_ray.train import classify, engine
+from mae_ray.train import classify, engine, optim
 
 MICRO = "mae_vit_micro_patch4"
 
 
 # ----------------------------------------------------------------------------------- in-process
 def test_linear_probe_recipe_separates_linearly_separable_features():
-    from timm.optim import Lars
-
     torch.manual_seed(0)
     centers = torch.randn(5, 32) * 3
     y = torch.randint(0, 5, (2000,))
@@ -25,9 +23,8 @@ def test_linear_probe_recipe_separates_linearly_separable_features():
     head = linprobe.LinearProbeHead(32, 5)
     data = linprobe.CachedFeatures(x, y, batch_size=100, rank=0, world=1, seed=0)
     plan = engine.StepPlan(len(data), 1, epochs=10, warmup_epochs=1)
-    opt = Lars([{"params": [head.fc.weight], "always_adapt": True}, {"params": [head.fc.bias]}],
-               lr=2.0, momentum=0.9, weight_decay=0.0)
-    sched = engine.build_scheduler(opt, plan, 0.0)
+    opt = optim.linprobe_optimizer(head.fc, lr=2.0, weight_decay=0.0)
+    sched = optim.build_scheduler(opt, plan, 0.0)
     for epoch in range(10):
         data.set_epoch(epoch)
         classify.train_epoch(head, data, opt, sched, engine.Precision("none", torch.device("cpu")),

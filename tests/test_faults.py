@@ -17,7 +17,7 @@ import pytest
 from _helpers import MlflowServer, tiny_config
 from mlflow import MlflowClient
 
-from mae_ray.cluster.launch import load_state
+from mae_ray.cluster.checkpoints import load_state
 from mae_ray.errors import CheckpointError
 from mae_ray.jobs import finetune, pretrain
 

@@ -8,7 +8,7 @@ import torch
 
 from mae_ray.config import load_config
 from mae_ray.errors import ConfigError
-from mae_ray.train import classify, engine, recipe
+from mae_ray.train import classify, engine, optim, recipe
 
 SECTION = {"pretrain": "train", "linprobe": "linprobe", "finetune": "finetune"}
 
@@ -64,7 +64,7 @@ def test_classification_accumulation_gives_the_gradient_of_the_whole_batch():
         batches = [(x[s, j * size:(j + 1) * size], y[s, j * size:(j + 1) * size])
                    for s in range(3) for j in range(accum)]
         plan = engine.StepPlan(len(batches), accum, 1, 0)
-        classify.train_epoch(head, batches, optimizer, engine.build_scheduler(optimizer, plan, 0.0),
+        classify.train_epoch(head, batches, optimizer, optim.build_scheduler(optimizer, plan, 0.0),
                              engine.Precision("none", torch.device("cpu")), torch.nn.CrossEntropyLoss(),
                              epoch=0, plan=plan, device=torch.device("cpu"))
         return torch.cat([p.detach().flatten() for p in head.parameters()])

@@ -6,7 +6,6 @@ from the paper's appendix, so that a wrong value fails CI. In-process, no Ray: a
 from __future__ import annotations
 
 import glob
-import inspect
 import os
 
 import pytest
@@ -14,8 +13,9 @@ import torch
 
 from mae_ray.config import load_config
 from mae_ray.data.transforms import build_transform
-from mae_ray.jobs import finetune, linprobe
-from mae_ray.train import engine, recipe
+from mae_ray.jobs import finetune
+from mae_ray.model.mae import build_model
+from mae_ray.train import optim, recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.yaml")))
@@ -91,10 +91,14 @@ def test_finetune_recipe(path):
 
 # The values no config key holds: fixed in the code every config runs.
 def test_fixed_optimiser_values():
-    opt = engine.build_optimizer(torch.nn.Linear(2, 2), lr=1e-3, weight_decay=0.05, device=torch.device("cpu"))
+    opt = optim.pretrain_optimizer(torch.nn.Linear(2, 2), lr=1e-3, weight_decay=0.05, device=torch.device("cpu"))
     assert opt.param_groups[0]["betas"] == PRETRAIN["betas"]
-    assert f"betas={FINETUNE_ALL['betas']}" in inspect.getsource(finetune.train_loop)
-    assert f"momentum={LINPROBE['momentum']}" in inspect.getsource(linprobe.train_loop)
+    cpu = torch.device("cpu")
+    vit = finetune.build_classifier(build_model("mae_vit_micro_patch4"), num_classes=10, drop_path=0.0)
+    ft = optim.finetune_optimizer(vit, lr=1e-3, weight_decay=0.05, layer_decay=0.75, device=cpu)
+    assert all(g["betas"] == FINETUNE_ALL["betas"] for g in ft.param_groups)
+    lp = optim.linprobe_optimizer(torch.nn.Linear(4, 2), lr=0.1, weight_decay=0.0)
+    assert all(g["momentum"] == LINPROBE["momentum"] for g in lp.param_groups)
 
 
 def test_fixed_augmentations():
@@ -105,3 +109,19 @@ def test_fixed_augmentations():
     magnitude, std = FINETUNE_ALL["randaug"]
     ops = by_type["RandAugment"].ops
     assert ops and all(op.magnitude == magnitude and op.magnitude_std == std for op in ops)
+
+
+def test_fine_tuning_optimiser_decays_the_lr_layer_by_layer():
+    """optim.finetune_optimizer: the head at the full lr, block i of L at layer_decay^(L - i), the patch
+    embedding lowest; no weight decay on biases, norms, position table and cls token (A.2's recipe)."""
+    vit = finetune.build_classifier(build_model("mae_vit_micro_patch4"), num_classes=10, drop_path=0.0)
+    opt = optim.finetune_optimizer(vit, lr=1e-3, weight_decay=0.05, layer_decay=0.5, device=torch.device("cpu"))
+    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    depth = len(vit.blocks)
+    assert scale[id(vit.head.weight)] == (1.0, 0.05)
+    for i, blk in enumerate(vit.blocks):
+        assert scale[id(blk.attn.qkv.weight)] == (0.5 ** (depth - i), 0.05)
+        assert scale[id(blk.attn.qkv.bias)][1] == 0.0
+    assert scale[id(vit.patch_embed.proj.weight)][0] == 0.5 ** (depth + 1)
+    assert scale[id(vit.pos_embed)][1] == 0.0 and scale[id(vit.cls_token)][1] == 0.0
+    assert opt.defaults["betas"] == (0.9, 0.999)

@@ -17,7 +17,7 @@ import torch
 from _helpers import tiny_config
 from mlflow import MlflowClient
 
-from mae_ray.cluster.launch import load_state
+from mae_ray.cluster.checkpoints import load_state
 from mae_ray.errors import UserError
 from mae_ray.jobs import finetune, pretrain
 
@@ -195,7 +195,7 @@ def train_steps(config: dict) -> None:
 def steps(config: dict, rank: int, world: int, wrap) -> tuple[dict, torch.Tensor]:
     """``STEPS`` updates of engine.train_one_epoch over this rank's share of every batch of ``sync_data``."""
     from mae_ray.model.mae import MaskedAutoencoderViT
-    from mae_ray.train import engine
+    from mae_ray.train import engine, optim
 
     accum, cpu = config["accum"], torch.device("cpu")
     torch.manual_seed(0)
@@ -210,7 +210,7 @@ def steps(config: dict, rank: int, world: int, wrap) -> tuple[dict, torch.Tensor
     # turn float-rounding differences of near-zero gradients into lr-sized steps
     optimizer = torch.optim.SGD(raw.parameters(), lr=0.5)
     prints = []
-    engine.train_one_epoch(model, batches, optimizer, engine.build_scheduler(optimizer, plan, 0.0),
+    engine.train_one_epoch(model, batches, optimizer, optim.build_scheduler(optimizer, plan, 0.0),
                            engine.Precision("none", cpu), epoch=0, plan=plan, mask_ratio=0.75, device=cpu,
                            on_step=lambda i, _: prints.append(engine.param_fingerprint(raw)))
     return {k: v.clone() for k, v in raw.mae.state_dict().items()}, torch.stack(prints)

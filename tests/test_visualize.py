@@ -15,7 +15,7 @@ from mae_ray.data.transforms import build_transform, eval_transform, normalize_b
 from mae_ray.model.mae import MaskedAutoencoderViT
 from mae_ray.model.presets import resolve_model_kwargs
 from mae_ray.model.visualize import fixed_noise, reconstruct
-from mae_ray.train import engine
+from mae_ray.train import engine, optim
 
 MASK_RATIO = 0.75
 STEPS = 100  # batches of 32: a few seconds on a quiet 2-core CPU
@@ -30,9 +30,9 @@ def train_mae(demo, seed: int = 0, steps: int = STEPS) -> MaskedAutoencoderViT:
                                num_workers=0, samples_per_epoch=32 * steps, seed=seed, shuffle_buffer=200)
     plan = engine.StepPlan(len(loader), 1, epochs=1, warmup_epochs=0.1)
     cpu = torch.device("cpu")
-    optimizer = engine.build_optimizer(model, 2e-3, 0.05, cpu)
+    optimizer = optim.pretrain_optimizer(model, 2e-3, 0.05, cpu)
     engine.train_one_epoch(model, ((normalize_batch(x), y) for x, y in loader), optimizer,
-                           engine.build_scheduler(optimizer, plan, 0.0), engine.Precision("none", cpu),
+                           optim.build_scheduler(optimizer, plan, 0.0), engine.Precision("none", cpu),
                            epoch=0, plan=plan, mask_ratio=MASK_RATIO, device=cpu)
     return model.eval()
 

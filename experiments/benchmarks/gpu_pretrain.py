@@ -39,7 +39,7 @@ import torch
 from mae_ray.model.flops import encoder_tokens, peak_flops, train_flops_per_image
 from mae_ray.model.mae import MaskedAutoencoderViT
 from mae_ray.model.presets import resolve_model_kwargs
-from mae_ray.train import engine, recipe
+from mae_ray.train import engine, optim, recipe
 
 GOAL_IMAGES_PER_S = 3000  # on one H100, ViT-B/16 MAE, batch 256
 GOAL_MFU = 0.40
@@ -133,8 +133,8 @@ def run_variant(args, variant: str, kwargs: dict, mode: str, device: torch.devic
         model = MaskedAutoencoderViT(**kwargs).to(device)
         plan = engine.StepPlan(args.steps, 1, args.repeats + 1, warmup_epochs=1)
         lr = recipe.Batching(args.batch, 1, 1).lr(1.5e-4)
-        optimizer = engine.build_optimizer(model, lr, 0.05, device)  # fused AdamW on CUDA
-        scheduler = engine.build_scheduler(optimizer, plan, 0.0)
+        optimizer = optim.pretrain_optimizer(model, lr, 0.05, device)  # fused AdamW on CUDA
+        scheduler = optim.build_scheduler(optimizer, plan, 0.0)
         precision = engine.Precision(args.amp, device)
         runner = model
         if mode == "compile":

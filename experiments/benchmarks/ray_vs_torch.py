@@ -56,7 +56,7 @@ from data_tools.demo_data import build_demo_dataset  # noqa: E402
 from mae_ray.config import Config, load_config  # noqa: E402
 from mae_ray.data.loader import make_train_loader  # noqa: E402
 from mae_ray.model.mae import MaskedAutoencoderViT  # noqa: E402
-from mae_ray.train import engine, recipe  # noqa: E402
+from mae_ray.train import engine, optim, recipe  # noqa: E402
 
 READY_LINE = re.compile(r"\[pretrain\] \d+ worker\(s\).*(fresh start|resumed from)")
 
@@ -71,7 +71,7 @@ p = json.loads(sys.argv[1])
 torch.set_num_threads(p["threads"])
 torch.manual_seed(0)
 model = build_model(p["model"], img_size=p["img_size"], norm_pix_loss=True)
-optimizer = engine.build_optimizer(model, 1e-4, 0.05, torch.device("cpu"))
+optimizer = optim.pretrain_optimizer(model, 1e-4, 0.05, torch.device("cpu"))
 loader = make_train_loader(p["shards"], batch_size=p["batch"], transform="pretrain", img_size=p["img_size"],
                            num_workers=p["loader_workers"], samples_per_epoch=p["samples"], seed=0,
                            shuffle_buffer=p["shuffle_buffer"])
@@ -232,8 +232,8 @@ def plain_run(cfg: Config) -> list[dict]:
     plan = engine.StepPlan(len(loader), cfg.train.accum_iter, cfg.train.epochs, cfg.train.warmup_epochs)
     lr = cfg.train.lr if cfg.train.lr is not None else recipe.for_job(cfg, "pretrain", 1).lr(
         cfg.train.blr)
-    optimizer = engine.build_optimizer(model.to(device), lr, cfg.train.weight_decay, device)
-    scheduler = engine.build_scheduler(optimizer, plan, cfg.train.min_lr)
+    optimizer = optim.pretrain_optimizer(model.to(device), lr, cfg.train.weight_decay, device)
+    scheduler = optim.build_scheduler(optimizer, plan, cfg.train.min_lr)
     precision = engine.Precision(cfg.train.amp, device)
     rows, last = [], time.perf_counter()
     for epoch in range(cfg.train.epochs):

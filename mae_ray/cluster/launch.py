@@ -1,32 +1,25 @@
-"""Ray plumbing shared by every job: start or join Ray, check resources, run a TorchTrainer,
-and the in-worker side of checkpoints (report, find the latest, load).
+"""Ray plumbing shared by every job: start or join Ray, check resources, run a TorchTrainer; in the
+worker, its rank and quiet logging. Checkpoints (format, writing, finding, loading) are ``checkpoints``'.
 
 The training math never imports this module's Ray calls directly; the job modules glue them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 import ray.train
-import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from mae_ray.errors import CheckpointError, UserError
+from mae_ray.errors import UserError
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "state.pt"
-CHECKPOINT_PREFIX = "epoch_"
-
 
 # --------------------------------------------------------------------------- driver side
 def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | None = None,
@@ -81,15 +74,15 @@ class TrainerSpec:
     callbacks: list | None = None  # Ray Train callbacks (a sweep trial forwards reports to Tune)
 
 
-def run_trainer(train_fn: Callable[[dict], None], loop_config: dict[str, Any], spec: TrainerSpec):
-    """Run ``train_fn`` on ``spec.num_workers`` Ray workers (0: in this process) and return the Result."""
+def run_trainer(train_fn: Callable[[Any], None], worker_spec: Any, spec: TrainerSpec):
+    """Run ``train_fn(worker_spec)`` on ``spec.num_workers`` Ray workers (0: in this process); the Result."""
     check_resources(spec.num_workers, spec.cpus_per_worker, spec.use_gpu)
     resources = {"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
     trainer = TorchTrainer(
         _from_object_store(train_fn),
         # Ray Train keeps train_loop_config verbatim in its run records (the dashboard's Train view);
         # the config holds URLs that may carry credentials, so only a reference to it goes there
-        train_loop_config={"loop_config": ray.put(loop_config)},
+        train_loop_config={"worker_spec": ray.put(worker_spec)},
         scaling_config=ScalingConfig(
             num_workers=spec.num_workers, use_gpu=spec.use_gpu, resources_per_worker=resources
         ),
@@ -111,9 +104,9 @@ def run_trainer(train_fn: Callable[[dict], None], loop_config: dict[str, Any], s
     return trainer.fit()
 
 
-def _from_object_store(train_fn: Callable[[dict], None]) -> Callable[[dict], None]:
+def _from_object_store(train_fn: Callable[[Any], None]) -> Callable[[dict], None]:
     def train_loop(config: dict[str, Any]) -> None:
-        train_fn(ray.get(config["loop_config"]))
+        train_fn(ray.get(config["worker_spec"]))
 
     return train_loop
 
@@ -156,133 +149,3 @@ def world() -> tuple[int, int]:
     """(rank, world size) of this worker; (0, 1) in-process."""
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size()
-
-
-def report(metrics: dict[str, Any], state: dict[str, Any] | None, epoch: int,
-           files: dict[str, Callable[[str], None]] | None = None) -> None:
-    """Report ``metrics``; with ``state``, rank 0 also writes a checkpoint ``epoch_NNNNNN`` beside them.
-
-    Every worker must call this the same number of times (it is a barrier in Ray Train).
-    ``files`` maps file names to writers that put extra files in the checkpoint directory.
-    """
-    rank, _ = world()
-    if state is None or rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="mae_ray_ckpt_") as tmp:
-        torch.save(state, os.path.join(tmp, STATE_FILE))
-        for name, write in (files or {}).items():
-            write(os.path.join(tmp, name))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:06d}", checkpoint_upload_fn=_upload)
-
-
-def _upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
-    """Ray's copy to storage, made safe: on a local or mounted filesystem the files go to
-    ``.tmp-<dir_name>`` first and are renamed once whole, so a full or read-only disk, or a worker
-    killed mid-copy, never leaves a folder that looks like a complete checkpoint. Object stores
-    (S3, GCS) write each file whole or not at all, and a missing ``state.pt`` makes
-    ``latest_checkpoint`` skip the folder, so there Ray's own copy is used as is.
-    """
-    import pyarrow.fs as pafs
-
-    storage = ray.train.get_context().get_storage()
-    fs, root = storage.storage_filesystem, storage.experiment_fs_path
-    final, tmp = f"{root}/{dir_name}", f"{root}/.tmp-{dir_name}"
-    try:
-        if not isinstance(fs, pafs.LocalFileSystem):
-            return storage.persist_current_checkpoint(checkpoint, dir_name)
-        fs.delete_dir_contents(tmp, missing_dir_ok=True)
-        fs.create_dir(tmp)
-        pafs.copy_files(checkpoint.path, tmp, source_filesystem=checkpoint.filesystem, destination_filesystem=fs)
-        if fs.get_file_info(final).type != pafs.FileType.NotFound:
-            fs.delete_dir(final)  # the same epoch written again after a restart
-        fs.move(tmp, final)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            fs.delete_dir(tmp)  # frees what the failed copy took
-        text = str(e).strip().splitlines()
-        raise CheckpointError(f"cannot write checkpoint {dir_name} to {root}: "
-                              f"{text[0] if text else type(e).__name__}") from None
-    return Checkpoint(path=final, filesystem=fs)
-
-
-def checkpoint_location(epoch: int) -> str:
-    """Where the checkpoint of ``epoch`` is (or would be) stored, for messages."""
-    name = f"{CHECKPOINT_PREFIX}{epoch:06d}"
-    try:
-        return f"{ray.train.get_context().get_storage().experiment_fs_path}/{name}"
-    except NotImplementedError:
-        return name
-
-
-def latest_checkpoint(explicit: str | None = None) -> tuple[dict[str, Any] | None, str | None]:
-    """The newest loadable training state and where it came from, or (None, None) for a fresh start.
-
-    Ray 2.60 registers checkpoints asynchronously: a worker killed just after writing one can come
-    back with ``get_checkpoint()`` naming the previous one, and resuming from that would run an epoch
-    twice. So the run's storage folder is also listed, and the highest ``epoch_*`` state that loads
-    wins. ``explicit`` (``--resume-from``) is used only when the run has no checkpoint of its own.
-    """
-    candidates = _stored_checkpoints()
-    registered = ray.train.get_checkpoint()
-    if registered is not None:
-        candidates.append(registered)
-    for ckpt in sorted(candidates, key=lambda c: os.path.basename(c.path.rstrip("/")), reverse=True):
-        try:
-            return load_state(ckpt), ckpt.path
-        except CheckpointError as e:
-            log.warning("skipping unreadable checkpoint %s: %s", ckpt.path, e)
-    if explicit:
-        return load_state(explicit), explicit
-    return None, None
-
-
-def newest_checkpoint_dir(folder: str) -> str:
-    """The newest ``epoch_*`` folder with a state file under a local run folder (for messages), or 'none'."""
-    if "://" in folder or not os.path.isdir(folder):
-        return "none"
-    found = sorted(p for p in os.listdir(folder)
-                   if p.startswith(CHECKPOINT_PREFIX) and os.path.isfile(os.path.join(folder, p, STATE_FILE)))
-    return os.path.join(folder, found[-1]) if found else "none"
-
-
-def _stored_checkpoints() -> list[Checkpoint]:
-    try:
-        storage = ray.train.get_context().get_storage()
-    except NotImplementedError:  # in-process mode has no storage context
-        return []
-    import pyarrow.fs as pafs
-
-    fs, root = storage.storage_filesystem, storage.experiment_fs_path
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError:
-        return []
-    return [
-        Checkpoint(path=info.path, filesystem=fs)
-        for info in infos
-        if info.type == pafs.FileType.Directory and os.path.basename(info.path).startswith(CHECKPOINT_PREFIX)
-    ]
-
-
-def load_state(source: Checkpoint | str) -> dict[str, Any]:
-    """Read a training state with ``weights_only=True`` from a Ray checkpoint or a local directory/file."""
-    if isinstance(source, str):
-        source = os.path.join(source, STATE_FILE) if os.path.isdir(source) else source
-        if not os.path.isfile(source):
-            raise CheckpointError(f"no checkpoint at {source}")
-        return _torch_load(source)
-    with source.as_directory() as path:
-        file = os.path.join(path, STATE_FILE)
-        if not os.path.isfile(file):
-            raise CheckpointError(f"{source.path} has no {STATE_FILE}")
-        return _torch_load(file)
-
-
-def _torch_load(path: str) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        text = str(e).strip().splitlines()
-        raise CheckpointError(f"cannot read {path}: {text[0] if text else type(e).__name__}") from None

@@ -2,7 +2,7 @@
 
 A job builds its model and optimiser, hands the objects that carry state to ``EpochLoop``, runs
 ``for epoch in loop.remaining():`` and calls ``end_epoch`` after each epoch. ``EpochLoop`` resumes from
-the newest checkpoint (see ``launch.latest_checkpoint``), seeds every RNG at the start of each epoch,
+the newest checkpoint (see ``checkpoints.latest_checkpoint``), seeds every RNG at the start of each epoch,
 checks that data-parallel ranks still hold identical parameters, reports every epoch to Ray, writes a
 checkpoint when one is due, and has rank 0 log the epoch to MLflow exactly once, also across restarts.
 
@@ -19,7 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mae_ray import tracking
-from mae_ray.cluster import faults, launch
+from mae_ray.cluster import checkpoints, faults, launch
+from mae_ray.cluster.worker_spec import WorkerSpec
 from mae_ray.errors import CheckpointError
 from mae_ray.train import engine
 
@@ -29,7 +30,7 @@ class RanksDivergedError(RuntimeError):
 
 
 class EpochLoop:
-    def __init__(self, job: str, loop_config: dict[str, Any], *, epochs: int, checkpoint_every: int,
+    def __init__(self, job: str, spec: WorkerSpec, *, epochs: int, checkpoint_every: int,
                  stateful: dict[str, Any], seed: int, steps_per_epoch: int = 0,
                  extra_state: dict[str, Any] | None = None, report_every_epoch: bool = True):
         """``stateful``: name -> object with ``state_dict``/``load_state_dict`` (model, optimiser, ...);
@@ -39,14 +40,14 @@ class EpochLoop:
         per health-check interval (2 s), which dominates jobs whose epochs take milliseconds (cached
         linear probes). MLflow still gets every epoch.
         """
-        self.job, self.config, self.epochs = job, loop_config, epochs
+        self.job, self.spec, self.epochs = job, spec, epochs
         self.checkpoint_every, self.stateful = checkpoint_every, stateful
         self.extra_state = extra_state or {}
         self.steps_per_epoch = steps_per_epoch
         self.report_every_epoch = report_every_epoch
         self.seed = seed
         self.rank, self.world_size = launch.world()
-        state, self.resumed_from = launch.latest_checkpoint(loop_config.get("resume_from"))
+        state, self.resumed_from = checkpoints.latest_checkpoint(spec.resume_from)
         self.start_epoch, self.history, attempts = 0, [], []
         if state is not None:
             for name, obj in stateful.items():
@@ -58,7 +59,7 @@ class EpochLoop:
         self.last_good = self.resumed_from
         self.logger = None
         if self.rank == 0:
-            self.logger = tracking.EpochLogger(loop_config["tracking_uri"], loop_config["run_id"])
+            self.logger = tracking.EpochLogger(spec.tracking_uri, spec.run_id)
             self.logger.backfill(self.history)  # epochs a killed worker checkpointed but never logged
 
     @property
@@ -80,21 +81,21 @@ class EpochLoop:
 
     def batches(self, loader, epoch: int, count: int):
         """``loader`` itself; under a test's ``mid_epoch`` fault, its batches with the fault fired half-way."""
-        spec = self.config.get("faults")
-        if not spec or "mid_epoch" not in spec:
+        injected = self.spec.faults
+        if not injected or "mid_epoch" not in injected:
             return loader
-        return self._faulty(loader, spec, epoch, max(1, count // 2))
+        return self._faulty(loader, injected, epoch, max(1, count // 2))
 
     def _faulty(self, loader, spec: str, epoch: int, at: int):
         for i, batch in enumerate(loader):
-            if i == at and faults.maybe_fire(spec, "mid_epoch", epoch, self.rank, self.config["output_dir"]) == "nan":
+            if i == at and faults.maybe_fire(spec, "mid_epoch", epoch, self.rank, self.spec.output_dir) == "nan":
                 _poke_first_parameter(self.stateful, float("nan"))  # the next step's loss is NaN
             yield batch
 
     def end_epoch(self, epoch: int, metrics: dict[str, float],
                   final_files: dict[str, Callable[[str], None]] | None = None) -> None:
         """Report ``metrics`` (a barrier: every rank calls it), checkpoint when due, log on rank 0."""
-        spec, out = self.config.get("faults"), self.config["output_dir"]
+        spec, out = self.spec.faults, self.spec.output_dir
         if faults.maybe_fire(spec, "end_epoch", epoch, self.rank, out) == "desync":  # a test's: this rank drifts
             _poke_first_parameter(self.stateful, 1e-3)
         self.check_ranks_in_sync(epoch)
@@ -104,20 +105,23 @@ class EpochLoop:
         due = last or (epoch + 1) % self.checkpoint_every == 0  # the same on every rank
         state, files = None, {}
         if self.rank == 0 and due:
-            state = {name: obj.state_dict() for name, obj in self.stateful.items()}
-            state.update(self.extra_state, epoch=epoch, step=(epoch + 1) * self.steps_per_epoch,
-                         history=self.history, attempts=self.attempts,
-                         mlflow_run_id=self.config["run_id"])
+            state = checkpoints.TrainingState(
+                **{name: obj.state_dict() for name, obj in self.stateful.items()}, **self.extra_state,
+                epoch=epoch, step=(epoch + 1) * self.steps_per_epoch, history=self.history, attempts=self.attempts,
+                mlflow_run_id=self.spec.run_id)
             files = (final_files or {}) if last else {}
+            if last and set(files) != set(checkpoints.FINAL_FILES.get(self.job, ())):  # one owner of the format
+                raise CheckpointError(f"{self.job} writes {sorted(files)} into its last checkpoint, but "
+                                      f"checkpoints.FINAL_FILES says {checkpoints.FINAL_FILES.get(self.job)}")
         faults.maybe_fire(spec, "before_report", epoch, self.rank, out)
         if due or self.report_every_epoch:
             try:
-                launch.report({"epoch": epoch, **metrics}, state, epoch, files)
+                checkpoints.report({"epoch": epoch, **metrics}, state, epoch, files)
             except CheckpointError as e:  # storage full or read-only: say which checkpoint still holds
                 raise CheckpointError(f"{e}; last good checkpoint: {self.last_good or 'none'}") from None
         faults.maybe_fire(spec, "after_report", epoch, self.rank, out)
         if state is not None:
-            self.last_good = launch.checkpoint_location(epoch)
+            self.last_good = checkpoints.checkpoint_location(epoch)
         if self.logger is not None:
             self.logger.log_epoch(epoch, metrics)
             # epochs of milliseconds (cached linear probe: report_every_epoch=False) print every tenth
@@ -161,7 +165,7 @@ class EpochLoop:
         if not self.logger.flush():
             lost = sorted({m.step for m in self.logger.pending})
             self.say(f"warning: MLflow unreachable: {len(self.logger.pending)} metric values of epoch(s) {lost} "
-                     f"are not in run {self.config['run_id']}; the checkpoints' history holds them")
+                     f"are not in run {self.spec.run_id}; the checkpoints' history holds them")
 
 
 def _poke_first_parameter(stateful: dict[str, Any], delta: float) -> None:

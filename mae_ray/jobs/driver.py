@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mae_ray import tracking
-from mae_ray.cluster import faults, launch
+from mae_ray.cluster import checkpoints, faults, launch
+from mae_ray.cluster.worker_spec import WorkerSpec
 from mae_ray.config import Config
 from mae_ray.errors import DataError, UserError
 
@@ -118,29 +119,32 @@ def refuse_existing(cfg: Config, name: str) -> None:
     """A fresh run must not silently continue the checkpoints of an earlier run with the same name."""
     folder = storage_for(cfg, name)
     if "://" not in folder and os.path.isdir(folder):
-        found = sorted(p for p in os.listdir(folder) if p.startswith(launch.CHECKPOINT_PREFIX))
+        found = sorted(p for p in os.listdir(folder) if p.startswith(checkpoints.CHECKPOINT_PREFIX))
         if found:
             raise UserError(f"{folder} already holds checkpoints of an earlier run ({found[-1]}): pass "
                             f"--resume-from {os.path.join(folder, found[-1])} to continue it, or another output_dir")
 
 
-def fit(train_fn: Callable[[dict], None], cfg: Config, *, name: str, uri: str, run_id: str, verbose: bool,
-        what: str, callbacks: list | None = None, **extra: Any):
-    """Run ``train_fn`` on the configured workers; on failure mark the run FAILED and raise one clear line."""
-    loop_config = {"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id, "output_dir": cfg.output_dir,
-                   "faults": faults.from_env(), "verbose": verbose, **extra}
+def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: str, run_id: str, verbose: bool,
+        what: str, callbacks: list | None = None, resume_from: str | None = None, encoder: Any = None,
+        model_kwargs: dict[str, Any] | None = None, num_classes: int | None = None):
+    """Run ``train_fn(WorkerSpec)`` on the configured workers; on failure mark the run FAILED and raise one
+    clear line. ``encoder`` (an ObjectRef), ``model_kwargs`` and ``num_classes``: the evaluation jobs'."""
+    worker = WorkerSpec(config=cfg, tracking_uri=uri, run_id=run_id, output_dir=cfg.output_dir,
+                        faults=faults.from_env(), verbose=verbose, resume_from=resume_from, encoder=encoder,
+                        model_kwargs=model_kwargs, num_classes=num_classes)
     storage = launch.storage_uri(cfg.ray.storage_path or os.path.join(cfg.output_dir, "ray"))
     spec = launch.TrainerSpec(name=name, storage_path=storage, num_workers=cfg.ray.num_workers,
                               use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
                               max_failures=cfg.ray.failure_max_retries, verbose=verbose, callbacks=callbacks)
     try:
-        result = launch.run_trainer(train_fn, loop_config, spec)
+        result = launch.run_trainer(train_fn, worker, spec)
     except Exception as e:
         tracking.end_run(uri, run_id, "FAILED")
         message = launch.worker_error(e)
         if isinstance(getattr(e, "controller_failure", None), OSError):  # Ray's own writes to storage failed
             folder = f"{storage}/{name}"
-            last = launch.newest_checkpoint_dir(folder)
+            last = checkpoints.newest_checkpoint_dir(folder)
             message = f"cannot write to the checkpoint storage {folder}: {message}; last good checkpoint: {last}"
         raise UserError(f"{what} failed: {message}") from None
     if result.checkpoint is None:

@@ -94,10 +94,13 @@ def _from_path(path: str, cfg: Config) -> EncoderSource:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(unreadable_checkpoint(file, e)) from None
-    if isinstance(obj, dict) and isinstance(obj.get("config"), str) and isinstance(obj.get("model"), dict):
-        saved = from_dict(Config, yaml.safe_load(obj["config"]))  # a mae-ray training state
-        return EncoderSource(_encoder_only(obj["model"]), _with_eval_size(saved, cfg), obj.get("mlflow_run_id"),
-                             path, saved)
+    from mae_ray.cluster import checkpoints
+
+    parts = checkpoints.pretraining_parts(obj)
+    if parts is not None:  # a mae-ray pre-training checkpoint: its own architecture and MLflow run
+        config_text, model_state, run_id = parts
+        saved = from_dict(Config, yaml.safe_load(config_text))
+        return EncoderSource(_encoder_only(model_state), _with_eval_size(saved, cfg), run_id, path, saved)
     return EncoderSource(_encoder_only(read_state_dict(file)), cfg.model.kwargs(), None, path)
 
 

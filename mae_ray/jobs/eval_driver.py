@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mae_ray import tracking
-from mae_ray.cluster import launch
+from mae_ray.cluster import checkpoints
 from mae_ray.config import Config
 from mae_ray.jobs import driver
 from mae_ray.jobs.encoders import EncoderSource, in_store, resolve_encoder
@@ -27,7 +27,7 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, sourc
              verbose: bool = False, resume_from: str | None = None) -> dict[str, Any]:
     """``resume_from``: a checkpoint of a stopped run of this job, continued in the same MLflow run."""
     # Every check before anything is written or Ray starts: a refused job leaves no trace.
-    run_id = launch.load_state(resume_from).get("mlflow_run_id") if resume_from else None  # bad path: fails now
+    run_id = checkpoints.load_state(resume_from).get("mlflow_run_id") if resume_from else None  # bad path: fails now
     uri = driver.prepare(cfg, need_val=True, write=False)
     classes = driver.num_classes(cfg)
     name = cfg.mlflow.run_name or f"{job}-{os.path.basename(cfg.output_dir.rstrip('/'))}"

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from mae_ray.config import Config, from_dict
+from mae_ray.cluster.worker_spec import WorkerSpec
+from mae_ray.config import Config
 from mae_ray.errors import CheckpointError
 
 # A global-pool ViT has fc_norm instead of the encoder's final norm, and a new head.
@@ -52,31 +53,30 @@ def freeze_for_partial(vit, trainable_blocks: int | None) -> None:
     vit.head.requires_grad_(True)
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
+def train_loop(spec: WorkerSpec) -> None:
     import ray
     import ray.train.torch
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import param_groups_layer_decay
 
     from mae_ray.cluster import launch
     from mae_ray.cluster.worker_loop import EpochLoop
     from mae_ray.data.loader import make_eval_loader, make_train_loader
     from mae_ray.data.transforms import eval_transform
     from mae_ray.jobs.encoders import EncoderSource
-    from mae_ray.train import classify, engine, recipe
+    from mae_ray.train import classify, engine, optim, recipe
 
-    cfg: Config = from_dict(Config, loop_config["config"])
-    ft = cfg.finetune
-    launch.quiet_worker(loop_config.get("verbose", False))
+    cfg = spec.config
+    ft, settings = cfg.finetune, cfg.run_settings("finetune")
+    launch.quiet_worker(spec.verbose)
     rank, world = launch.world()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         engine.configure_cuda()
-    torch.manual_seed(cfg.train.seed)
-    encoder = EncoderSource(ray.get(loop_config["encoder"]), loop_config["model_kwargs"], None, "").build(
-        cfg.train.seed)
-    classes = loop_config["num_classes"]
+    torch.manual_seed(settings.seed)
+    encoder = EncoderSource(ray.get(spec.encoder), spec.model_kwargs, None, "").build(
+        settings.seed)
+    classes = spec.num_classes
     vit = build_classifier(encoder, classes, ft.drop_path).to(device)
     freeze_for_partial(vit, ft.trainable_blocks)
     img_size = encoder.patch_embed.img_size[0]
@@ -85,18 +85,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     loader = make_train_loader(cfg.data.train_shards, batch_size=ft.batch_size, transform="finetune",
                                img_size=img_size, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
                                samples_per_epoch=ft.samples_per_epoch or cfg.data.samples_per_epoch,
-                               seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, num_classes=classes)
+                               seed=settings.seed, shuffle_buffer=cfg.data.shuffle_buffer, num_classes=classes)
     val_loader = make_eval_loader(cfg.data.val_shards, batch_size=256, transform=eval_transform(cfg.data, img_size),
                                   img_size=img_size, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
                                   num_classes=classes)
     batching = recipe.for_job(cfg, "finetune", world)
     plan = engine.StepPlan(len(loader), batching.accum_iter, ft.epochs, ft.warmup_epochs)
     lr = batching.lr(ft.blr)
-    groups = param_groups_layer_decay(vit, ft.weight_decay, no_weight_decay_list=vit.no_weight_decay(),
-                                      layer_decay=ft.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
-    scheduler = engine.build_scheduler(optimizer, plan, ft.min_lr)  # applies each group's lr_scale
-    precision = engine.Precision(cfg.train.amp, device)
+    optimizer = optim.finetune_optimizer(vit, lr, ft.weight_decay, ft.layer_decay, device)
+    scheduler = optim.build_scheduler(optimizer, plan, ft.min_lr)  # applies each group's lr_scale
+    precision = engine.Precision(settings.amp, device)
     mixup = None
     if ft.mixup > 0 or ft.cutmix > 0:
         mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, label_smoothing=ft.smoothing, num_classes=classes)
@@ -106,10 +104,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     else:
         criterion = torch.nn.CrossEntropyLoss()
 
-    loop = EpochLoop("finetune", loop_config, epochs=ft.epochs, checkpoint_every=cfg.train.checkpoint_every,
+    loop = EpochLoop("finetune", spec, epochs=ft.epochs, checkpoint_every=settings.checkpoint_every,
                      stateful={"model": vit, "optimizer": optimizer, "scheduler": scheduler,
                                "scaler": precision.scaler},
-                     seed=cfg.train.seed, steps_per_epoch=plan.updates_per_epoch)
+                     seed=settings.seed, steps_per_epoch=plan.updates_per_epoch)
     model = ray.train.torch.prepare_model(vit, move_to_device=False)
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
     loop.say(f"{batching.describe()}, {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, "

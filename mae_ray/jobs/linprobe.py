@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mae_ray.config import Config, from_dict
+from mae_ray.cluster.worker_spec import WorkerSpec
+from mae_ray.config import Config
 
 
 class LinearProbeHead(nn.Module):
@@ -67,10 +68,9 @@ class CachedFeatures:
             yield self.feats[idx], self.labels[idx]
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
+def train_loop(spec: WorkerSpec) -> None:
     import ray
     import ray.train.torch
-    from timm.optim import Lars
 
     from mae_ray.cluster import launch
     from mae_ray.cluster.worker_loop import EpochLoop
@@ -78,19 +78,19 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from mae_ray.data.transforms import build_transform, eval_transform, normalize_batch
     from mae_ray.errors import DataError
     from mae_ray.jobs.encoders import EncoderSource
-    from mae_ray.train import classify, engine, recipe
+    from mae_ray.train import classify, engine, optim, recipe
     from mae_ray.train.knn import all_gather_rows, extract_features
 
-    cfg: Config = from_dict(Config, loop_config["config"])
-    lp = cfg.linprobe
-    launch.quiet_worker(loop_config.get("verbose", False))
+    cfg = spec.config
+    lp, settings = cfg.linprobe, cfg.run_settings("linprobe")
+    launch.quiet_worker(spec.verbose)
     rank, world = launch.world()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.train.seed)
-    source = EncoderSource(ray.get(loop_config["encoder"]), loop_config["model_kwargs"], None, "")
-    encoder = source.build(cfg.train.seed).to(device).eval().requires_grad_(False)
+    torch.manual_seed(settings.seed)
+    source = EncoderSource(ray.get(spec.encoder), spec.model_kwargs, None, "")
+    encoder = source.build(settings.seed).to(device).eval().requires_grad_(False)
     img_size = encoder.patch_embed.img_size[0]
-    classes = loop_config["num_classes"]
+    classes = spec.num_classes
     head = LinearProbeHead(encoder.cls_token.shape[-1], classes).to(device)
     val_kw = dict(batch_size=256, transform=eval_transform(cfg.data, img_size), img_size=img_size, rank=rank,
                   world_size=world, num_workers=cfg.data.num_workers, num_classes=classes)
@@ -101,29 +101,27 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         feats, labels = all_gather_rows(feats), all_gather_rows(labels)
         if feats.shape[0] == 0:  # the same on every rank (gathered)
             raise DataError(f"no readable training samples in {cfg.data.train_shards}")
-        loader = CachedFeatures(feats, labels, lp.batch_size, rank, world, cfg.train.seed)
+        loader = CachedFeatures(feats, labels, lp.batch_size, rank, world, settings.seed)
         vf, vy = extract_features(encoder, val_loader, device, pool=lp.pool)  # this rank's exact share
         val_loader = [(vf[i : i + 256], vy[i : i + 256]) for i in range(0, vf.shape[0], 256)]
     else:
         loader = make_train_loader(cfg.data.train_shards, batch_size=lp.batch_size,  # uint8: normalised below
                                    transform=build_transform("linprobe", img_size, normalize=False),
                                    rank=rank, world_size=world, num_workers=cfg.data.num_workers,
-                                   samples_per_epoch=cfg.data.samples_per_epoch, seed=cfg.train.seed,
+                                   samples_per_epoch=cfg.data.samples_per_epoch, seed=settings.seed,
                                    shuffle_buffer=cfg.data.shuffle_buffer, num_classes=classes)
     batching = recipe.for_job(cfg, "linprobe", world)
     plan = engine.StepPlan(len(loader), batching.accum_iter, lp.epochs, lp.warmup_epochs)
     lr = batching.lr(lp.blr)
-    groups = [{"params": [head.fc.weight], "always_adapt": True},  # LARS trust ratio on the weight, as released
-              {"params": [head.fc.bias]}]
-    optimizer = Lars(groups, lr=lr, momentum=0.9, weight_decay=lp.weight_decay)
-    scheduler = engine.build_scheduler(optimizer, plan, lp.min_lr)
-    precision = engine.Precision(cfg.train.amp, device)
+    optimizer = optim.linprobe_optimizer(head.fc, lr, lp.weight_decay)
+    scheduler = optim.build_scheduler(optimizer, plan, lp.min_lr)
+    precision = engine.Precision(settings.amp, device)
     # Cached features: the whole head training takes seconds, but each checkpoint is a Ray report that
     # waits for the controller's 2 s health-check tick; so one checkpoint, at the end.
-    every = lp.epochs if lp.cache_features else cfg.train.checkpoint_every
-    loop = EpochLoop("linprobe", loop_config, epochs=lp.epochs, checkpoint_every=every,
+    every = lp.epochs if lp.cache_features else settings.checkpoint_every
+    loop = EpochLoop("linprobe", spec, epochs=lp.epochs, checkpoint_every=every,
                      stateful={"head": head, "optimizer": optimizer, "scheduler": scheduler},
-                     seed=cfg.train.seed, steps_per_epoch=plan.updates_per_epoch,
+                     seed=settings.seed, steps_per_epoch=plan.updates_per_epoch,
                      report_every_epoch=not lp.cache_features)
     ddp_head = ray.train.torch.prepare_model(head, move_to_device=False)
     if lp.cache_features:  # inputs are already features

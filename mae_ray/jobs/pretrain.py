@@ -11,11 +11,12 @@ import os
 import time
 from typing import Any
 
-from mae_ray.config import Config, from_dict
+from mae_ray.cluster.worker_spec import WorkerSpec
+from mae_ray.config import Config
 
 
 # --------------------------------------------------------------------------- worker
-def train_loop(loop_config: dict[str, Any]) -> None:
+def train_loop(spec: WorkerSpec) -> None:
     """Runs on every Ray Train worker (or in-process with ray.num_workers=0)."""
     import ray.train.torch
     import torch
@@ -28,11 +29,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from mae_ray.model.flops import peak_flops, train_flops_per_image
     from mae_ray.model.mae import MaskedAutoencoderViT
     from mae_ray.model.weights import save_encoder
-    from mae_ray.train import engine, recipe
+    from mae_ray.train import engine, optim, recipe
     from mae_ray.train.knn import KnnMonitor
 
-    cfg: Config = from_dict(Config, loop_config["config"])
-    launch.quiet_worker(loop_config.get("verbose", False))
+    cfg = spec.config
+    launch.quiet_worker(spec.verbose)
     rank, world_size = launch.world()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
@@ -57,11 +58,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     batching = recipe.for_job(cfg, "pretrain", world_size)
     plan = engine.StepPlan(batches, batching.accum_iter, cfg.train.epochs, cfg.train.warmup_epochs)
     lr = cfg.train.lr if cfg.train.lr is not None else batching.lr(cfg.train.blr)
-    optimizer = engine.build_optimizer(model.to(device), lr, cfg.train.weight_decay, device)
-    scheduler = engine.build_scheduler(optimizer, plan, cfg.train.min_lr)
+    optimizer = optim.pretrain_optimizer(model.to(device), lr, cfg.train.weight_decay, device)
+    scheduler = optim.build_scheduler(optimizer, plan, cfg.train.min_lr)
     precision = engine.Precision(cfg.train.amp, device)
 
-    loop = EpochLoop("pretrain", loop_config, epochs=cfg.train.epochs, checkpoint_every=cfg.train.checkpoint_every,
+    loop = EpochLoop("pretrain", spec, epochs=cfg.train.epochs, checkpoint_every=cfg.train.checkpoint_every,
                      stateful={"model": model, "optimizer": optimizer, "scheduler": scheduler,
                                "scaler": precision.scaler},
                      seed=cfg.train.seed, steps_per_epoch=plan.updates_per_epoch, extra_state={"config": config_text})
@@ -70,7 +71,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if cfg.train.compile:
         model = torch.compile(model)
     loop.say(f"{batching.describe()}, {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}; {loop.describe_start()}")
-    pictures = _Pictures(cfg, raw_model, loop_config) if rank == 0 else None
+    pictures = _Pictures(cfg, raw_model, spec.output_dir) if rank == 0 else None
     monitor = KnnMonitor(cfg, rank, world_size, device, raw_model.patch_embed.img_size[0])
     flops_per_image, peak = train_flops_per_image(cfg.model.kwargs(), cfg.model.mask_ratio), peak_flops(device)
     final_files = {
@@ -132,10 +133,10 @@ def _reduce_over_ranks(metrics: dict[str, float], skipped: int, device) -> dict[
 class _Pictures:
     """Rank 0's reconstruction grids of fixed validation images under a fixed mask."""
 
-    def __init__(self, cfg: Config, model, loop_config: dict[str, Any], count: int = 8):
+    def __init__(self, cfg: Config, model, output_dir: str, count: int = 8):
         self.cfg, self.model, self.count = cfg, model, count
         self.every = cfg.train.visualize_every
-        self.out_dir = os.path.join(loop_config["output_dir"], "reconstructions")
+        self.out_dir = os.path.join(output_dir, "reconstructions")
         self.images = None
 
     def _load(self):
@@ -173,11 +174,11 @@ def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False, p
     MLflow run created by the caller (a sweep trial); ``callbacks``: Ray Train callbacks.
     """
     from mae_ray import tracking
-    from mae_ray.cluster import launch
+    from mae_ray.cluster import checkpoints
     from mae_ray.jobs import driver
 
     if resume_from:
-        run_id = launch.load_state(resume_from).get("mlflow_run_id")  # a bad path fails now, not in a worker
+        run_id = checkpoints.load_state(resume_from).get("mlflow_run_id")  # a bad path fails now, not in a worker
     uri = driver.prepare(cfg, write=False)  # written below, once every check has passed
     name = cfg.mlflow.run_name or os.path.basename(cfg.output_dir.rstrip("/"))
     if not (resume_from or continue_existing):
@@ -193,10 +194,7 @@ def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False, p
         result = driver.fit(train_loop, cfg, name=name, uri=uri, run_id=run_id, verbose=verbose,
                           what="pre-training", resume_from=resume_from, callbacks=callbacks)
     ckpt = result.checkpoint
-    logger = tracking.EpochLogger(uri, run_id)
-    with ckpt.as_directory() as path:
-        for file in ("config.yaml", "encoder.pth", "encoder.safetensors", "state.pt"):
-            logger.log_artifact(os.path.join(path, file), "checkpoint" if file == "state.pt" else "encoder")
+    checkpoints.log_final_to_mlflow(ckpt, tracking.EpochLogger(uri, run_id))
     tracking.end_run(uri, run_id, "FINISHED")
     summary = {
         "checkpoint": ckpt.path,

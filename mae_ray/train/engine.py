@@ -1,9 +1,8 @@
-"""The training math of pre-training: optimiser, schedule, mixed precision, accumulation, one epoch.
+"""The training math of pre-training: the step plan, mixed precision, accumulation, one epoch.
 
 Knows nothing of Ray or MLflow: the caller hands in a model (maybe DDP-wrapped), a loader and the
-device, and gets back the epoch's metrics. The recipe is the paper's (../shared/reference/mae-paper.md):
-AdamW (0.9, 0.95), weight decay 0.05 except biases and norms, lr = blr * effective batch / 256 (``recipe``),
-per-iteration linear warmup then cosine.
+device, and gets back the epoch's metrics. The optimiser and schedule are ``optim``'s, the lr rule
+``recipe``'s.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 
@@ -42,25 +40,6 @@ class StepPlan:
     @property
     def warmup_updates(self) -> int:
         return min(int(round(self.warmup_epochs * self.updates_per_epoch)), self.total_updates - 1)
-
-
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
-    """AdamW (0.9, 0.95); no decay on biases and norm weights (timm's grouping); fused on CUDA."""
-    groups = param_groups_weight_decay(model, weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, plan: StepPlan, min_lr: float) -> CosineLRScheduler:
-    """Linear warmup from 0, then half-cosine to ``min_lr``; stepped once per optimiser update."""
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, plan.total_updates - plan.warmup_updates),
-        lr_min=min_lr,
-        warmup_t=plan.warmup_updates,
-        warmup_lr_init=0.0,
-        warmup_prefix=True,  # the cosine starts where warmup ends, as in the release
-        t_in_epochs=False,
-    )
 
 
 class Precision:

@@ -1,0 +1,216 @@
+"""The checkpoint: what it holds, how it is written, found, loaded and recognised, what goes to MLflow.
+
+A checkpoint is a folder ``epoch_NNNNNN`` (the epoch just finished, from 0) under the run's storage
+(``ray.storage_path/<run name>/``, a local path or a bucket) holding:
+
+- ``state.pt``: a plain dict, read back with ``torch.load(weights_only=True)`` (nothing is unpickled):
+  one state_dict per object the job's ``EpochLoop`` was given (``model``, ``optimizer``, ``scheduler``,
+  ``scaler``; the linear probe's ``head``), and ``epoch``, ``step``, ``history`` (every epoch's metrics,
+  for MLflow back-fill), ``attempts`` (where each start of the run resumed from), ``mlflow_run_id``;
+  pre-training adds ``config`` (the run's YAML), which is what makes a folder a *pre-training* checkpoint
+  (:func:`pretraining_parts`);
+- in the last checkpoint of a run only, the job's final files (``FINAL_FILES``): the encoder in the
+  release's layout and as safetensors for timm, and ``config.yaml`` (pre-training); ``model.pth``
+  (fine-tuning); ``head.pt`` (linear probe).
+
+Rank 0 writes it (:func:`report`); on a local or mounted filesystem it is copied to ``.tmp-epoch_*`` and
+renamed when whole (:func:`_upload`), so no reader ever sees half a checkpoint. A restarted worker group
+resumes from the newest one that loads (:func:`latest_checkpoint`). At the end, pre-training logs
+``MLFLOW_ARTIFACTS`` to its MLflow run, which is how ``runs:/ID`` finds an encoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any, TypedDict
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint
+
+from mae_ray.cluster import launch
+from mae_ray.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+CHECKPOINT_PREFIX = "epoch_"
+FINAL_FILES = {
+    "pretrain": ("encoder.pth", "encoder.safetensors", "config.yaml"),
+    "finetune": ("model.pth",),
+    "linprobe": ("head.pt",),
+}
+# file of a finished pre-training checkpoint -> the MLflow artifact folder it goes to
+MLFLOW_ARTIFACTS = {"config.yaml": "encoder", "encoder.pth": "encoder", "encoder.safetensors": "encoder",
+                    STATE_FILE: "checkpoint"}
+
+
+class TrainingState(TypedDict, total=False):
+    """What ``state.pt`` holds (a plain dict on disk: tensors, numbers, strings, lists)."""
+
+    epoch: int  # the epoch just finished, from 0
+    step: int  # optimiser updates so far
+    history: list[dict[str, float]]  # every epoch's metrics, so MLflow can be back-filled after a restart
+    attempts: list[dict[str, Any]]  # per start of the run: start_epoch, resumed_from
+    mlflow_run_id: str
+    config: str  # pre-training only: the run's config YAML (makes the folder a pre-training checkpoint)
+    model: dict[str, torch.Tensor]  # the job's stateful objects, by the names the job gave its EpochLoop
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    head: dict[str, torch.Tensor]  # the linear probe's
+
+
+def folder_name(epoch: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{epoch:06d}"
+
+
+def pretraining_parts(obj: Any) -> tuple[str, dict[str, torch.Tensor], str | None] | None:
+    """(config YAML, model state_dict, MLflow run id) when ``obj`` (a loaded ``state.pt``) is a mae-ray
+    pre-training state; None for anything else (an official ``.pth``, another job's state)."""
+    if isinstance(obj, dict) and isinstance(obj.get("config"), str) and isinstance(obj.get("model"), dict):
+        return obj["config"], obj["model"], obj.get("mlflow_run_id")
+    return None
+
+
+def log_final_to_mlflow(checkpoint: Checkpoint, logger) -> None:
+    """Pre-training's last checkpoint to its MLflow run (``MLFLOW_ARTIFACTS``; ``logger``: an EpochLogger)."""
+    with checkpoint.as_directory() as path:
+        for file, folder in MLFLOW_ARTIFACTS.items():
+            logger.log_artifact(os.path.join(path, file), folder)
+
+
+# --------------------------------------------------------------------------- worker side: write, find, load
+def report(metrics: dict[str, Any], state: TrainingState | None, epoch: int,
+           files: dict[str, Callable[[str], None]] | None = None) -> None:
+    """Report ``metrics``; with ``state``, rank 0 also writes a checkpoint ``epoch_NNNNNN`` beside them.
+
+    Every worker must call this the same number of times (it is a barrier in Ray Train).
+    ``files`` maps file names to writers that put extra files in the checkpoint directory.
+    """
+    rank, _ = launch.world()
+    if state is None or rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="mae_ray_ckpt_") as tmp:
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        for name, write in (files or {}).items():
+            write(os.path.join(tmp, name))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=folder_name(epoch), checkpoint_upload_fn=_upload)
+
+
+def _upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
+    """Ray's copy to storage, made safe: on a local or mounted filesystem the files go to
+    ``.tmp-<dir_name>`` first and are renamed once whole, so a full or read-only disk, or a worker
+    killed mid-copy, never leaves a folder that looks like a complete checkpoint. Object stores
+    (S3, GCS) write each file whole or not at all, and a missing ``state.pt`` makes
+    ``latest_checkpoint`` skip the folder, so there Ray's own copy is used as is.
+    """
+    import pyarrow.fs as pafs
+
+    storage = ray.train.get_context().get_storage()
+    fs, root = storage.storage_filesystem, storage.experiment_fs_path
+    final, tmp = f"{root}/{dir_name}", f"{root}/.tmp-{dir_name}"
+    try:
+        if not isinstance(fs, pafs.LocalFileSystem):
+            return storage.persist_current_checkpoint(checkpoint, dir_name)
+        fs.delete_dir_contents(tmp, missing_dir_ok=True)
+        fs.create_dir(tmp)
+        pafs.copy_files(checkpoint.path, tmp, source_filesystem=checkpoint.filesystem, destination_filesystem=fs)
+        if fs.get_file_info(final).type != pafs.FileType.NotFound:
+            fs.delete_dir(final)  # the same epoch written again after a restart
+        fs.move(tmp, final)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            fs.delete_dir(tmp)  # frees what the failed copy took
+        text = str(e).strip().splitlines()
+        raise CheckpointError(f"cannot write checkpoint {dir_name} to {root}: "
+                              f"{text[0] if text else type(e).__name__}") from None
+    return Checkpoint(path=final, filesystem=fs)
+
+
+def checkpoint_location(epoch: int) -> str:
+    """Where the checkpoint of ``epoch`` is (or would be) stored, for messages."""
+    name = folder_name(epoch)
+    try:
+        return f"{ray.train.get_context().get_storage().experiment_fs_path}/{name}"
+    except NotImplementedError:
+        return name
+
+
+def latest_checkpoint(explicit: str | None = None) -> tuple[TrainingState | None, str | None]:
+    """The newest loadable training state and where it came from, or (None, None) for a fresh start.
+
+    Ray 2.60 registers checkpoints asynchronously: a worker killed just after writing one can come
+    back with ``get_checkpoint()`` naming the previous one, and resuming from that would run an epoch
+    twice. So the run's storage folder is also listed, and the highest ``epoch_*`` state that loads
+    wins. ``explicit`` (``--resume-from``) is used only when the run has no checkpoint of its own.
+    """
+    candidates = _stored_checkpoints()
+    registered = ray.train.get_checkpoint()
+    if registered is not None:
+        candidates.append(registered)
+    for ckpt in sorted(candidates, key=lambda c: os.path.basename(c.path.rstrip("/")), reverse=True):
+        try:
+            return load_state(ckpt), ckpt.path
+        except CheckpointError as e:
+            log.warning("skipping unreadable checkpoint %s: %s", ckpt.path, e)
+    if explicit:
+        return load_state(explicit), explicit
+    return None, None
+
+
+def newest_checkpoint_dir(folder: str) -> str:
+    """The newest ``epoch_*`` folder with a state file under a local run folder (for messages), or 'none'."""
+    if "://" in folder or not os.path.isdir(folder):
+        return "none"
+    found = sorted(p for p in os.listdir(folder)
+                   if p.startswith(CHECKPOINT_PREFIX) and os.path.isfile(os.path.join(folder, p, STATE_FILE)))
+    return os.path.join(folder, found[-1]) if found else "none"
+
+
+def _stored_checkpoints() -> list[Checkpoint]:
+    try:
+        storage = ray.train.get_context().get_storage()
+    except NotImplementedError:  # in-process mode has no storage context
+        return []
+    import pyarrow.fs as pafs
+
+    fs, root = storage.storage_filesystem, storage.experiment_fs_path
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return []
+    return [
+        Checkpoint(path=info.path, filesystem=fs)
+        for info in infos
+        if info.type == pafs.FileType.Directory and os.path.basename(info.path).startswith(CHECKPOINT_PREFIX)
+    ]
+
+
+def load_state(source: Checkpoint | str) -> TrainingState:
+    """Read a training state with ``weights_only=True`` from a Ray checkpoint or a local directory/file."""
+    if isinstance(source, str):
+        source = os.path.join(source, STATE_FILE) if os.path.isdir(source) else source
+        if not os.path.isfile(source):
+            raise CheckpointError(f"no checkpoint at {source}")
+        return _torch_load(source)
+    with source.as_directory() as path:
+        file = os.path.join(path, STATE_FILE)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{source.path} has no {STATE_FILE}")
+        return _torch_load(file)
+
+
+def _torch_load(path: str) -> TrainingState:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e).strip().splitlines()
+        raise CheckpointError(f"cannot read {path}: {text[0] if text else type(e).__name__}") from None

@@ -1,6 +1,9 @@
-"""Driver-side glue every job shares: paths made absolute, a Ray session, the MLflow run's life, result.json.
+"""The driver side every training job shares: one run lifecycle (:func:`run_job`) and its steps.
 
-The worker side is ``loop.EpochLoop``; the Ray calls themselves are in ``launch``.
+``run_job`` owns the order - checks, Ray session, config file, MLflow run, Ray Train fit, the run's
+status, result.json - and a job (pre-training, linear probe, fine-tuning) supplies only what is its own
+in a :class:`JobPlan`: its worker loop, its extra checks and run metadata, and its summary. The worker
+side is ``cluster/worker_loop.EpochLoop``; the Ray calls themselves are in ``cluster/launch``.
 """
 
 from __future__ import annotations
@@ -8,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from mae_ray import tracking
@@ -98,11 +103,12 @@ def _manifest_classes(first_shard: str) -> tuple[str, int | None]:
 
 @contextlib.contextmanager
 def ray_session(cfg: Config, verbose: bool):
-    """Start (or join) Ray and check the request fits, before any MLflow run is created."""
+    """Start (or join) Ray and check the request fits, before any MLflow run is created. Yields whether
+    this process started Ray (and so stops it on leaving)."""
     started = launch.init_ray(cfg.ray.address, verbose=verbose)
     try:
         launch.check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu)
-        yield
+        yield started
     finally:
         if started:
             import ray
@@ -129,7 +135,12 @@ def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: 
         what: str, callbacks: list | None = None, resume_from: str | None = None, encoder: Any = None,
         model_kwargs: dict[str, Any] | None = None, num_classes: int | None = None):
     """Run ``train_fn(WorkerSpec)`` on the configured workers; on failure mark the run FAILED and raise one
-    clear line. ``encoder`` (an ObjectRef), ``model_kwargs`` and ``num_classes``: the evaluation jobs'."""
+    clear line. ``encoder`` (a state dict, sent once through the object store), ``model_kwargs`` and
+    ``num_classes``: the evaluation jobs'."""
+    if encoder is not None:
+        import ray
+
+        encoder = ray.put(encoder)
     worker = WorkerSpec(config=cfg, tracking_uri=uri, run_id=run_id, output_dir=cfg.output_dir,
                         faults=faults.from_env(), verbose=verbose, resume_from=resume_from, encoder=encoder,
                         model_kwargs=model_kwargs, num_classes=num_classes)
@@ -164,3 +175,67 @@ def write_result(output_dir: str, summary: dict[str, Any]) -> str:
 
 def numeric(metrics: dict[str, Any] | None) -> dict[str, float]:
     return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+
+
+
+# --------------------------------------------------------------------------- the run lifecycle
+@dataclass
+class Setup:
+    """What a job adds to its run once the common checks passed (``JobPlan.setup``)."""
+
+    header: str  # the line printed before Ray starts
+    params: dict[str, str] = field(default_factory=dict)  # MLflow params beyond the flattened config
+    tags: dict[str, str] = field(default_factory=dict)
+    parent_run_id: str | None = None
+    worker: dict[str, Any] = field(default_factory=dict)  # fit()'s encoder / model_kwargs / num_classes
+    extra: dict[str, Any] = field(default_factory=dict)  # anything the job's summarize needs again
+
+
+@dataclass
+class JobPlan:
+    job: str  # pretrain | linprobe | finetune: the worker loop's name, the checkpoint format's key
+    what: str  # for messages: "pre-training"
+    train_loop: Callable[[WorkerSpec], None]
+    name: str  # the run's name, and so its checkpoint folder
+    # (cfg, uri) -> Setup: the job's own checks, the dearest last; nothing written yet, Ray not started
+    setup: Callable[[Config, str], Setup]
+    # (Ray Train result, run id, uri, setup) -> the job's part of result.json; may log to MLflow
+    summarize: Callable[[Any, str, str, Setup], dict[str, Any]]
+    need_val: bool = False
+
+
+def run_job(cfg: Config, plan: JobPlan, *, verbose: bool = False, resume_from: str | None = None,
+            continue_existing: bool = False, run_id: str | None = None, callbacks: list | None = None
+            ) -> dict[str, Any]:
+    """Run one training job, in the one order every job follows; returns what result.json holds.
+
+    Every check comes before anything is written or Ray starts, so a refused job leaves no trace.
+    ``resume_from``: a checkpoint of a stopped run, continued in its own MLflow run. ``continue_existing``:
+    checkpoints already in this run's folder are resumed (a sweep trial restored by Tune), not refused.
+    ``run_id``: an MLflow run the caller created (a sweep trial). ``callbacks``: Ray Train callbacks.
+    """
+    if resume_from:
+        run_id = checkpoints.load_state(resume_from).get("mlflow_run_id")  # a bad path fails now, not in a worker
+    uri = prepare(cfg, need_val=plan.need_val, write=False)
+    if not (resume_from or continue_existing):
+        refuse_existing(cfg, plan.name)
+    setup = plan.setup(cfg, uri)
+    print(setup.header, flush=True)
+    with ray_session(cfg, verbose):
+        write_config(cfg)  # once the cluster is known to fit the request
+        if run_id is None:
+            params = {**tracking.params_from_config(cfg.flatten()), **setup.params}
+            run_id = tracking.start_run(uri, cfg.mlflow.experiment, plan.name, params,
+                                        {**tracking.run_tags(), **setup.tags}, parent_run_id=setup.parent_run_id)
+        start = time.time()
+        result = fit(plan.train_loop, cfg, name=plan.name, uri=uri, run_id=run_id, verbose=verbose, what=plan.what,
+                     callbacks=callbacks, resume_from=resume_from, **setup.worker)
+    try:
+        summary = plan.summarize(result, run_id, uri, setup)
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+    summary.update(mlflow_run_id=run_id, wall_time_s=round(time.time() - start, 1))
+    write_result(cfg.output_dir, summary)
+    return summary

@@ -10,12 +10,11 @@ tags and result.json's ``encoder_run_id``.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
 from mae_ray import tracking
-from mae_ray.cluster import checkpoints
+from mae_ray.cluster.worker_spec import WorkerSpec
 from mae_ray.config import Config
 from mae_ray.jobs import driver
 from mae_ray.jobs.encoders import EncoderSource, in_store, resolve_encoder
@@ -23,43 +22,34 @@ from mae_ray.jobs.encoders import EncoderSource, in_store, resolve_encoder
 WHAT = {"linprobe": "linear probe", "finetune": "fine-tuning"}
 
 
-def run_eval(job: str, cfg: Config, train_loop: Callable[[dict], None], *, source: EncoderSource | None = None,
-             verbose: bool = False, resume_from: str | None = None) -> dict[str, Any]:
+def run_eval(job: str, cfg: Config, train_loop: Callable[[WorkerSpec], None], *,
+             source: EncoderSource | None = None, verbose: bool = False, resume_from: str | None = None
+             ) -> dict[str, Any]:
     """``resume_from``: a checkpoint of a stopped run of this job, continued in the same MLflow run."""
-    # Every check before anything is written or Ray starts: a refused job leaves no trace.
-    run_id = checkpoints.load_state(resume_from).get("mlflow_run_id") if resume_from else None  # bad path: fails now
-    uri = driver.prepare(cfg, need_val=True, write=False)
-    classes = driver.num_classes(cfg)
-    name = cfg.mlflow.run_name or f"{job}-{os.path.basename(cfg.output_dir.rstrip('/'))}"
-    if not resume_from:
-        driver.refuse_existing(cfg, name)
-    # the dearest check (builds the model); the parent run only if it is in this store (encoders.in_store)
-    source = in_store(source, uri) if source else resolve_encoder(cfg.eval.checkpoint, cfg, uri)
-    print(f"[{job}] encoder: {source.label}  outputs: {cfg.output_dir}  mlflow: {tracking.redact(uri)}", flush=True)
-    with driver.ray_session(cfg, verbose):
-        import ray
+    name = cfg.mlflow.run_name or f"{job}-{os.path.basename(os.path.abspath(cfg.output_dir).rstrip('/'))}"
 
-        driver.write_config(cfg)  # once the cluster is known to fit the request
+    def setup(cfg: Config, uri: str) -> driver.Setup:
+        classes = driver.num_classes(cfg)
+        # the dearest check (builds the model); the parent run only if it is in this store (encoders.in_store)
+        found = in_store(source, uri) if source else resolve_encoder(cfg.eval.checkpoint, cfg, uri)
+        return driver.Setup(
+            f"[{job}] encoder: {found.label}  outputs: {cfg.output_dir}  mlflow: {tracking.redact(uri)}",
+            params={"eval.encoder": found.label}, tags={**found.tags(), "mae_ray.job": job},
+            parent_run_id=found.parent_run_id,
+            worker={"encoder": found.state, "model_kwargs": found.model_kwargs,
+                    "num_classes": classes},
+            extra={"source": found})
 
-        params = tracking.params_from_config(cfg.flatten())
-        params["eval.encoder"] = source.label
-        tags = {**tracking.run_tags(), **source.tags(), "mae_ray.job": job}
-        if run_id is None:
-            run_id = tracking.start_run(uri, cfg.mlflow.experiment, name, params, tags,
-                                        parent_run_id=source.parent_run_id)
-        start = time.time()
-        result = driver.fit(train_loop, cfg, name=name, uri=uri, run_id=run_id, verbose=verbose, what=WHAT[job],
-                          encoder=ray.put(source.state), model_kwargs=source.model_kwargs, num_classes=classes,
-                          resume_from=resume_from)
-    metrics = driver.numeric(result.metrics)
-    final = {f"{job}_top1": metrics["val_top1"], f"{job}_top5": metrics["val_top5"]}
-    tracking.log_values(uri, run_id, final)
-    if source.parent_run_id:
-        tracking.log_values(uri, source.parent_run_id, final)
-    tracking.end_run(uri, run_id, "FINISHED")
-    summary = {**final, "encoder": source.label, "mlflow_run_id": run_id, "parent_run_id": source.parent_run_id,
-               "encoder_run_id": source.origin_run_id,
-               "checkpoint": result.checkpoint.path, "num_classes": classes, "metrics": metrics,
-               "wall_time_s": round(time.time() - start, 1)}
-    driver.write_result(cfg.output_dir, summary)
-    return summary
+    def summarize(result, run_id: str, uri: str, setup: driver.Setup) -> dict[str, Any]:
+        found = setup.extra["source"]
+        metrics = driver.numeric(result.metrics)
+        final = {f"{job}_top1": metrics["val_top1"], f"{job}_top5": metrics["val_top5"]}
+        tracking.log_values(uri, run_id, final)
+        if found.parent_run_id:
+            tracking.log_values(uri, found.parent_run_id, final)
+        return {**final, "encoder": found.label, "parent_run_id": found.parent_run_id,
+                "encoder_run_id": found.origin_run_id, "checkpoint": result.checkpoint.path,
+                "num_classes": setup.worker["num_classes"], "metrics": metrics}
+
+    plan = driver.JobPlan(job, WHAT[job], train_loop, name, setup, summarize, need_val=True)
+    return driver.run_job(cfg, plan, verbose=verbose, resume_from=resume_from)

@@ -8,7 +8,6 @@ resume from the newest checkpoint, train epochs, report metrics + checkpoints, l
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 from mae_ray.cluster.worker_spec import WorkerSpec
@@ -169,41 +168,26 @@ def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False, p
         continue_existing: bool = False, run_id: str | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Pre-train with ``cfg`` and return what result.json holds. Raises UserError for user mistakes.
 
-    ``continue_existing``: resume from checkpoints already in this run's storage folder (sweep trials
-    restored by Tune); otherwise such checkpoints are an error, not a silent resume. ``run_id``: an
-    MLflow run created by the caller (a sweep trial); ``callbacks``: Ray Train callbacks.
+    The steps and their order are ``driver.run_job``'s (see there for ``resume_from``, ``continue_existing``,
+    ``run_id``, ``callbacks``); ``parent_run_id``: the MLflow run this one is a child of.
     """
     from mae_ray import tracking
     from mae_ray.cluster import checkpoints
     from mae_ray.jobs import driver
 
-    if resume_from:
-        run_id = checkpoints.load_state(resume_from).get("mlflow_run_id")  # a bad path fails now, not in a worker
-    uri = driver.prepare(cfg, write=False)  # written below, once every check has passed
-    name = cfg.mlflow.run_name or os.path.basename(cfg.output_dir.rstrip("/"))
-    if not (resume_from or continue_existing):
-        driver.refuse_existing(cfg, name)
-    print(f"[pretrain] outputs: {cfg.output_dir}  checkpoints: {driver.storage_for(cfg, name)}  "
-          f"mlflow: {tracking.redact(uri)}", flush=True)
-    with driver.ray_session(cfg, verbose):
-        driver.write_config(cfg)
-        if run_id is None:
-            run_id = tracking.start_run(uri, cfg.mlflow.experiment, name, tracking.params_from_config(cfg.flatten()),
-                                        tracking.run_tags(), parent_run_id=parent_run_id)
-        start = time.time()
-        result = driver.fit(train_loop, cfg, name=name, uri=uri, run_id=run_id, verbose=verbose,
-                          what="pre-training", resume_from=resume_from, callbacks=callbacks)
-    ckpt = result.checkpoint
-    checkpoints.log_final_to_mlflow(ckpt, tracking.EpochLogger(uri, run_id))
-    tracking.end_run(uri, run_id, "FINISHED")
-    summary = {
-        "checkpoint": ckpt.path,
-        "encoder": os.path.join(ckpt.path, "encoder.pth"),
-        "encoder_safetensors": os.path.join(ckpt.path, "encoder.safetensors"),
-        "mlflow_run_id": run_id,
-        "mlflow_tracking_uri": tracking.redact(uri),
-        "metrics": driver.numeric(result.metrics),
-        "wall_time_s": round(time.time() - start, 1),
-    }
-    driver.write_result(cfg.output_dir, summary)
-    return summary
+    name = cfg.mlflow.run_name or os.path.basename(os.path.abspath(cfg.output_dir).rstrip("/"))
+
+    def setup(cfg: Config, uri: str) -> driver.Setup:
+        return driver.Setup(f"[pretrain] outputs: {cfg.output_dir}  checkpoints: {driver.storage_for(cfg, name)}  "
+                            f"mlflow: {tracking.redact(uri)}", parent_run_id=parent_run_id)
+
+    def summarize(result, run_id: str, uri: str, _setup) -> dict[str, Any]:
+        ckpt = result.checkpoint
+        checkpoints.log_final_to_mlflow(ckpt, tracking.EpochLogger(uri, run_id))
+        return {"checkpoint": ckpt.path, "encoder": os.path.join(ckpt.path, "encoder.pth"),
+                "encoder_safetensors": os.path.join(ckpt.path, "encoder.safetensors"),
+                "mlflow_tracking_uri": tracking.redact(uri), "metrics": driver.numeric(result.metrics)}
+
+    plan = driver.JobPlan("pretrain", "pre-training", train_loop, name, setup, summarize)
+    return driver.run_job(cfg, plan, verbose=verbose, resume_from=resume_from, continue_existing=continue_existing,
+                          run_id=run_id, callbacks=callbacks)

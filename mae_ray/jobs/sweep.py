@@ -132,50 +132,47 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
     if not resume and os.path.exists(state_file):
         raise ConfigError(f"{sweep_dir} already holds a sweep: pass --resume to continue it, or another name")
     os.makedirs(sweep_dir, exist_ok=True)
-    started = launch.init_ray(cfg.ray.address, verbose=verbose)
+    started = False
     try:
-        launch.check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu)
-        sweep_report.forget_stale_ray(sweep_dir)
-        if started:
-            sweep_report.remember_ray(sweep_dir)
-        concurrent = _concurrency(sweep, cfg)
-        if resume:
-            with open(state_file) as f:
-                parent = json.load(f)["parent_run_id"]
-        else:
-            parent = tracking.start_run(uri, cfg.mlflow.experiment, f"sweep-{sweep.name}",
-                                        _sweep_params(sweep), {**tracking.run_tags(), "mae_ray.job": "sweep"})
-            with open(state_file + ".tmp", "w") as f:  # what --resume needs to find this sweep again
-                json.dump({"parent_run_id": parent, "uri": tracking.redact(uri)}, f)
-            os.replace(state_file + ".tmp", state_file)
-            _log_sweep_files(uri, parent, sweep_file, base, sweep_dir)
-        print(f"[sweep] {sweep.name}: up to {concurrent} trial(s) at a time; folder {sweep_dir}; "
-              f"mlflow parent run {parent}", flush=True)
-        shown_space, hidden = hide_secrets(sweep.search)
-        fn = tune.with_resources(
-            tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
-                                 sweep={"pretrain": sweep.pretrain, "linprobe": sweep.linprobe,
-                                        "finetune": sweep.finetune, "cases": sweep.cases}, hidden=hidden),
-            {"cpu": sweep.trial_cpus})
-        if resume and tune.Tuner.can_restore(tune_path):
-            # a trial the dead driver left running shows as errored: restart it (trials are idempotent)
-            tuner = tune.Tuner.restore(tune_path, trainable=fn, resume_unfinished=True, restart_errored=True)
-        else:
-            tuner = tune.Tuner(
-                fn, param_space=param_space(shown_space),
-                tune_config=tune.TuneConfig(num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
-                                            scheduler=_scheduler(sweep)),
-                run_config=tune.RunConfig(name=tune_name, storage_path=tune_root, verbose=1 if verbose else 0),
-            )
-        with _credentials_not_copied_by_tune():
-            grid = tuner.fit()
-        baseline = _random_baseline(sweep, base, sweep_dir, uri, parent, verbose)
-        return sweep_report.finish(grid, sweep, sweep_dir, uri, parent, baseline, epochs=cfg.train.epochs)
+        with driver.ray_session(cfg, verbose) as started:  # Ray stops on leaving, if this process started it
+            sweep_report.forget_stale_ray(sweep_dir)
+            if started:
+                sweep_report.remember_ray(sweep_dir)
+            concurrent = _concurrency(sweep, cfg)
+            if resume:
+                with open(state_file) as f:
+                    parent = json.load(f)["parent_run_id"]
+            else:
+                parent = tracking.start_run(uri, cfg.mlflow.experiment, f"sweep-{sweep.name}",
+                                            _sweep_params(sweep), {**tracking.run_tags(), "mae_ray.job": "sweep"})
+                with open(state_file + ".tmp", "w") as f:  # what --resume needs to find this sweep again
+                    json.dump({"parent_run_id": parent, "uri": tracking.redact(uri)}, f)
+                os.replace(state_file + ".tmp", state_file)
+                _log_sweep_files(uri, parent, sweep_file, base, sweep_dir)
+            print(f"[sweep] {sweep.name}: up to {concurrent} trial(s) at a time; folder {sweep_dir}; "
+                  f"mlflow parent run {parent}", flush=True)
+            shown_space, hidden = hide_secrets(sweep.search)
+            fn = tune.with_resources(
+                tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
+                                     sweep={"pretrain": sweep.pretrain, "linprobe": sweep.linprobe,
+                                            "finetune": sweep.finetune, "cases": sweep.cases}, hidden=hidden),
+                {"cpu": sweep.trial_cpus})
+            if resume and tune.Tuner.can_restore(tune_path):
+                # a trial the dead driver left running shows as errored: restart it (trials are idempotent)
+                tuner = tune.Tuner.restore(tune_path, trainable=fn, resume_unfinished=True, restart_errored=True)
+            else:
+                tuner = tune.Tuner(
+                    fn, param_space=param_space(shown_space),
+                    tune_config=tune.TuneConfig(num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
+                                                scheduler=_scheduler(sweep)),
+                    run_config=tune.RunConfig(name=tune_name, storage_path=tune_root, verbose=1 if verbose else 0),
+                )
+            with _credentials_not_copied_by_tune():
+                grid = tuner.fit()
+            baseline = _random_baseline(sweep, base, sweep_dir, uri, parent, verbose)
+            return sweep_report.finish(grid, sweep, sweep_dir, uri, parent, baseline, epochs=cfg.train.epochs)
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
             sweep_report.forget_ray(sweep_dir)
 
 

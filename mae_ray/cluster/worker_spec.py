@@ -22,7 +22,14 @@ class WorkerSpec:
     faults: str | None = None  # MAE_RAY_FAULTS of the driver, tests only (cluster/faults.py)
     verbose: bool = False
     resume_from: str | None = None  # a checkpoint to start from when the run has none of its own
-    # evaluation jobs: the encoder's weights (an ObjectRef of its state dict), its architecture, the classes
+    # evaluation jobs: the encoder's weights (an ObjectRef of its state dict; None: random init), its
+    # architecture, the number of classes
     encoder: Any = None
     model_kwargs: dict[str, Any] | None = None
     num_classes: int | None = None
+
+    def encoder_state(self) -> dict[str, Any] | None:
+        """The encoder's state dict from the object store; None for a random-init evaluation."""
+        import ray
+
+        return None if self.encoder is None else ray.get(self.encoder)

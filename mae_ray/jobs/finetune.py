@@ -74,7 +74,7 @@ def train_loop(spec: WorkerSpec) -> None:
     if device.type == "cuda":
         engine.configure_cuda()
     torch.manual_seed(settings.seed)
-    encoder = EncoderSource(ray.get(spec.encoder), spec.model_kwargs, None, "").build(
+    encoder = EncoderSource(spec.encoder_state(), spec.model_kwargs, None, "").build(
         settings.seed)
     classes = spec.num_classes
     vit = build_classifier(encoder, classes, ft.drop_path).to(device)

@@ -87,7 +87,7 @@ def train_loop(spec: WorkerSpec) -> None:
     rank, world = launch.world()
     device = ray.train.torch.get_device()
     torch.manual_seed(settings.seed)
-    source = EncoderSource(ray.get(spec.encoder), spec.model_kwargs, None, "")
+    source = EncoderSource(spec.encoder_state(), spec.model_kwargs, None, "")
     encoder = source.build(settings.seed).to(device).eval().requires_grad_(False)
     img_size = encoder.patch_embed.img_size[0]
     classes = spec.num_classes

@@ -200,16 +200,11 @@ def settings_text(cfg, world: int, pre: dict[str, Any] | None) -> str:
 
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from mae_ray.cli import quiet_logs
-    from mae_ray.errors import UserError
+    from mae_ray.cli import guarded, quiet_logs
 
+    args = parse_args(argv)
     quiet_logs(args.verbose)
-    try:
-        return run(args, argv if argv is not None else sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return guarded(lambda: run(args, argv if argv is not None else sys.argv[1:]))  # a UserError: one line, exit 2
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:

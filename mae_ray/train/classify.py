@@ -8,15 +8,13 @@ so the distributed accuracy equals the single-process one.
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from mae_ray.errors import DataError
-from mae_ray.train.engine import NonFiniteLossError, Precision, StepPlan
+from mae_ray.train.engine import Precision, StepPlan, run_epoch
 
 
 def train_epoch(
@@ -33,42 +31,18 @@ def train_epoch(
     mixup: Callable | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, float]:
-    """``plan.batches_per_epoch`` micro-batches of ``criterion(forward(x), y)``; the optimiser steps every
-    ``plan.accum_iter`` of them, per-update lr from ``scheduler``.
+    """One classification epoch (``engine.run_epoch``: accumulation, per-update lr, DDP ``no_sync``) of
+    ``criterion(forward(x), y)``, after ``mixup`` when given."""
 
-    As in pre-training (``engine.train_one_epoch``), each micro-batch's loss is divided by ``accum_iter``, so
-    k micro-batches of b give the gradient of one batch of k*b; ``no_sync`` (the DDP module's) skips the
-    gradient all-reduce on all but the last micro-batch of each update.
-    """
-    accum = plan.accum_iter
-    loss_sum, seen = 0.0, 0
-    start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    for i, (x, y) in enumerate(loader):
-        if i >= plan.batches_per_epoch:
-            break
-        if i % accum == 0:
-            scheduler.step_update(epoch * plan.updates_per_epoch + i // accum)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    def loss_of(batch) -> tuple[torch.Tensor, int]:
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if mixup is not None:
             x, y = mixup(x, y)
-        boundary = (i + 1) % accum == 0
-        with contextlib.nullcontext() if boundary or no_sync is None else no_sync():
-            with precision.autocast():
-                loss = criterion(forward(x), y)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise NonFiniteLossError(f"non-finite loss ({value}) at epoch {epoch}, batch {i}")
-            precision.scaler.scale(loss / accum).backward()
-        if boundary:
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum += value * x.shape[0]
-        seen += x.shape[0]
-    elapsed = time.perf_counter() - start
-    return {"train_loss": loss_sum / max(seen, 1), "lr": max(g["lr"] for g in optimizer.param_groups),
-            "images_per_s": seen / max(elapsed, 1e-9)}
+        with precision.autocast():
+            return criterion(forward(x), y), x.shape[0]
+
+    metrics = run_epoch(loss_of, loader, optimizer, scheduler, precision, epoch=epoch, plan=plan, no_sync=no_sync)
+    return {k: metrics[k] for k in ("train_loss", "lr", "images_per_s")}
 
 
 @torch.no_grad()

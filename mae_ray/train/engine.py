@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.scheduler import CosineLRScheduler
@@ -62,6 +64,57 @@ def configure_cuda() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
+def run_epoch(
+    loss_of: Callable[[Any], tuple[torch.Tensor, int]],
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: CosineLRScheduler,
+    precision: Precision,
+    *,
+    epoch: int,
+    plan: StepPlan,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """The update loop every training job shares: ``plan.batches_per_epoch`` micro-batches, the optimiser
+    stepping every ``plan.accum_iter`` of them, the lr set per update from ``scheduler``.
+
+    ``loss_of(batch)`` -> (the micro-batch's loss, its sample count), computed under autocast by the caller.
+    Each loss is divided by ``accum_iter``, so k micro-batches of b give the gradient of one batch of k*b;
+    ``no_sync`` (a DDP module's) skips the gradient all-reduce on all but the last micro-batch of an update.
+    A NaN/inf loss raises NonFiniteLossError naming where.
+    """
+    accum = plan.accum_iter
+    loss_sum, seen, batches = 0.0, 0, 0
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(loader):
+        if i >= plan.batches_per_epoch:
+            break
+        update = epoch * plan.updates_per_epoch + i // accum
+        if i % accum == 0:
+            scheduler.step_update(update)
+        boundary = (i + 1) % accum == 0
+        with contextlib.nullcontext() if boundary or no_sync is None else no_sync():
+            loss, count = loss_of(batch)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"non-finite loss ({value}) at epoch {epoch}, batch {i}, update {update}")
+            precision.scaler.scale(loss / accum).backward()
+        if boundary:
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += value * count
+        seen += count
+        batches += 1
+        if on_step is not None:
+            on_step(i, value)
+    elapsed = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(1, seen), "lr": max(g["lr"] for g in optimizer.param_groups),
+            "images_per_s": seen / max(elapsed, 1e-9), "epoch_time_s": elapsed, "batches": batches}
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     loader,
@@ -75,52 +128,20 @@ def train_one_epoch(
     device: torch.device,
     on_step=None,
 ) -> dict[str, float]:
-    """One pass over ``plan.batches_per_epoch`` batches; the optimiser steps every ``accum_iter`` batches.
-
-    The loss of each micro-batch is divided by ``accum_iter`` so that accumulating k batches of b
-    gives the gradient of one batch of k*b. DDP's gradient all-reduce runs only on the last
-    micro-batch of each update (``no_sync`` on the others).
-    """
+    """One pre-training epoch (:func:`run_epoch`): MAE's reconstruction loss of each batch of images."""
     model.train()
-    accum = plan.accum_iter
-    loss_sum, seen, batches = 0.0, 0, 0
-    start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    for i, (imgs, _labels) in enumerate(loader):
-        if i >= plan.batches_per_epoch:
-            break
-        update = epoch * plan.updates_per_epoch + i // accum
-        if i % accum == 0:
-            scheduler.step_update(update)
-        imgs = imgs.to(device, non_blocking=True)
-        boundary = (i + 1) % accum == 0
-        sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with precision.autocast():
-                loss, _, _ = model(imgs, mask_ratio=mask_ratio)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise NonFiniteLossError(f"non-finite loss ({value}) at epoch {epoch}, batch {i}, update {update}")
-            precision.scaler.scale(loss / accum).backward()
-        if boundary:
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum += value * imgs.shape[0]
-        seen += imgs.shape[0]
-        batches += 1
-        if on_step is not None:
-            on_step(i, value)
+
+    def loss_of(batch) -> tuple[torch.Tensor, int]:
+        imgs = batch[0].to(device, non_blocking=True)
+        with precision.autocast():
+            loss, _, _ = model(imgs, mask_ratio=mask_ratio)
+        return loss, imgs.shape[0]
+
+    metrics = run_epoch(loss_of, loader, optimizer, scheduler, precision, epoch=epoch, plan=plan,
+                        no_sync=getattr(model, "no_sync", None), on_step=on_step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
-    return {
-        "train_loss": loss_sum / max(1, seen),
-        "lr": optimizer.param_groups[0]["lr"],
-        "images_per_s": seen / max(elapsed, 1e-9),
-        "epoch_time_s": elapsed,
-        "batches": batches,
-    }
+    return metrics
 
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:

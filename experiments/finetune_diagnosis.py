@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--heads", default="release,keep_norm,bn")
     p.add_argument("--samples", type=int, default=None, help="images per training epoch (default: all)")
+    p.add_argument("--no-random", action="store_true", help="skip the random-init rows")
     args = p.parse_args(argv)
 
     from data_tools.demo_data import build_demo_dataset
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                                       img_size=32, num_workers=0)))
     print(f"recipe: {cfg.finetune.epochs} -> {args.epochs} epoch(s), blr {cfg.finetune.blr:g}, layer decay "
           f"{cfg.finetune.layer_decay:g}, drop path {cfg.finetune.drop_path:g}; {torch.get_num_threads()} threads")
-    for spec in ["random", *args.encoder]:
+    for spec in ([] if args.no_random else ["random"]) + args.encoder:
         store = "sqlite:///" + os.path.join(tempfile.mkdtemp(), "unused.db")  # no MLflow run is made
         encoder = resolve_encoder(spec, cfg, store).build(cfg.train.seed)
         label = "random init" if spec == "random" else spec

@@ -116,6 +116,7 @@ def plot(rows: list[dict[str, Any]], ft_epochs: list[int], path: str) -> None:
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("MAE pre-training epochs")
     ax.set_ylabel("top-1 gain over random init (points)")
@@ -126,16 +127,11 @@ def plot(rows: list[dict[str, Any]], ft_epochs: list[int], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from mae_ray.cli import quiet_logs
-    from mae_ray.errors import UserError
+    from mae_ray.cli import guarded, quiet_logs
 
+    args = parse_args(argv)
     quiet_logs(args.verbose)
-    try:
-        return run(args, argv if argv is not None else sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return guarded(lambda: run(args, argv if argv is not None else sys.argv[1:]))  # a UserError: one line, exit 2
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:

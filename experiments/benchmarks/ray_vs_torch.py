@@ -64,7 +64,7 @@ PLAIN_STARTUP = """
 import json, sys, time
 t0 = time.perf_counter()
 import torch
-from mae_ray.train import engine
+from mae_ray.train import optim
 from mae_ray.data.loader import make_train_loader
 from mae_ray.model.mae import build_model
 p = json.loads(sys.argv[1])

@@ -105,8 +105,16 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 
 # --------------------------------------------------------------------------- shared plumbing
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one ``error:`` line and exit 2, like every other user mistake (argparse alone adds
+    the whole usage text); its subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="mae-ray", description="MAE pre-training, evaluation and sweeps on Ray")
+    top = _Parser(prog="mae-ray", description="MAE pre-training, evaluation and sweeps on Ray")
     sub = top.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, (help_, extra, handler) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

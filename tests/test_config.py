@@ -108,3 +108,17 @@ def test_each_evaluation_job_has_its_own_seed_precision_and_checkpoint_cadence()
                          ("finetune.checkpoint_every=0", "finetune.checkpoint_every must be >= 1")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, [bad])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bogus"], "error: mae-ray: argument COMMAND: invalid choice: 'bogus'"),
+    (["pretrain", "--no-such-flag"], "error: mae-ray: unrecognized arguments: --no-such-flag"),
+    (["evaluate"], "error: mae-ray evaluate: the following arguments are required: --run"),
+])
+def test_a_usage_mistake_is_one_error_line_and_exit_2(argv, message, capsys):
+    from mae_ray import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(message), err

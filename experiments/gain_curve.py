@@ -11,6 +11,9 @@ On one local Ray instance and the config's MLflow store, with the demo config's 
 2. for each ``--pretrain-epochs`` entry, a pre-training run of its own (its own warmup + cosine schedule, as
    the paper's Fig. 7 runs each length separately), then the same linear probe and fine-tuning runs.
 
+Beside each linear probe, the yardstick it is held to: a plain logistic regression on the same frozen
+features (``train/knn.plain_probe_top1``, in this process).
+
 Every job is the real one (``mae_ray/jobs/pretrain`` / ``linprobe`` / ``finetune`` on Ray Train, one MLflow run
 each, experiment ``mae-gain-curve``). Writes ``results.json`` after every job (so a stopped run keeps what it
 measured), then ``results.md`` (the table, the gains, each fine-tuning run's per-epoch val top-1) and
@@ -55,11 +58,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-epochs", type=int_list, default=[2, 5, 10, 20])
     p.add_argument("--finetune-epochs", type=int_list, default=[2, 6])
     p.add_argument("--reuse", default=None, metavar="DIR",
-                   help="an earlier run's output folder: its measured rows are kept, only missing ones run")
+                   help="an earlier run's output folder: its measurements are kept, only missing ones run")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
+
+
+def plain_probe(encoder, cfg) -> float:
+    """The yardstick the probe job is held to: a plain logistic regression on the same frozen features (the
+    eval transform, the probe's pooling, every training and validation image)."""
+    from mae_ray.data.loader import make_eval_loader
+    from mae_ray.data.transforms import eval_transform
+    from mae_ray.train.knn import extract_features, plain_probe_top1
+
+    size = encoder.patch_embed.img_size[0]
+
+    def features(shards: str):
+        loader = make_eval_loader(shards, batch_size=256, transform=eval_transform(cfg.data, size), img_size=size,
+                                  rank=0, world_size=1, num_workers=0, num_classes=cfg.data.num_classes)
+        return extract_features(encoder, loader, "cpu", pool=cfg.linprobe.pool)
+
+    train = features(cfg.data.train_shards)
+    return plain_probe_top1(train, features(cfg.data.val_shards), int(train[1].max()) + 1)
 
 
 def val_history(uri: str, run_id: str) -> list[float]:
@@ -73,12 +94,13 @@ def val_history(uri: str, run_id: str) -> list[float]:
 def report(rows: list[dict[str, Any]], ft_epochs: list[int], command: str, settings: str) -> str:
     by = {r["pretrain_epochs"]: r for r in rows}
     base = by.get(0)
-    head = ["pre-training epochs", "linear probe top-1", *[f"fine-tune {f} ep top-1" for f in ft_epochs]]
+    head = ["pre-training epochs", "linear probe top-1", "plain logistic regression",
+            *[f"fine-tune {f} ep top-1" for f in ft_epochs]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for p in sorted(by):
         r = by[p]
         cells = [("0 (random init)" if p == 0 else str(p))]
-        keys = ["linprobe", *[f"finetune_{f}" for f in ft_epochs]]
+        keys = ["linprobe", "plain", *[f"finetune_{f}" for f in ft_epochs]]
         for k in keys:
             if k not in r:
                 cells.append("-")
@@ -154,11 +176,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     command = "python experiments/gain_curve.py " + " ".join(shlex.quote(a) for a in argv)
     os.makedirs(root, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    if args.reuse:  # rows measured before (same recipe): kept, with their fine-tuning lengths
+    if args.reuse:  # measurements made before (same recipe) are kept; only the missing ones run
         with open(os.path.join(args.reuse, "results.json")) as f:
-            rows = [r for r in json.load(f)["rows"]
-                    if "linprobe" in r and all(f"finetune_{e}" in r for e in args.finetune_epochs)]
-    done = {r["pretrain_epochs"] for r in rows}
+            rows = json.load(f)["rows"]
+    by_length = {r["pretrain_epochs"]: r for r in rows}
 
     def save() -> None:
         with open(os.path.join(root, "results.json"), "w") as f:
@@ -170,13 +191,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                            base=base.to_dict())
 
     def evaluate(row: dict[str, Any], source, tag: str) -> None:
-        t0 = time.time()
-        r = linprobe.run(job_cfg(f"linprobe-{tag}", [f"eval.checkpoint={source.label}"]), source=source,
-                         verbose=args.verbose)
-        row["linprobe"], row["linprobe_s"] = r["linprobe_top1"], round(time.time() - t0, 1)
-        print(f"[gain] {tag}: linear probe {r['linprobe_top1']:.2f}", flush=True)
-        save()
+        if "plain" not in row:
+            row["plain"] = round(plain_probe(source.build(base.train.seed), base), 1)
+            print(f"[gain] {tag}: plain logistic regression {row['plain']:.1f}", flush=True)
+            save()
+        if "linprobe" not in row:
+            t0 = time.time()
+            r = linprobe.run(job_cfg(f"linprobe-{tag}", [f"eval.checkpoint={source.label}"]), source=source,
+                             verbose=args.verbose)
+            row["linprobe"], row["linprobe_s"] = r["linprobe_top1"], round(time.time() - t0, 1)
+            print(f"[gain] {tag}: linear probe {r['linprobe_top1']:.2f}", flush=True)
+            save()
         for f in args.finetune_epochs:
+            if f"finetune_{f}" in row:
+                continue
             t0 = time.time()
             r = finetune.run(job_cfg(f"finetune{f}-{tag}", [f"eval.checkpoint={source.label}", f"finetune.epochs={f}"]),
                              source=source, verbose=args.verbose)
@@ -188,21 +216,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     started = launch.init_ray(base.ray.address, verbose=args.verbose, num_cpus=args.num_cpus)
     try:
-        if 0 not in done:
-            row: dict[str, Any] = {"pretrain_epochs": 0}
-            rows.append(row)
-            evaluate(row, resolve_encoder("random", base, uri), "random")
+        if 0 not in by_length:
+            rows.append(by_length.setdefault(0, {"pretrain_epochs": 0}))
+        evaluate(by_length[0], resolve_encoder("random", base, uri), "random")
         for p in args.pretrain_epochs:
-            if p in done:
-                continue
-            t0 = time.time()
-            pre = pretrain.run(job_cfg(f"pretrain-{p}ep", [f"train.epochs={p}"]), verbose=args.verbose)
-            row = {"pretrain_epochs": p, "pretrain_s": round(time.time() - t0, 1),
-                   "pretrain_loss": pre["metrics"].get("train_loss"), "checkpoint": pre["checkpoint"]}
-            rows.append(row)
-            print(f"[gain] pre-trained {p} epochs (loss {row['pretrain_loss']:.4f})", flush=True)
-            save()
-            evaluate(row, resolve_encoder(pre["checkpoint"], base, uri), f"mae{p}ep")
+            row = by_length.get(p)
+            if row is None:
+                t0 = time.time()
+                pre = pretrain.run(job_cfg(f"pretrain-{p}ep", [f"train.epochs={p}"]), verbose=args.verbose)
+                row = {"pretrain_epochs": p, "pretrain_s": round(time.time() - t0, 1),
+                       "pretrain_loss": pre["metrics"].get("train_loss"), "checkpoint": pre["checkpoint"]}
+                rows.append(row)
+                by_length[p] = row
+                print(f"[gain] pre-trained {p} epochs (loss {row['pretrain_loss']:.4f})", flush=True)
+                save()
+            evaluate(row, resolve_encoder(row["checkpoint"], base, uri), f"mae{p}ep")
     finally:
         if started:
             ray.shutdown()

@@ -281,30 +281,18 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_keys(tmp_pat
 
 
 def plain_probe_top1(encoder, cfg, demo) -> float:
-    """A plain logistic regression on the probe job's own features (eval transform, its pooling, every
-    training image): standardised with the training set's statistics, a linear layer trained full-batch
-    with AdamW to convergence, scored on the validation images. The yardstick the probe job must meet."""
+    """``knn.plain_probe_top1`` on the probe job's own features (eval transform, its pooling, every image)."""
     from mae_ray.data.loader import make_eval_loader
     from mae_ray.data.transforms import eval_transform
     from mae_ray.train.knn import extract_features
+    from mae_ray.train.knn import plain_probe_top1 as plain
 
     def features(shards):
         loader = make_eval_loader(shards, batch_size=256, transform=eval_transform(cfg.data, 32), img_size=32,
                                   rank=0, world_size=1, num_workers=0, num_classes=10)
         return extract_features(encoder, loader, "cpu", pool=cfg.linprobe.pool)
 
-    (xtr, ytr), (xva, yva) = features(demo["train"]), features(demo["val"])
-    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
-    xtr, xva = (xtr - mean) / std, (xva - mean) / std
-    torch.manual_seed(0)
-    head = torch.nn.Linear(xtr.shape[1], 10)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(1000):  # issue 14's plain probe; its val accuracy settles by 300-1000 steps
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(head(xtr), ytr).backward()
-        opt.step()
-    with torch.no_grad():
-        return (head(xva).argmax(1) == yva).float().mean().item() * 100
+    return plain(features(demo["train"]), features(demo["val"]), 10)
 
 
 @pytest.mark.ray

@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from data_tools import __version__
+from mae_ray.data.shards import IMAGE_EXTENSIONS, MANIFEST_NAME
 
-# Extensions accepted as images in folders (lower case). Stored in shards normalised via EXT_ALIASES.
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "webp", "gif", "tif", "tiff", "ppm"})
+# Extensions accepted as images in folders: those the loader reads (the shard format's owner,
+# mae_ray/data/shards.py). Stored in shards normalised via EXT_ALIASES.
 EXT_ALIASES = {"jpeg": "jpg", "tiff": "tif"}
 # Extensions that verify_shards treats as the image member of a sample.
 SHARD_IMAGE_EXTENSIONS = frozenset(EXT_ALIASES.get(e, e) for e in IMAGE_EXTENSIONS)
@@ -142,7 +143,7 @@ def atomic_write_json(path: Path, obj: object) -> None:
 def metadata_paths(output: Path) -> dict[str, Path]:
     """Files written beside the shards (one dataset per folder, as the loaders expect)."""
     return {
-        "dataset": output / "dataset.json",
+        "dataset": output / MANIFEST_NAME,
         "index": output / "index.parquet",
         "skipped": output / "skipped.jsonl",
         "work": output / ".make_shards",

@@ -16,7 +16,6 @@ import io
 import json
 import multiprocessing
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_tools._common import SHARD_IMAGE_EXTENSIONS, DataToolError, describe_error, file_sha256, metadata_paths
+from mae_ray.data.shards import read_shard
 
 _SHOWN_PER_SHARD = 20  # a shard full of bad samples should not flood the report
 
@@ -33,19 +33,13 @@ def verify_shard(path: str | Path, num_classes: int | None = None) -> dict:
     path = Path(path)
     samples: dict[str, dict[str, bytes]] = {}
     problems: list[str] = []
-    last_key = None
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = Path(member.name).name.partition(".")
-                if key != last_key and key in samples:  # readers group consecutive members by key
-                    problems.append(f"key {key} appears in two places")
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-                last_key = key
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        problems.append(f"unreadable tar after {len(samples)} samples: {exc}")
+    for sample in read_shard(str(path), members=None):  # the loader's reader: its key rule, strict headers
+        if sample.broken:
+            problems.append(f"unreadable tar after {len(samples)} samples: {sample.error}")
+            break
+        if sample.key in samples:  # readers group consecutive members by key
+            problems.append(f"key {sample.key} appears in two places")
+        samples.setdefault(sample.key, {}).update(sample.files)
     for key, files in samples.items():
         reason = _check_sample(files, num_classes)
         if reason:

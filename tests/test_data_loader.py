@@ -16,13 +16,8 @@ import torch
 from _helpers import write_shard
 from PIL import Image
 
-from mae_ray.data.loader import (
-    DataError,
-    dataset_size,
-    expand_urls,
-    make_eval_loader,
-    make_train_loader,
-)
+from mae_ray.data.loader import DataError, make_eval_loader, make_train_loader
+from mae_ray.data.shards import dataset_size, expand_urls
 from mae_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, decode_rgb, normalize_batch
 
 # torchvision 0.29 deprecates its decoders in favour of torchcodec; they still work.
@@ -218,6 +213,19 @@ def test_corrupt_samples_are_skipped_and_counted_fast(corrupt):
         assert sorted(label for loader in loaders for label in labels_of(loader)) == good
         assert sum(loader.skipped for loader in loaders) == skipped
     assert time.perf_counter() - start < 10  # no per-error sleeps
+
+
+def test_a_shard_cut_inside_a_tar_header_is_counted_not_silently_ended(tmp_path):
+    # tarfile alone ends the archive at a cut header as at its real end: sample 1 (whose members may go on
+    # past the cut) would pass as whole and the loss go unnoticed. The shard reader says it broke there.
+    write_shard(tmp_path / "cut-000000.tar", [sample(i) for i in range(4)])
+    with tarfile.open(tmp_path / "cut-000000.tar") as tar:
+        header = tar.getmember("s00002.jpg").offset
+    raw = (tmp_path / "cut-000000.tar").read_bytes()
+    (tmp_path / "cut-000000.tar").write_bytes(raw[: header + 100])
+    loader = make_eval_loader(str(tmp_path), batch_size=2, img_size=IMG, num_workers=0)
+    assert labels_of(loader) == [0]
+    assert loader.skipped == 1
 
 
 def test_train_skips_corrupt_samples_without_changing_batch_count(corrupt):

@@ -318,6 +318,15 @@ def test_verify_detects_corruption_truncation_and_count_mismatch(folder, tmp_pat
     report = damaged("truncated", truncate)
     assert "train-000002.tar" in report and "samples, dataset.json says 5" in report
 
+    def cut_header(copy: Path) -> None:  # a cut tar header: plain tarfile would see a clean end
+        shard = copy / "train-000002.tar"
+        with tarfile.open(shard) as tar:
+            offset = tar.getmembers()[4].offset
+        shard.write_bytes(shard.read_bytes()[: offset + 100])
+
+    assert "train-000002.tar: unreadable tar after 1 samples: ReadError: truncated or damaged tar header" in (
+        damaged("cut-header", cut_header))
+
     def recount(copy: Path) -> None:
         manifest = json.loads((copy / "dataset.json").read_text())
         manifest["shards"]["train-000000.tar"] += 1

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mae_ray.config import DataConfig, load_config
-from mae_ray.data.loader import manifest_crop_ratio
+from mae_ray.data.shards import manifest_crop_ratio
 from mae_ray.data.transforms import DEFAULT_CROP_RATIO, build_transform, eval_transform
 from mae_ray.errors import ConfigError
 

@@ -24,7 +24,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TRANSFORM_KINDS = ("pretrain", "linprobe", "finetune", "eval")
 DEFAULT_CROP_RATIO = 0.875  # ImageNet's evaluation crop: resize to size / 0.875, centre crop
 # File extensions the loader treats as image payloads (webdataset keeps the original bytes).
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm"})
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 _BICUBIC = v2.InterpolationMode.BICUBIC
@@ -94,7 +93,7 @@ def eval_transform(data_cfg, img_size: int, *, normalize: bool = True) -> Transf
     """The evaluation transform of a job's data (``cfg.data``): its crop ratio is ``data.crop_ratio`` when
     set, else the ``crop_ratio`` of the dataset.json beside the training (else validation) shards, else
     :data:`DEFAULT_CROP_RATIO`. Linear probe, fine-tuning, kNN and reconstruction pictures all use it."""
-    from mae_ray.data.loader import manifest_crop_ratio
+    from mae_ray.data.shards import manifest_crop_ratio
 
     ratio = data_cfg.crop_ratio
     for spec in (data_cfg.train_shards, data_cfg.val_shards):

@@ -37,7 +37,7 @@ def prepare(cfg: Config, *, need_val: bool = False, write: bool = True) -> str:
     before Ray starts. ``write=False`` leaves the writing to :func:`write_config`, for jobs with more
     to check first: a refused job leaves no output folder behind and an earlier run's files untouched.
     """
-    from mae_ray.data.loader import check_local_shards, expand_urls
+    from mae_ray.data.shards import check_local_shards, expand_urls
 
     cfg.data.train_shards = absolute_local(cfg.data.train_shards)
     cfg.data.val_shards = absolute_local(cfg.data.val_shards)
@@ -71,9 +71,9 @@ def num_classes(cfg: Config) -> int:
     CUDA device-side assert) or not at all (cross-entropy ignores label -1). The loaders check every
     label against the count as well (``make_*_loader(num_classes=...)``).
     """
-    from mae_ray.data.loader import expand_urls
+    from mae_ray.data.shards import expand_urls, manifest_classes
 
-    listed = {which: _manifest_classes(expand_urls(spec)[0])
+    listed = {which: manifest_classes(expand_urls(spec)[0])
               for which, spec in (("training", cfg.data.train_shards), ("validation", cfg.data.val_shards)) if spec}
     if cfg.data.num_classes:
         count, origin = cfg.data.num_classes, "data.num_classes"
@@ -88,17 +88,6 @@ def num_classes(cfg: Config) -> int:
                             f"{count} (from {origin}): their labels would be out of range; use shards written with "
                             "the same classes (make_shards --classes), or set data.num_classes to match")
     return count
-
-
-def _manifest_classes(first_shard: str) -> tuple[str, int | None]:
-    """(the dataset.json beside ``first_shard``, its num_classes or None)."""
-    manifest = os.path.join(os.path.dirname(first_shard), "dataset.json")
-    try:
-        with open(manifest) as f:
-            count = json.load(f).get("num_classes")
-    except (OSError, ValueError, AttributeError):
-        return manifest, None
-    return manifest, int(count) if isinstance(count, int) and count > 0 else None
 
 
 @contextlib.contextmanager

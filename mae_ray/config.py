@@ -93,6 +93,13 @@ class RayConfig:
 
 
 @dataclass
+class StorageConfig:
+    """Object storage (mae_ray/storage.py); credentials come only from the environment."""
+
+    endpoint_url: str | None = None  # an S3-compatible server (MinIO, Ceph, R2); None: $AWS_ENDPOINT_URL, else AWS
+
+
+@dataclass
 class MlflowConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite mlflow.db in the cwd
     experiment: str = "mae-ray"
@@ -170,6 +177,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     linprobe: LinprobeConfig = field(default_factory=LinprobeConfig)
@@ -243,6 +251,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.img_size {k['img_size']} is not divisible by model.patch_size {k['patch_size']}"
         )
+    endpoint = cfg.storage.endpoint_url
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"storage.endpoint_url must be the http(s):// URL of an S3 server, got {endpoint!r}")
     if cfg.train.augment not in PRETRAIN_AUGMENTS:
         raise ConfigError(f"train.augment must be one of {', '.join(PRETRAIN_AUGMENTS)}, got {cfg.train.augment!r}")
     if k["mask_sampling"] not in MASK_SAMPLINGS:

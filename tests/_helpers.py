@@ -166,3 +166,54 @@ class AuthShardServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class S3Server:
+    """A real S3-compatible HTTP server (moto's server mode) on 127.0.0.1 in this process, for as long as the
+    ``with`` block lasts; its endpoint in ``$AWS_ENDPOINT_URL`` and dummy credentials in the environment
+    (restored on leaving), and one empty bucket. Processes started meanwhile (loader workers, Ray's
+    workers) reach it over HTTP like any S3 service."""
+
+    ENV = {"AWS_ACCESS_KEY_ID": "mae-ray-test", "AWS_SECRET_ACCESS_KEY": "mae-ray-test-secret",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+
+    def __init__(self, bucket: str = "mae-ray-test") -> None:
+        self.bucket = bucket
+
+    def __enter__(self) -> S3Server:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        self._saved = {k: os.environ.get(k) for k in [*self.ENV, "AWS_ENDPOINT_URL"]}
+        os.environ.update(self.ENV)
+        os.environ["AWS_ENDPOINT_URL"] = self.endpoint
+        self.fs.create_dir(self.bucket)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.stop()
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    @property
+    def fs(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(endpoint_override=self.endpoint, allow_bucket_creation=True)
+
+    def upload(self, folder: Path, prefix: str) -> str:
+        """Every file of ``folder`` (not recursive) under ``s3://<bucket>/<prefix>/``; returns that URI."""
+        for path in sorted(Path(folder).iterdir()):
+            if path.is_file():
+                with self.fs.open_output_stream(f"{self.bucket}/{prefix}/{path.name}") as f:
+                    f.write(path.read_bytes())
+        return f"s3://{self.bucket}/{prefix}"

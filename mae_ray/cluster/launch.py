@@ -145,6 +145,17 @@ def quiet_worker(verbose: bool) -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def enter_worker(spec) -> tuple[int, int]:
+    """What every Ray Train worker does first (``spec``: its ``WorkerSpec``): Ray's per-report INFO line
+    quietened, the config's object-storage endpoint in force for it and its loader processes (a worker on
+    another node did not inherit the driver's environment). Returns (rank, world size)."""
+    from mae_ray import storage
+
+    quiet_worker(spec.verbose)
+    storage.use_endpoint(spec.config.storage.endpoint_url)
+    return world()
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of this worker; (0, 1) in-process."""
     ctx = ray.train.get_context()

@@ -31,6 +31,7 @@ from typing import IO
 
 import braceexpand
 
+from mae_ray import storage
 from mae_ray.errors import DataError
 
 MANIFEST_NAME = "dataset.json"
@@ -47,9 +48,10 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     """Expand a shard spec into URLs that the reader can open.
 
     Accepts local paths, brace patterns (``train-{000000..000009}.tar``), globs, directories
-    (all ``*.tar`` inside, sorted), ``s3://`` / ``gs://`` (rewritten to ``pipe:`` commands),
-    ``http(s)://`` and ``pipe:`` URLs, or a list of any of these. Local patterns that match
-    nothing raise :class:`DataError`.
+    (all ``*.tar`` inside, sorted), ``s3://`` objects, brace patterns and prefixes (read in-process,
+    :mod:`mae_ray.storage`), ``gs://`` (rewritten to a ``pipe:`` command), ``http(s)://`` and ``pipe:``
+    URLs, or a list of any of these. Local and ``s3://`` patterns that match nothing raise
+    :class:`DataError`.
     """
     patterns = [spec] if isinstance(spec, str) else list(spec)
     urls = [url for pattern in patterns for url in _expand_one(pattern)]
@@ -59,7 +61,9 @@ def expand_urls(spec: str | list[str]) -> list[str]:
 
 
 def _expand_one(pattern: str) -> list[str]:
-    if pattern.startswith(("s3://", "gs://")):
+    if storage.is_object_uri(pattern):
+        return _expand_bucket(pattern)
+    if pattern.startswith("gs://"):
         return [_cloud_pipe(url) for url in braceexpand.braceexpand(pattern)]
     if pattern.startswith(_REMOTE_PREFIXES):
         return list(braceexpand.braceexpand(pattern))
@@ -84,46 +88,80 @@ def _expand_one(pattern: str) -> list[str]:
     return urls
 
 
+def _expand_bucket(pattern: str) -> list[str]:
+    """``s3://`` shards: a prefix (ending in ``/``, or naming no ``.tar``) means every ``*.tar`` directly under
+    it; objects are checked with one listing per prefix, not a request per shard."""
+    urls: list[str] = []
+    listed: dict[str, set[str]] = {}
+    missing: list[str] = []
+    for item in braceexpand.braceexpand(pattern):
+        if item.endswith("/") or not item.endswith(".tar"):
+            found = storage.list_files(item.rstrip("/") + "/", ".tar")
+            if not found:
+                raise DataError(f"no *.tar shards under {item!r}")
+            urls.extend(found)
+            continue
+        parent = _parent(item)
+        if parent not in listed:
+            listed[parent] = set(storage.list_files(parent + "/"))
+        (urls if item in listed[parent] else missing).append(item)
+    if missing:
+        raise DataError(f"shard pattern {pattern!r}: {len(missing)} object(s) not found, e.g. {missing[0]!r}")
+    return urls
+
+
 def _cloud_pipe(url: str) -> str:
-    # webdataset 1.0.2 has no s3: handler; stream through the provider CLI instead.
-    if url.startswith("s3://"):
-        return f"pipe:aws s3 cp {shlex.quote(url)} -"
+    # webdataset 1.0.2 has no gs: handler; stream through the provider's CLI instead.
     return f"pipe:gcloud storage cat {shlex.quote(url)}"
 
 
+def _parent(url: str) -> str:
+    return url.rsplit("/", 1)[0] if storage.is_object_uri(url) else os.path.dirname(os.path.abspath(url))
+
+
 def is_local(url: str) -> bool:
-    return not url.startswith(_REMOTE_PREFIXES)
+    return not url.startswith(_REMOTE_PREFIXES) and not storage.is_object_uri(url)
+
+
+def _listed(url: str) -> bool:
+    """Whether a dataset.json can sit beside this shard: a local file or an object in a bucket."""
+    return is_local(url) or storage.is_object_uri(url)
 
 
 # --------------------------------------------------------------------------- dataset.json
 
 
 def read_manifest(directory: str) -> dict:
-    """The dataset.json of ``directory`` as a dict; {} when missing or unreadable."""
+    """The dataset.json of ``directory`` (a folder or an ``s3://`` prefix) as a dict; {} when missing or
+    unreadable."""
     try:
-        with open(os.path.join(directory, MANIFEST_NAME)) as f:
-            manifest = json.load(f)
+        if storage.is_object_uri(directory):
+            manifest = json.loads(storage.read_bytes(f"{directory}/{MANIFEST_NAME}"))
+        else:
+            with open(os.path.join(directory, MANIFEST_NAME)) as f:
+                manifest = json.load(f)
     except (OSError, ValueError):
         return {}
     return manifest if isinstance(manifest, dict) else {}
 
 
 def _manifest_beside(url: str) -> dict:
-    return read_manifest(os.path.dirname(os.path.abspath(url))) if is_local(url) else {}
+    return read_manifest(_parent(url)) if _listed(url) else {}
 
 
 def manifest_counts(urls: list[str]) -> list[int] | None:
-    """Samples per shard as dataset.json lists them; None when a shard is remote or not listed."""
+    """Samples per shard as dataset.json lists them (beside local shards or in their bucket); None when a
+    shard is elsewhere or not listed."""
     listed: dict[str, dict] = {}
     counts = []
     for url in urls:
-        if not is_local(url):
+        if not _listed(url):
             return None
-        directory = os.path.dirname(os.path.abspath(url))
+        directory = _parent(url)
         if directory not in listed:
             shards = read_manifest(directory).get("shards", {})
             listed[directory] = shards if isinstance(shards, dict) else {}
-        count = listed[directory].get(os.path.basename(url))
+        count = listed[directory].get(url.rsplit("/", 1)[-1])
         if count is None:
             return None
         counts.append(int(count))
@@ -140,8 +178,8 @@ def dataset_size(spec: str | list[str]) -> int | None:
 
 
 def manifest_crop_ratio(spec: str | list[str]) -> float | None:
-    """The ``crop_ratio`` of the dataset.json beside the first shard of ``spec``: None when the shard is
-    remote, or the manifest is missing or has no valid ratio (in (0, 1])."""
+    """The ``crop_ratio`` of the dataset.json beside the first shard of ``spec`` (or in its bucket): None
+    when there is none, or it has no valid ratio (in (0, 1])."""
     try:
         urls = expand_urls(spec)
     except DataError:
@@ -154,7 +192,7 @@ def manifest_crop_ratio(spec: str | list[str]) -> float | None:
 def manifest_classes(first_shard: str) -> tuple[str, int | None]:
     """(the dataset.json beside ``first_shard``, its ``num_classes`` or None)."""
     count = _manifest_beside(first_shard).get("num_classes")
-    path = os.path.join(os.path.dirname(first_shard), MANIFEST_NAME)
+    path = f"{_parent(first_shard)}/{MANIFEST_NAME}"
     return path, count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
 
 
@@ -239,6 +277,8 @@ def _open(url: str) -> IO[bytes]:
     # Local files bypass gopen so that WDS_SECURE=1 (which blocks local gopen) does not matter.
     if is_local(url):
         return open(url, "rb")
+    if storage.is_object_uri(url):
+        return storage.open_input(url)
     from webdataset.gopen import gopen
 
     return gopen(url, "rb")

@@ -37,7 +37,10 @@ def prepare(cfg: Config, *, need_val: bool = False, write: bool = True) -> str:
     before Ray starts. ``write=False`` leaves the writing to :func:`write_config`, for jobs with more
     to check first: a refused job leaves no output folder behind and an earlier run's files untouched.
     """
+    from mae_ray import storage
     from mae_ray.data.shards import check_local_shards, expand_urls
+
+    storage.use_endpoint(cfg.storage.endpoint_url)  # before the first shard listing, and inherited by Ray
 
     cfg.data.train_shards = absolute_local(cfg.data.train_shards)
     cfg.data.val_shards = absolute_local(cfg.data.val_shards)

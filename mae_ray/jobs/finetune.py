@@ -68,8 +68,7 @@ def train_loop(spec: WorkerSpec) -> None:
 
     cfg = spec.config
     ft, settings = cfg.finetune, cfg.run_settings("finetune")
-    launch.quiet_worker(spec.verbose)
-    rank, world = launch.world()
+    rank, world = launch.enter_worker(spec)
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         engine.configure_cuda()

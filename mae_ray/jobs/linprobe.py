@@ -83,8 +83,7 @@ def train_loop(spec: WorkerSpec) -> None:
 
     cfg = spec.config
     lp, settings = cfg.linprobe, cfg.run_settings("linprobe")
-    launch.quiet_worker(spec.verbose)
-    rank, world = launch.world()
+    rank, world = launch.enter_worker(spec)
     device = ray.train.torch.get_device()
     torch.manual_seed(settings.seed)
     source = EncoderSource(spec.encoder_state(), spec.model_kwargs, None, "")

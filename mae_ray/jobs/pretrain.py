@@ -32,8 +32,7 @@ def train_loop(spec: WorkerSpec) -> None:
     from mae_ray.train.knn import KnnMonitor
 
     cfg = spec.config
-    launch.quiet_worker(spec.verbose)
-    rank, world_size = launch.world()
+    rank, world_size = launch.enter_worker(spec)
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         engine.configure_cuda()

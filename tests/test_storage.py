@@ -1,0 +1,69 @@
+"""Object storage on a real S3-compatible server (moto, server mode, on 127.0.0.1): shards from a bucket."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from _helpers import S3Server
+
+from mae_ray import storage
+from mae_ray.config import load_config
+from mae_ray.data.loader import make_eval_loader, make_train_loader
+from mae_ray.data.shards import dataset_size, expand_urls, manifest_classes, manifest_crop_ratio
+from mae_ray.errors import ConfigError, DataError
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def bucket(demo_data):
+    """The demo shards and their dataset.json, uploaded to s3://mae-ray-test/{train,val}."""
+    with S3Server() as s3:
+        s3.urls = {split: s3.upload(Path(demo_data[split]).parent, split) for split in ("train", "val")}
+        yield s3
+
+
+def labels(loader) -> list[int]:
+    return [int(y) for _, ys in loader for y in ys]
+
+
+@pytest.mark.parametrize(("world", "workers"), [(1, 0), (2, 2)])
+def test_evaluation_from_a_bucket_sees_every_sample_once_as_from_disk(bucket, demo_data, world, workers):
+    kw = dict(batch_size=64, img_size=32, world_size=world, num_workers=workers)
+    local = [make_eval_loader(demo_data["val"], rank=r, **kw) for r in range(world)]
+    remote = [make_eval_loader(bucket.urls["val"], rank=r, **kw) for r in range(world)]
+    for a, b in zip(local, remote, strict=True):
+        assert b.num_samples == a.num_samples  # from the bucket's dataset.json: no scan, no None
+        assert Counter(labels(b)) == Counter(labels(a))  # loader processes reach the server too
+    assert sum(b.num_samples for b in remote) == dataset_size(bucket.urls["val"]) == 300
+
+
+def test_training_from_a_bucket_sizes_its_epoch_from_the_bucket_manifest(bucket, demo_data):
+    kw = dict(batch_size=50, img_size=32, world_size=2, num_workers=1, seed=3)
+    local = [make_train_loader(demo_data["train"], rank=r, **kw) for r in range(2)]
+    remote = [make_train_loader(f"{bucket.urls['train']}/", rank=r, **kw) for r in range(2)]
+    assert [len(x) for x in remote] == [len(x) for x in local] == [12, 12]  # 1200 // (2 x 50)
+    assert [len(labels(x)) for x in remote] == [600, 600]
+    assert manifest_classes(expand_urls(bucket.urls["train"])[0])[1] == 10
+    assert manifest_crop_ratio(bucket.urls["val"]) == manifest_crop_ratio(demo_data["val"])
+
+
+def test_bucket_patterns_expand_and_a_missing_object_is_named(bucket):
+    one = expand_urls(f"{bucket.urls['train']}/train-{{000000..000001}}.tar")
+    assert one == [f"{bucket.urls['train']}/train-000000.tar", f"{bucket.urls['train']}/train-000001.tar"]
+    assert expand_urls(bucket.urls["train"]) == expand_urls(bucket.urls["train"] + "/")  # a prefix: its *.tar
+    with pytest.raises(DataError, match=r"1 object\(s\) not found, e.g. 's3://mae-ray-test/train/train-000099.tar'"):
+        expand_urls(f"{bucket.urls['train']}/train-{{000000,000099}}.tar")
+    with pytest.raises(DataError, match="no \\*.tar shards under 's3://mae-ray-test/nothing'"):
+        expand_urls("s3://mae-ray-test/nothing")
+
+
+def test_the_config_names_the_endpoint_and_the_environment_is_the_fallback(bucket, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    cfg = load_config(None, [f"storage.endpoint_url={bucket.endpoint}"])
+    storage.use_endpoint(cfg.storage.endpoint_url)  # what driver.prepare and every Ray worker do first
+    assert dataset_size(bucket.urls["val"]) == 300
+    with pytest.raises(ConfigError, match="storage.endpoint_url must be the http"):
+        load_config(None, ["storage.endpoint_url=127.0.0.1:9000"])

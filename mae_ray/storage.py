@@ -83,10 +83,11 @@ def exists(uri: str) -> bool:
         raise DataError(f"cannot reach {uri}: {exn}") from None
 
 
-def open_input(uri: str):
-    """A readable binary stream of the object (read sequentially; no seeking)."""
+def open_input(uri: str, buffer_size: int = 1 << 20):
+    """A readable binary stream of the object (read sequentially; no seeking). Buffered: unbuffered, every
+    small read (tarfile reads 512-byte headers) would be a request of its own."""
     fs, path = filesystem(uri)
-    return fs.open_input_stream(path)
+    return fs.open_input_stream(path, compression=None, buffer_size=buffer_size)
 
 
 def read_bytes(uri: str) -> bytes:

@@ -9,16 +9,23 @@ measures images/s for the pre-training transform:
 
 all with the same batch size and number of workers; (a) and (c) once with float32 output and
 once with uint8 output (``build_transform(..., normalize=False)``, normalised later on the GPU).
+With ``--s3``, also (a'') the same loader (uint8) reading the shards from a local S3-compatible server
+(moto's server mode, a subprocess on 127.0.0.1; needs the ``dev`` extra): what in-process S3 reading costs.
 Example:
 
-    python experiments/benchmarks/loader.py --num-images 2000 --num-workers 2
+    python experiments/benchmarks/loader.py --num-images 2000 --num-workers 2 [--s3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -54,6 +61,7 @@ def parse_args() -> argparse.Namespace:
         "--rounds", type=int, default=3, help="the methods run interleaved this many times; best round reported"
     )
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument("--s3", action="store_true", help="also read the shards from a local S3 server (moto)")
     return parser.parse_args()
 
 
@@ -108,8 +116,38 @@ def images_per_second(batches: Iterable[tuple[torch.Tensor | list[torch.Tensor],
     return count / (time.perf_counter() - start)
 
 
-def shard_loader(args: argparse.Namespace, shards: Path, transform: Transform) -> TrainLoader:
+def shard_loader(args: argparse.Namespace, shards: Path | str, transform: Transform) -> TrainLoader:
     return make_train_loader(str(shards), batch_size=args.batch_size, transform=transform, num_workers=args.num_workers)
+
+
+@contextlib.contextmanager
+def local_s3(shards: Path) -> Iterator[str]:
+    """The shards and dataset.json in a bucket of a moto server started here (our own subprocess, stopped
+    by its pid on leaving); yields their s3:// prefix. The loader reaches it through $AWS_ENDPOINT_URL."""
+    import pyarrow.fs as pafs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                          AWS_ENDPOINT_URL=endpoint)
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.1)
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True)
+        fs.create_dir("bench")
+        for path in sorted(shards.iterdir()):
+            with fs.open_output_stream(f"bench/shards/{path.name}") as f:
+                f.write(path.read_bytes())
+        yield "s3://bench/shards/"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def image_folder_loader(args: argparse.Namespace, folder: Path) -> DataLoader:
@@ -143,7 +181,7 @@ def main() -> None:
         "float32": build_transform("pretrain", args.img_size),
         "uint8": build_transform("pretrain", args.img_size, normalize=False),
     }
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         root = args.workdir or Path(tmp)
         folder, shards, images = write_datasets(args, root)
         methods = {
@@ -151,6 +189,9 @@ def main() -> None:
             **{f"loader/{n}": (lambda t=t: shard_loader(args, shards, t)) for n, t in transforms.items()},
             **{f"ceiling/{n}": (lambda t=t: ceiling_loop(images, t)) for n, t in transforms.items()},
         }
+        if args.s3:
+            bucket = stack.enter_context(local_s3(shards))
+            methods["loader-s3/uint8"] = lambda: shard_loader(args, bucket, transforms["uint8"])
         best = dict.fromkeys(methods, 0.0)
         for _ in range(args.rounds):  # interleaved, so that load from other processes hits all alike
             for name, make in methods.items():
@@ -166,6 +207,7 @@ def main() -> None:
     rows = [
         ("(a) mae_ray shard loader, float32 output", loader["float32"]),
         ("(a') mae_ray shard loader, uint8 output", loader["uint8"]),
+        *([("(a'') the same, shards from the local S3 server", best["loader-s3/uint8"])] if args.s3 else []),
         ("(b) ImageFolder + DataLoader (PIL), float32", folder_rate),
         ("(c) 1-core decode+transform, float32", ceiling["float32"]),
         ("(c') 1-core decode+transform, uint8", ceiling["uint8"]),
@@ -176,6 +218,8 @@ def main() -> None:
     print(f"(a) / (b)             = {loader['float32'] / folder_rate:.2f}  (goal >= 1.2)")
     print(f"(a) / ((c) x workers) = {loader['float32'] / (ceiling['float32'] * workers):.2f}  (goal >= 0.90)")
     print(f"(a') / ((c') x workers) = {loader['uint8'] / (ceiling['uint8'] * workers):.2f}")
+    if args.s3:
+        print(f"(a'') / (a')           = {best['loader-s3/uint8'] / loader['uint8']:.2f}")
 
 
 if __name__ == "__main__":

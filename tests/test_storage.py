@@ -67,3 +67,19 @@ def test_the_config_names_the_endpoint_and_the_environment_is_the_fallback(bucke
     assert dataset_size(bucket.urls["val"]) == 300
     with pytest.raises(ConfigError, match="storage.endpoint_url must be the http"):
         load_config(None, ["storage.endpoint_url=127.0.0.1:9000"])
+
+
+def test_verify_shards_checks_a_bucket_and_finds_a_truncated_upload(bucket, demo_data, capsys):
+    from data_tools import verify_shards
+
+    assert verify_shards.main([bucket.urls["val"], "--no-progress", "--workers", "2"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("verified 300 samples in 2 shards") and out.endswith(": OK"), out
+    folder = Path(demo_data["val"]).parent
+    bad = bucket.upload(folder, "val-truncated")
+    first = sorted(folder.glob("*.tar"))[0]
+    with bucket.fs.open_output_stream(f"{bad[5:]}/{first.name}") as f:
+        f.write(first.read_bytes()[:-20000])  # an interrupted upload
+    assert verify_shards.main([bad, "--no-progress"]) == 1
+    report = capsys.readouterr().out
+    assert f"{first.name}: size or sha256 differs" in report and "dataset.json says" in report, report

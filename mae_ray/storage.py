@@ -60,14 +60,14 @@ def filesystem(uri: str):
     return fs, f"{parts.netloc}{parts.path}"
 
 
-def list_files(uri: str, suffix: str = "") -> list[str]:
-    """The ``s3://`` URIs of the objects directly under the prefix ``uri`` whose names end in ``suffix``,
-    sorted."""
+def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]:
+    """The ``s3://`` URIs of the objects under the prefix ``uri`` (directly, unless ``recursive``) whose names
+    end in ``suffix``, sorted."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), allow_not_found=True))
+        infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), allow_not_found=True, recursive=recursive))
     except OSError as exn:
         raise DataError(f"cannot list {uri}: {exn}") from None
     return sorted(f"s3://{i.path}" for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))

@@ -83,3 +83,57 @@ def test_verify_shards_checks_a_bucket_and_finds_a_truncated_upload(bucket, demo
     assert verify_shards.main([bad, "--no-progress"]) == 1
     report = capsys.readouterr().out
     assert f"{first.name}: size or sha256 differs" in report and "dataset.json says" in report, report
+
+
+def test_a_checkpoint_in_a_bucket_loads_and_a_missing_one_is_named(bucket, tmp_path):
+    import torch
+
+    from mae_ray.cluster.checkpoints import checkpoint_folders, load_state
+    from mae_ray.errors import CheckpointError
+
+    torch.save({"epoch": 4, "model": {"w": torch.ones(2)}}, tmp_path / "state.pt")
+    (tmp_path / "run" / "epoch_000004").mkdir(parents=True)
+    (tmp_path / "run" / "epoch_000005").mkdir()  # a folder without its state: not a checkpoint
+    (tmp_path / "run" / "epoch_000004" / "state.pt").write_bytes((tmp_path / "state.pt").read_bytes())
+    (tmp_path / "run" / "epoch_000005" / "note").write_text("half written")
+    for sub in ("epoch_000004", "epoch_000005"):
+        bucket.upload(tmp_path / "run" / sub, f"unit/run/{sub}")
+    run = f"s3://{bucket.bucket}/unit/run"
+    assert load_state(f"{run}/epoch_000004")["epoch"] == 4
+    assert checkpoint_folders(run) == [f"{run}/epoch_000004"]
+    assert checkpoint_folders(run, with_state=False) == [f"{run}/epoch_000004", f"{run}/epoch_000005"]
+    with pytest.raises(CheckpointError, match="no checkpoint at s3://mae-ray-test/unit/run/epoch_000005/state.pt"):
+        load_state(f"{run}/epoch_000005")
+
+
+@pytest.mark.ray
+def test_a_run_keeps_its_checkpoints_in_the_bucket_and_resumes_and_evaluates_from_it(bucket, local_ray, demo_data,
+                                                                                     tmp_path):
+    from _helpers import tiny_config
+
+    from mae_ray.cluster.checkpoints import load_state
+    from mae_ray.errors import UserError
+    from mae_ray.jobs import linprobe, pretrain
+
+    runs = f"s3://{bucket.bucket}/runs"
+    first = pretrain.run(tiny_config(demo_data, tmp_path, f"ray.storage_path={runs}", "train.epochs=1",
+                                     "mlflow.run_name=first"))
+    assert first["checkpoint"] == f"{runs}/first/epoch_000000"  # the full URI, scheme included
+    assert first["encoder"] == f"{runs}/first/epoch_000000/encoder.pth"
+    assert not list(tmp_path.rglob("state.pt")), "a checkpoint was written to local disk"
+    with pytest.raises(UserError, match=f"{runs}/first already holds checkpoints of an earlier run"):
+        pretrain.run(tiny_config(demo_data, tmp_path, f"ray.storage_path={runs}", "mlflow.run_name=first"))
+
+    # --resume-from a bucket: the second run starts after the first's epoch 0, and says where it came from
+    resumed = pretrain.run(tiny_config(demo_data, tmp_path, f"ray.storage_path={runs}", "train.epochs=2",
+                                       "mlflow.run_name=second", f"output_dir={tmp_path}/b"),
+                           resume_from=first["checkpoint"])
+    state = load_state(resumed["checkpoint"])
+    assert state["epoch"] == 1 and state["attempts"][-1] == {"start_epoch": 1, "resumed_from": first["checkpoint"]}
+
+    probe = linprobe.run(tiny_config(demo_data, tmp_path, f"ray.storage_path={runs}", f"output_dir={tmp_path}/c",
+                                     f"eval.checkpoint={resumed['checkpoint']}", "mlflow.run_name=probe",
+                                     "linprobe.epochs=1", "linprobe.batch_size=64", "linprobe.warmup_epochs=0",
+                                     "linprobe.cache_features=true"))
+    assert probe["encoder"] == resumed["checkpoint"] and probe["checkpoint"].startswith(f"{runs}/probe/epoch_")
+    assert not list(tmp_path.rglob("*.pt")) + list(tmp_path.rglob("*.pth")), "a checkpoint was written locally"

@@ -22,6 +22,7 @@ resumes from the newest one that loads (:func:`latest_checkpoint`). At the end, 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -33,6 +34,7 @@ import ray.train
 import torch
 from ray.train import Checkpoint
 
+from mae_ray import storage
 from mae_ray.cluster import launch
 from mae_ray.errors import CheckpointError
 
@@ -68,6 +70,14 @@ class TrainingState(TypedDict, total=False):
 
 def folder_name(epoch: int) -> str:
     return f"{CHECKPOINT_PREFIX}{epoch:06d}"
+
+
+def location(checkpoint: Checkpoint) -> str:
+    """A Ray checkpoint's full address: ``s3://bucket/...`` in a bucket (Ray gives the path without its
+    scheme), else its local path."""
+    import pyarrow.fs as pafs
+
+    return f"s3://{checkpoint.path}" if isinstance(checkpoint.filesystem, pafs.S3FileSystem) else checkpoint.path
 
 
 def pretraining_parts(obj: Any) -> tuple[str, dict[str, torch.Tensor], str | None] | None:
@@ -167,12 +177,25 @@ def latest_checkpoint(explicit: str | None = None) -> tuple[TrainingState | None
 
 
 def newest_checkpoint_dir(folder: str) -> str:
-    """The newest ``epoch_*`` folder with a state file under a local run folder (for messages), or 'none'."""
+    """The newest ``epoch_*`` folder with a state file under a run folder (local or ``s3://``), or 'none'."""
+    found = checkpoint_folders(folder)
+    return found[-1] if found else "none"
+
+
+def checkpoint_folders(folder: str, with_state: bool = True) -> list[str]:
+    """The ``epoch_*`` folders under a run folder (local or ``s3://``), oldest first; with ``with_state``
+    only those holding a state file."""
+    if storage.is_object_uri(folder):  # a bucket has no folders: the objects under the run's prefix
+        prefix, has_state = folder.rstrip("/"), {}
+        for uri in storage.list_files(prefix + "/", recursive=True):
+            name, _, rest = uri[len(prefix) + 1:].partition("/")
+            if name.startswith(CHECKPOINT_PREFIX):
+                has_state[name] = has_state.get(name, False) or rest == STATE_FILE
+        return [f"{prefix}/{n}" for n in sorted(has_state) if has_state[n] or not with_state]
     if "://" in folder or not os.path.isdir(folder):
-        return "none"
-    found = sorted(p for p in os.listdir(folder)
-                   if p.startswith(CHECKPOINT_PREFIX) and os.path.isfile(os.path.join(folder, p, STATE_FILE)))
-    return os.path.join(folder, found[-1]) if found else "none"
+        return []
+    return [os.path.join(folder, p) for p in sorted(os.listdir(folder)) if p.startswith(CHECKPOINT_PREFIX)
+            and (not with_state or os.path.isfile(os.path.join(folder, p, STATE_FILE)))]
 
 
 def _stored_checkpoints() -> list[Checkpoint]:
@@ -195,7 +218,18 @@ def _stored_checkpoints() -> list[Checkpoint]:
 
 
 def load_state(source: Checkpoint | str) -> TrainingState:
-    """Read a training state with ``weights_only=True`` from a Ray checkpoint or a local directory/file."""
+    """Read a training state with ``weights_only=True`` from a Ray checkpoint, a local directory/file, or a
+    checkpoint folder / state file in a bucket (``s3://``)."""
+    if isinstance(source, str) and storage.is_object_uri(source):
+        uri = source.rstrip("/")
+        uri = uri if uri.endswith(".pt") else f"{uri}/{STATE_FILE}"
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:
+            raise CheckpointError(f"no checkpoint at {uri}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {uri}: {e}") from None
+        return _torch_load(io.BytesIO(data), uri)
     if isinstance(source, str):
         source = os.path.join(source, STATE_FILE) if os.path.isdir(source) else source
         if not os.path.isfile(source):
@@ -208,9 +242,9 @@ def load_state(source: Checkpoint | str) -> TrainingState:
         return _torch_load(file)
 
 
-def _torch_load(path: str) -> TrainingState:
+def _torch_load(file, name: str | None = None) -> TrainingState:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e).strip().splitlines()
-        raise CheckpointError(f"cannot read {path}: {text[0] if text else type(e).__name__}") from None
+        raise CheckpointError(f"cannot read {name or file}: {text[0] if text else type(e).__name__}") from None

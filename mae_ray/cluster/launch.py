@@ -17,6 +17,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from mae_ray import storage
 from mae_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,13 @@ def run_trainer(train_fn: Callable[[Any], None], worker_spec: Any, spec: Trainer
     """Run ``train_fn(worker_spec)`` on ``spec.num_workers`` Ray workers (0: in this process); the Result."""
     check_resources(spec.num_workers, spec.cpus_per_worker, spec.use_gpu)
     resources = {"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
+    storage_path, storage_fs = spec.storage_path, None
+    if storage.is_object_uri(storage_path):
+        # The client goes to Ray as an object: its endpoint travels with it to Train's controller and workers,
+        # whose environment (another node's) need not name one. Credentials are not in it: each process
+        # resolves them from its own environment.
+        storage_fs, storage_path = storage.filesystem(storage_path)
+    endpoint = {storage.ENDPOINT_ENV: os.environ[storage.ENDPOINT_ENV]} if os.environ.get(storage.ENDPOINT_ENV) else {}
     trainer = TorchTrainer(
         _from_object_store(train_fn),
         # Ray Train keeps train_loop_config verbatim in its run records (the dashboard's Train view);
@@ -88,7 +96,8 @@ def run_trainer(train_fn: Callable[[Any], None], worker_spec: Any, spec: Trainer
         ),
         run_config=RunConfig(
             name=spec.name,
-            storage_path=spec.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             # controller_failure_limit bounds the retries of a worker group that cannot be scheduled
             failure_config=FailureConfig(max_failures=spec.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
@@ -97,7 +106,8 @@ def run_trainer(train_fn: Callable[[Any], None], worker_spec: Any, spec: Trainer
             logging_config=LoggingConfig(log_level="INFO" if spec.verbose else "WARNING"),
             # Train's print patch sends every print through its logger as well as to stdout, so each
             # line reached the console twice; plain prints reach it once, via Ray's log_to_driver.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **_worker_mlflow_retries()}},
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **_worker_mlflow_retries(),
+                                             **endpoint}},
             callbacks=spec.callbacks,
         ),
     )
@@ -149,7 +159,6 @@ def enter_worker(spec) -> tuple[int, int]:
     """What every Ray Train worker does first (``spec``: its ``WorkerSpec``): Ray's per-report INFO line
     quietened, the config's object-storage endpoint in force for it and its loader processes (a worker on
     another node did not inherit the driver's environment). Returns (rank, world size)."""
-    from mae_ray import storage
 
     quiet_worker(spec.verbose)
     storage.use_endpoint(spec.config.storage.endpoint_url)

@@ -116,11 +116,10 @@ def storage_for(cfg: Config, name: str) -> str:
 def refuse_existing(cfg: Config, name: str) -> None:
     """A fresh run must not silently continue the checkpoints of an earlier run with the same name."""
     folder = storage_for(cfg, name)
-    if "://" not in folder and os.path.isdir(folder):
-        found = sorted(p for p in os.listdir(folder) if p.startswith(checkpoints.CHECKPOINT_PREFIX))
-        if found:
-            raise UserError(f"{folder} already holds checkpoints of an earlier run ({found[-1]}): pass "
-                            f"--resume-from {os.path.join(folder, found[-1])} to continue it, or another output_dir")
+    found = checkpoints.checkpoint_folders(folder, with_state=False)
+    if found:
+        raise UserError(f"{folder} already holds checkpoints of an earlier run ({found[-1].rsplit('/', 1)[-1]}): "
+                        f"pass --resume-from {found[-1]} to continue it, or another output_dir")
 
 
 def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: str, run_id: str, verbose: bool,
@@ -206,9 +205,9 @@ def run_job(cfg: Config, plan: JobPlan, *, verbose: bool = False, resume_from: s
     checkpoints already in this run's folder are resumed (a sweep trial restored by Tune), not refused.
     ``run_id``: an MLflow run the caller created (a sweep trial). ``callbacks``: Ray Train callbacks.
     """
+    uri = prepare(cfg, need_val=plan.need_val, write=False)  # first: it puts storage.endpoint_url in force
     if resume_from:
         run_id = checkpoints.load_state(resume_from).get("mlflow_run_id")  # a bad path fails now, not in a worker
-    uri = prepare(cfg, need_val=plan.need_val, write=False)
     if not (resume_from or continue_existing):
         refuse_existing(cfg, plan.name)
     setup = plan.setup(cfg, uri)

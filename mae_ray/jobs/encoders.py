@@ -1,7 +1,7 @@
 """Which encoder an evaluation judges (``eval.checkpoint``), resolved once on the driver.
 
-- a mae-ray checkpoint directory (or its ``state.pt``): weights, architecture and the pre-training
-  MLflow run come from the checkpoint itself;
+- a mae-ray checkpoint directory (or its ``state.pt``), on disk or in a bucket (``s3://``): weights,
+  architecture and the pre-training MLflow run come from the checkpoint itself;
 - an official MAE ``.pth`` (``{"model": ...}``, encoder-only or full): architecture from ``model.*``;
 - ``runs:/RUN_ID``: the encoder and config that pre-training run logged to MLflow;
 - ``random``: the same architecture at its initialisation, the baseline every results table needs.
@@ -13,12 +13,14 @@ embeddings are interpolated (weights.load_mae_weights).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
 import torch
 import yaml
 
+from mae_ray import storage
 from mae_ray.config import Config, from_dict
 from mae_ray.errors import CheckpointError, ConfigError
 from mae_ray.model.mae import MaskedAutoencoderViT, is_decoder_key
@@ -85,6 +87,8 @@ def in_store(source: EncoderSource, tracking_uri: str) -> EncoderSource:
 
 
 def _from_path(path: str, cfg: Config) -> EncoderSource:
+    if storage.is_object_uri(path):
+        return _from_bucket(path, cfg)
     file = os.path.join(path, "state.pt") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -102,6 +106,26 @@ def _from_path(path: str, cfg: Config) -> EncoderSource:
         saved = from_dict(Config, yaml.safe_load(config_text))
         return EncoderSource(_encoder_only(model_state), _with_eval_size(saved, cfg), run_id, path, saved)
     return EncoderSource(_encoder_only(read_state_dict(file)), cfg.model.kwargs(), None, path)
+
+
+def _from_bucket(uri: str, cfg: Config) -> EncoderSource:
+    """A checkpoint folder, ``.pth`` or ``.safetensors`` in a bucket: fetched to a temporary file (the driver
+    reads it once, the workers get the weights through Ray's object store), then read as a local one."""
+    uri = uri.rstrip("/")
+    name = uri.rsplit("/", 1)[-1]
+    key = uri if name.endswith((".pt", ".pth", ".safetensors")) else f"{uri}/state.pt"
+    with tempfile.TemporaryDirectory(prefix="mae_ray_encoder_") as tmp:
+        local = os.path.join(tmp, key.rsplit("/", 1)[-1])
+        try:
+            with storage.open_input(key) as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint not found: {uri}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {key}: {e}") from None
+        source = _from_path(local, cfg)
+    source.label = uri
+    return source
 
 
 def _from_mlflow(spec: str, cfg: Config, tracking_uri: str) -> EncoderSource:

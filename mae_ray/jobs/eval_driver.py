@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mae_ray import tracking
+from mae_ray.cluster import checkpoints
 from mae_ray.cluster.worker_spec import WorkerSpec
 from mae_ray.config import Config
 from mae_ray.jobs import driver
@@ -48,7 +49,7 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[WorkerSpec], None], *,
         if found.parent_run_id:
             tracking.log_values(uri, found.parent_run_id, final)
         return {**final, "encoder": found.label, "parent_run_id": found.parent_run_id,
-                "encoder_run_id": found.origin_run_id, "checkpoint": result.checkpoint.path,
+                "encoder_run_id": found.origin_run_id, "checkpoint": checkpoints.location(result.checkpoint),
                 "num_classes": setup.worker["num_classes"], "metrics": metrics}
 
     plan = driver.JobPlan(job, WHAT[job], train_loop, name, setup, summarize, need_val=True)

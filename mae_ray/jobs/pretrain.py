@@ -183,8 +183,9 @@ def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False, p
     def summarize(result, run_id: str, uri: str, _setup) -> dict[str, Any]:
         ckpt = result.checkpoint
         checkpoints.log_final_to_mlflow(ckpt, tracking.EpochLogger(uri, run_id))
-        return {"checkpoint": ckpt.path, "encoder": os.path.join(ckpt.path, "encoder.pth"),
-                "encoder_safetensors": os.path.join(ckpt.path, "encoder.safetensors"),
+        where = checkpoints.location(ckpt)  # s3://... for a bucket, as --resume-from and eval.checkpoint take it
+        return {"checkpoint": where, "encoder": f"{where}/encoder.pth",
+                "encoder_safetensors": f"{where}/encoder.safetensors",
                 "mlflow_tracking_uri": tracking.redact(uri), "metrics": driver.numeric(result.metrics)}
 
     plan = driver.JobPlan("pretrain", "pre-training", train_loop, name, setup, summarize)

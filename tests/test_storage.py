@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -137,3 +138,21 @@ def test_a_run_keeps_its_checkpoints_in_the_bucket_and_resumes_and_evaluates_fro
                                      "linprobe.cache_features=true"))
     assert probe["encoder"] == resumed["checkpoint"] and probe["checkpoint"].startswith(f"{runs}/probe/epoch_")
     assert not list(tmp_path.rglob("*.pt")) + list(tmp_path.rglob("*.pth")), "a checkpoint was written locally"
+
+
+def test_in_a_bucket_the_state_file_is_written_last(tmp_path):
+    # readers recognise a checkpoint by its state.pt: with it written last, a copy cut short anywhere
+    # leaves a folder no reader takes for a checkpoint (a bucket has no rename to make the folder atomic)
+    from mae_ray.cluster.checkpoints import STATE_FILE, _copy_state_last
+
+    for name in ("encoder.pth", STATE_FILE, "config.yaml", "encoder.safetensors", "z.txt"):
+        (tmp_path / name).write_bytes(name.encode())
+    written = []
+
+    class Recorder:  # the one call _copy_state_last makes on a pyarrow filesystem
+        def open_output_stream(self, path):
+            written.append(path)
+            return open(os.devnull, "wb")
+
+    _copy_state_last(str(tmp_path), Recorder(), "bucket/run/epoch_000003")
+    assert written[-1] == f"bucket/run/epoch_000003/{STATE_FILE}" and len(written) == 5

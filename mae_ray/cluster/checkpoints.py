@@ -14,7 +14,8 @@ A checkpoint is a folder ``epoch_NNNNNN`` (the epoch just finished, from 0) unde
   (fine-tuning); ``head.pt`` (linear probe).
 
 Rank 0 writes it (:func:`report`); on a local or mounted filesystem it is copied to ``.tmp-epoch_*`` and
-renamed when whole (:func:`_upload`), so no reader ever sees half a checkpoint. A restarted worker group
+renamed when whole, in a bucket ``state.pt`` is written last (:func:`_upload`), so no reader ever sees
+half a checkpoint. A restarted worker group
 resumes from the newest one that loads (:func:`latest_checkpoint`). At the end, pre-training logs
 ``MLFLOW_ARTIFACTS`` to its MLflow run, which is how ``runs:/ID`` finds an encoder.
 """
@@ -116,33 +117,46 @@ def report(metrics: dict[str, Any], state: TrainingState | None, epoch: int,
 
 
 def _upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
-    """Ray's copy to storage, made safe: on a local or mounted filesystem the files go to
-    ``.tmp-<dir_name>`` first and are renamed once whole, so a full or read-only disk, or a worker
-    killed mid-copy, never leaves a folder that looks like a complete checkpoint. Object stores
-    (S3, GCS) write each file whole or not at all, and a missing ``state.pt`` makes
-    ``latest_checkpoint`` skip the folder, so there Ray's own copy is used as is.
+    """Ray's copy to storage, made safe, so that no reader ever sees half a checkpoint. On a local or
+    mounted filesystem the files go to ``.tmp-<dir_name>`` first and the folder is renamed once whole. An
+    object store has no rename: there each object is written whole or not at all, and ``state.pt``, by
+    which every reader recognises a checkpoint (:func:`checkpoint_folders`, :func:`latest_checkpoint`), is
+    written last (:func:`_copy_state_last`). Either way a full or read-only disk, a lost connection or a
+    worker killed mid-copy leaves nothing that looks like a complete checkpoint.
     """
     import pyarrow.fs as pafs
 
-    storage = ray.train.get_context().get_storage()
-    fs, root = storage.storage_filesystem, storage.experiment_fs_path
+    ray_storage = ray.train.get_context().get_storage()
+    fs, root = ray_storage.storage_filesystem, ray_storage.experiment_fs_path
     final, tmp = f"{root}/{dir_name}", f"{root}/.tmp-{dir_name}"
+    local = isinstance(fs, pafs.LocalFileSystem)
     try:
-        if not isinstance(fs, pafs.LocalFileSystem):
-            return storage.persist_current_checkpoint(checkpoint, dir_name)
-        fs.delete_dir_contents(tmp, missing_dir_ok=True)
-        fs.create_dir(tmp)
-        pafs.copy_files(checkpoint.path, tmp, source_filesystem=checkpoint.filesystem, destination_filesystem=fs)
+        if local:
+            fs.delete_dir_contents(tmp, missing_dir_ok=True)
+            fs.create_dir(tmp)
+            pafs.copy_files(checkpoint.path, tmp, source_filesystem=checkpoint.filesystem, destination_filesystem=fs)
         if fs.get_file_info(final).type != pafs.FileType.NotFound:
             fs.delete_dir(final)  # the same epoch written again after a restart
-        fs.move(tmp, final)
+        if local:
+            fs.move(tmp, final)
+        else:
+            with checkpoint.as_directory() as src:
+                _copy_state_last(src, fs, final)
     except OSError as e:
         with contextlib.suppress(OSError):
-            fs.delete_dir(tmp)  # frees what the failed copy took
+            fs.delete_dir(tmp if local else final)  # frees what the failed copy took
         text = str(e).strip().splitlines()
         raise CheckpointError(f"cannot write checkpoint {dir_name} to {root}: "
                               f"{text[0] if text else type(e).__name__}") from None
     return Checkpoint(path=final, filesystem=fs)
+
+
+def _copy_state_last(src: str, fs, dest: str) -> None:
+    """Copy the files of local folder ``src`` to ``dest`` on ``fs`` (a pyarrow filesystem), ``state.pt`` last."""
+    for name in sorted(os.listdir(src), key=lambda n: (n == STATE_FILE, n)):
+        with open(os.path.join(src, name), "rb") as f, fs.open_output_stream(f"{dest}/{name}") as out:
+            while chunk := f.read(8 << 20):
+                out.write(chunk)
 
 
 def checkpoint_location(epoch: int) -> str:

@@ -1,12 +1,13 @@
 """Write an image folder or parquet files as deterministic WebDataset shards.
 
-    python -m data_tools.make_shards --input SRC --output DIR [--format imagefolder|parquet] ...
+    python -m data_tools.make_shards --input SRC --output DIR|s3://bucket/prefix [--format imagefolder|parquet] ...
 
 Each sample is ``<key>.<ext>`` (the source image bytes, never re-encoded), ``<key>.cls`` (ascii
 int) and ``<key>.json`` (source, class_name, label). Output is a pure function of (input, options):
 the plan (which sample goes to which shard, in which order) is computed up front from metadata, so
 any ``--workers`` gives byte-identical shards, and a rerun after an interruption rewrites only the
-shards that are missing. Beside the shards: dataset.json, index.parquet, skipped.jsonl.
+shards that are missing. Beside the shards: dataset.json, index.parquet, skipped.jsonl. An ``s3://``
+output is written to a local staging folder (``--staging``), then uploaded (data_tools/bucket.py).
 See docs/data_tools.md.
 """
 
@@ -21,6 +22,7 @@ import re
 import shutil
 import sys
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,7 @@ from data_tools._common import (
     shard_name,
     sniff_ext,
 )
+from mae_ray import storage
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -406,10 +409,26 @@ def summary_line(result: dict) -> str:
     return f"{head}{reused} ({result['written_now'] / result['seconds']:.0f} images/s)"
 
 
+def _make_in_bucket(source: str, uri: str, staging: str | None, progress: bool, options: dict) -> dict:
+    """Shards written to ``staging`` (a temporary folder unless given), then uploaded under ``uri``."""
+    from data_tools.bucket import check_target, upload_dataset
+
+    check_target(uri, options.get("overwrite", False))  # before any image is read
+    with tempfile.TemporaryDirectory(prefix="make_shards_") as tmp:
+        folder = Path(staging or tmp)
+        result = make_shards(source, folder, progress=progress, **options)
+        sent = upload_dataset(folder, uri)
+    print(f"uploaded {sent / 1e6:.1f} MB to {uri}", file=sys.stderr)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools.make_shards", description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="image folder, parquet file or folder of *.parquet")
-    parser.add_argument("--output", required=True, help="folder for the shards and their metadata")
+    parser.add_argument("--output", required=True, help="folder (or s3:// prefix) for the shards and their metadata")
+    parser.add_argument("--staging", default=None,
+                        help="with an s3:// --output: the local folder written first, then uploaded (default: a "
+                             "temporary folder, removed afterwards; give one to resume an interrupted run)")
     parser.add_argument("--format", choices=["imagefolder", "parquet"], default="imagefolder")
     parser.add_argument("--prefix", default="train", help="shard names: PREFIX-000000.tar, ...")
     parser.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
@@ -428,8 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     options = vars(parser.parse_args(argv))
     progress = not options.pop("no_progress")
+    output, staging = options.pop("output"), options.pop("staging")
     try:
-        result = make_shards(options.pop("input"), options.pop("output"), progress=progress, **options)
+        if storage.is_object_uri(output):
+            result = _make_in_bucket(options.pop("input"), output.rstrip("/"), staging, progress, options)
+        else:
+            result = make_shards(options.pop("input"), output, progress=progress, **options)
     except DataToolError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -156,3 +156,54 @@ def test_in_a_bucket_the_state_file_is_written_last(tmp_path):
 
     _copy_state_last(str(tmp_path), Recorder(), "bucket/run/epoch_000003")
     assert written[-1] == f"bucket/run/epoch_000003/{STATE_FILE}" and len(written) == 5
+
+
+def test_make_shards_writes_to_a_bucket_that_the_loader_and_verify_read(bucket, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from data_tools import make_shards, verify_shards
+
+    for label in ("cat", "dog"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(5):
+            pixels = np.random.default_rng(i).integers(0, 255, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    out = f"s3://{bucket.bucket}/made"
+    args = ["--input", str(tmp_path / "images"), "--output", out, "--maxcount", "4", "--no-progress"]
+    assert make_shards.main(args) == 0
+    objects = storage.list_files(out + "/")
+    assert [o.rsplit("/", 1)[-1] for o in objects] == [
+        "dataset.json", "index.parquet", "skipped.jsonl", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert dataset_size(out) == 10 and verify_shards.main([out, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert make_shards.main(args) == 2  # refused before any image is read
+    assert capsys.readouterr().err.strip() == (f"error: {out} already holds a dataset (dataset.json); choose "
+                                               "another --output or pass --overwrite")
+
+
+def test_the_uploaded_dataset_is_marked_complete_last(tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    from data_tools import bucket as uploads
+
+    for name in ("dataset.json", "index.parquet", "train-000000.tar", "train-000001.tar"):
+        (tmp_path / name).write_bytes(b"x")
+    finals = []
+
+    class Recorder:  # the calls upload_dataset makes on a pyarrow filesystem
+        def get_file_info(self, path):
+            return pafs.FileInfo(path, pafs.FileType.NotFound)
+
+        def open_output_stream(self, path):
+            return open(os.devnull, "wb")
+
+        def copy_file(self, src, dest):
+            finals.append(dest)
+
+        def delete_file(self, path):
+            pass
+
+    monkeypatch.setattr(uploads.storage, "filesystem", lambda uri: (Recorder(), "b/p"))
+    uploads.upload_dataset(tmp_path, "s3://b/p")
+    assert finals[-1] == "b/p/dataset.json" and len(finals) == 4  # readers take the prefix as whole only now

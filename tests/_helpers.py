@@ -58,8 +58,9 @@ class MlflowServer:
     ``stop`` and ``start`` again keep the port and the stores: the same server, back after an outage.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, artifacts: str | None = None):
         self.root, self.reservation = Path(root), PortReservation()
+        self.artifacts = artifacts or str(self.root / "art")  # a folder, or s3://... (proxied: clients need no S3)
         self.port = self.reservation.port  # the same port across stop/start, held while this object lives
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -68,7 +69,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
              "--port", str(self.port), "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-             "--artifacts-destination", str(self.root / "art"), "--workers", "1"],
+             "--artifacts-destination", self.artifacts, "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:

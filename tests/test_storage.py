@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from _helpers import S3Server
 
 from mae_ray import storage
@@ -108,36 +109,49 @@ def test_a_checkpoint_in_a_bucket_loads_and_a_missing_one_is_named(bucket, tmp_p
 
 
 @pytest.mark.ray
-def test_a_run_keeps_its_checkpoints_in_the_bucket_and_resumes_and_evaluates_from_it(bucket, local_ray, demo_data,
-                                                                                     tmp_path):
-    from _helpers import tiny_config
+def test_a_run_keeps_everything_in_the_bucket_and_resumes_evaluates_and_is_found_by_mlflow_from_it(
+        bucket, local_ray, demo_data, tmp_path):
+    # checkpoints in ray.storage_path=s3://...; MLflow's artifacts in the same bucket, through an MLflow
+    # server that proxies them (mlflow server --artifacts-destination s3://...): nothing on local disk
+    from _helpers import MlflowServer, tiny_config
 
     from mae_ray.cluster.checkpoints import load_state
     from mae_ray.errors import UserError
     from mae_ray.jobs import linprobe, pretrain
+    from mae_ray.jobs.encoders import resolve_encoder
 
     runs = f"s3://{bucket.bucket}/runs"
-    first = pretrain.run(tiny_config(demo_data, tmp_path, f"ray.storage_path={runs}", "train.epochs=1",
-                                     "mlflow.run_name=first"))
-    assert first["checkpoint"] == f"{runs}/first/epoch_000000"  # the full URI, scheme included
-    assert first["encoder"] == f"{runs}/first/epoch_000000/encoder.pth"
-    assert not list(tmp_path.rglob("state.pt")), "a checkpoint was written to local disk"
-    with pytest.raises(UserError, match=f"{runs}/first already holds checkpoints of an earlier run"):
-        pretrain.run(tiny_config(demo_data, tmp_path, f"ray.storage_path={runs}", "mlflow.run_name=first"))
+    server = MlflowServer(tmp_path / "mlflow", artifacts=f"s3://{bucket.bucket}/mlflow")
+    uri = server.start()
+    try:
+        def config(*extra):
+            return tiny_config(demo_data, tmp_path, f"ray.storage_path={runs}", f"mlflow.tracking_uri={uri}", *extra)
 
-    # --resume-from a bucket: the second run starts after the first's epoch 0, and says where it came from
-    resumed = pretrain.run(tiny_config(demo_data, tmp_path, f"ray.storage_path={runs}", "train.epochs=2",
-                                       "mlflow.run_name=second", f"output_dir={tmp_path}/b"),
-                           resume_from=first["checkpoint"])
-    state = load_state(resumed["checkpoint"])
-    assert state["epoch"] == 1 and state["attempts"][-1] == {"start_epoch": 1, "resumed_from": first["checkpoint"]}
+        first = pretrain.run(config("train.epochs=1", "mlflow.run_name=first"))
+        assert first["checkpoint"] == f"{runs}/first/epoch_000000"  # the full URI, scheme included
+        assert first["encoder"] == f"{runs}/first/epoch_000000/encoder.pth"
+        logged = storage.list_files(f"s3://{bucket.bucket}/mlflow/", recursive=True)
+        assert any(o.endswith(f"/{first['mlflow_run_id']}/artifacts/encoder/encoder.pth") for o in logged), logged
+        from_mlflow = resolve_encoder(f"runs:/{first['mlflow_run_id']}", config(), uri)  # downloads via the server
+        saved = load_state(first["checkpoint"])["model"]
+        assert torch.equal(from_mlflow.state["patch_embed.proj.weight"], saved["patch_embed.proj.weight"])
+        with pytest.raises(UserError, match=f"{runs}/first already holds checkpoints of an earlier run"):
+            pretrain.run(config("mlflow.run_name=first"))
 
-    probe = linprobe.run(tiny_config(demo_data, tmp_path, f"ray.storage_path={runs}", f"output_dir={tmp_path}/c",
-                                     f"eval.checkpoint={resumed['checkpoint']}", "mlflow.run_name=probe",
-                                     "linprobe.epochs=1", "linprobe.batch_size=64", "linprobe.warmup_epochs=0",
-                                     "linprobe.cache_features=true"))
-    assert probe["encoder"] == resumed["checkpoint"] and probe["checkpoint"].startswith(f"{runs}/probe/epoch_")
-    assert not list(tmp_path.rglob("*.pt")) + list(tmp_path.rglob("*.pth")), "a checkpoint was written locally"
+        # --resume-from a bucket: the second run starts after the first's epoch 0, and says where it came from
+        resumed = pretrain.run(config("train.epochs=2", "mlflow.run_name=second", f"output_dir={tmp_path}/b"),
+                               resume_from=first["checkpoint"])
+        state = load_state(resumed["checkpoint"])
+        assert state["epoch"] == 1 and state["attempts"][-1] == {"start_epoch": 1, "resumed_from": first["checkpoint"]}
+
+        probe = linprobe.run(config(f"output_dir={tmp_path}/c", f"eval.checkpoint={resumed['checkpoint']}",
+                                    "mlflow.run_name=probe", "linprobe.epochs=1", "linprobe.batch_size=64",
+                                    "linprobe.warmup_epochs=0", "linprobe.cache_features=true"))
+        assert probe["encoder"] == resumed["checkpoint"] and probe["checkpoint"].startswith(f"{runs}/probe/epoch_")
+    finally:
+        server.stop()
+    local = [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".pth", ".safetensors")]
+    assert not local, f"written to local disk: {local}"
 
 
 def test_in_a_bucket_the_state_file_is_written_last(tmp_path):

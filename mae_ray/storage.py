@@ -55,9 +55,37 @@ def filesystem(uri: str):
             try:  # pyarrow reads $AWS_ENDPOINT_URL and the credentials from the environment itself
                 fs = pafs.FileSystem.from_uri(f"s3://{parts.netloc}")[0]
             except OSError as exn:
-                raise DataError(f"cannot reach the bucket of {uri}: {exn}") from None
+                raise DataError(f"cannot reach the bucket of {uri}: {_first_line(exn)}") from None
             _filesystems[key] = fs
     return fs, f"{parts.netloc}{parts.path}"
+
+
+def _first_line(exn: Exception) -> str:
+    text = str(exn).strip().splitlines()
+    return text[0] if text else type(exn).__name__
+
+
+def check_writable(uri: str) -> None:
+    """Write and delete a small marker under ``uri``: a missing bucket, credentials that may not write, or an
+    endpoint that does not answer is one DataError here, before a job starts Ray."""
+    fs, path = filesystem(uri)
+    marker = f"{path.rstrip('/')}/.mae-ray-write-check"
+    try:
+        with fs.open_output_stream(marker) as f:
+            f.write(b"ok")
+        fs.delete_file(marker)
+    except OSError as exn:
+        raise DataError(f"cannot write to {uri}: {_first_line(exn)}") from None
+
+
+def bucket_exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    try:
+        return fs.get_file_info(path.split("/")[0]).type != pafs.FileType.NotFound
+    except OSError as exn:
+        raise DataError(f"cannot reach {uri}: {_first_line(exn)}") from None
 
 
 def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]:
@@ -69,7 +97,7 @@ def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]
     try:
         infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), allow_not_found=True, recursive=recursive))
     except OSError as exn:
-        raise DataError(f"cannot list {uri}: {exn}") from None
+        raise DataError(f"cannot list {uri}: {_first_line(exn)}") from None
     return sorted(f"s3://{i.path}" for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
@@ -80,7 +108,7 @@ def exists(uri: str) -> bool:
     try:
         return fs.get_file_info(path).type == pafs.FileType.File
     except OSError as exn:
-        raise DataError(f"cannot reach {uri}: {exn}") from None
+        raise DataError(f"cannot reach {uri}: {_first_line(exn)}") from None
 
 
 def open_input(uri: str, buffer_size: int = 1 << 20):

@@ -127,11 +127,12 @@ def test_a_run_keeps_everything_in_the_bucket_and_resumes_evaluates_and_is_found
         def config(*extra):
             return tiny_config(demo_data, tmp_path, f"ray.storage_path={runs}", f"mlflow.tracking_uri={uri}", *extra)
 
-        first = pretrain.run(config("train.epochs=1", "mlflow.run_name=first"))
+        first = pretrain.run(config("train.epochs=1", "mlflow.run_name=first", "train.visualize_every=1"))
         assert first["checkpoint"] == f"{runs}/first/epoch_000000"  # the full URI, scheme included
         assert first["encoder"] == f"{runs}/first/epoch_000000/encoder.pth"
         logged = storage.list_files(f"s3://{bucket.bucket}/mlflow/", recursive=True)
-        assert any(o.endswith(f"/{first['mlflow_run_id']}/artifacts/encoder/encoder.pth") for o in logged), logged
+        for artifact in ("encoder/encoder.pth", "reconstructions/epoch_0001.png"):  # the encoder and the pictures
+            assert any(o.endswith(f"/{first['mlflow_run_id']}/artifacts/{artifact}") for o in logged), logged
         from_mlflow = resolve_encoder(f"runs:/{first['mlflow_run_id']}", config(), uri)  # downloads via the server
         saved = load_state(first["checkpoint"])["model"]
         assert torch.equal(from_mlflow.state["patch_embed.proj.weight"], saved["patch_embed.proj.weight"])
@@ -221,3 +222,32 @@ def test_the_uploaded_dataset_is_marked_complete_last(tmp_path, monkeypatch):
     monkeypatch.setattr(uploads.storage, "filesystem", lambda uri: (Recorder(), "b/p"))
     uploads.upload_dataset(tmp_path, "s3://b/p")
     assert finals[-1] == "b/p/dataset.json" and len(finals) == 4  # readers take the prefix as whole only now
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    (["ray.storage_path=s3://no-such-bucket/runs"],
+     "error: cannot write to s3://no-such-bucket/runs: When initiating multiple part upload"),
+    (["data.train_shards=s3://no-such-bucket/train/"],
+     "error: the bucket of 's3://no-such-bucket/train/' does not exist"),
+    (["data.train_shards=s3://mae-ray-test/nothing-here/"],
+     "error: no *.tar shards under 's3://mae-ray-test/nothing-here/'"),
+    (["storage.endpoint_url=http://127.0.0.1:1", "data.train_shards=s3://mae-ray-test/train/"],
+     "error: cannot list s3://mae-ray-test/train/: When listing objects under key"),
+])
+def test_a_bucket_that_cannot_be_used_is_one_line_before_ray_starts(bucket, demo_data, tmp_path, monkeypatch, capsys,
+                                                                     settings, expected):
+    from mae_ray import cli
+    from mae_ray.cluster import launch
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("the job got as far as starting Ray")
+
+    monkeypatch.setattr(launch, "init_ray", tripwire)
+    monkeypatch.setattr(storage, "_filesystems", {})  # the endpoint case: no client cached from other tests
+    monkeypatch.setenv("AWS_ENDPOINT_URL", bucket.endpoint)  # restored after the endpoint case overrides it
+    sets = ["model.name=mae_vit_micro_patch4", f"data.train_shards={demo_data['train']}",
+            f"output_dir={tmp_path}/run", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *settings]
+    assert cli.main(["pretrain", *[a for s in sets for a in ("--set", s)]]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(expected), err
+    assert not (tmp_path / "run").exists()  # nothing written

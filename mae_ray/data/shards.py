@@ -97,6 +97,8 @@ def _expand_bucket(pattern: str) -> list[str]:
     for item in braceexpand.braceexpand(pattern):
         if item.endswith("/") or not item.endswith(".tar"):
             found = storage.list_files(item.rstrip("/") + "/", ".tar")
+            if not found and not storage.bucket_exists(item):
+                raise DataError(f"the bucket of {item!r} does not exist")
             if not found:
                 raise DataError(f"no *.tar shards under {item!r}")
             urls.extend(found)
@@ -104,6 +106,8 @@ def _expand_bucket(pattern: str) -> list[str]:
         parent = _parent(item)
         if parent not in listed:
             listed[parent] = set(storage.list_files(parent + "/"))
+            if not listed[parent] and not storage.bucket_exists(item):
+                raise DataError(f"the bucket of {item!r} does not exist")
         (urls if item in listed[parent] else missing).append(item)
     if missing:
         raise DataError(f"shard pattern {pattern!r}: {len(missing)} object(s) not found, e.g. {missing[0]!r}")

@@ -41,6 +41,8 @@ def prepare(cfg: Config, *, need_val: bool = False, write: bool = True) -> str:
     from mae_ray.data.shards import check_local_shards, expand_urls
 
     storage.use_endpoint(cfg.storage.endpoint_url)  # before the first shard listing, and inherited by Ray
+    if storage.is_object_uri(cfg.ray.storage_path or ""):
+        storage.check_writable(cfg.ray.storage_path)  # a missing bucket fails here, not in Ray's controller
 
     cfg.data.train_shards = absolute_local(cfg.data.train_shards)
     cfg.data.val_shards = absolute_local(cfg.data.val_shards)

@@ -182,7 +182,7 @@ def latest_checkpoint(explicit: str | None = None) -> tuple[TrainingState | None
         candidates.append(registered)
     for ckpt in sorted(candidates, key=lambda c: os.path.basename(c.path.rstrip("/")), reverse=True):
         try:
-            return load_state(ckpt), ckpt.path
+            return load_state(ckpt), location(ckpt)
         except CheckpointError as e:
             log.warning("skipping unreadable checkpoint %s: %s", ckpt.path, e)
     if explicit:

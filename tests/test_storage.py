@@ -251,3 +251,25 @@ def test_a_bucket_that_cannot_be_used_is_one_line_before_ray_starts(bucket, demo
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(expected), err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_trials_evaluation_jobs_get_run_folders_of_their_own(tmp_path, monkeypatch):
+    # a sweep trial's pre-training, probe and fine-tuning share mlflow.run_name (the trial id); under one
+    # ray.storage_path (a bucket) the same run name is the same checkpoint folder, and the probe would be
+    # refused (or resume the pre-training's state). Each evaluation job gets a name of its own.
+    from mae_ray.jobs import evaluate, finetune, linprobe
+    from mae_ray.jobs.encoders import EncoderSource
+
+    seen = {}
+
+    def fake(job):
+        def run(cfg, source=None, verbose=False):
+            seen[job] = (cfg.mlflow.run_name, cfg.ray.storage_path)
+            return {f"{job}_top1": 50.0, "mlflow_run_id": job}
+        return run
+
+    monkeypatch.setattr(linprobe, "run", fake("linprobe"))
+    monkeypatch.setattr(finetune, "run", fake("finetune"))
+    cfg = load_config(None, ["mlflow.run_name=abc_00000", "ray.storage_path=s3://b/runs", f"output_dir={tmp_path}"])
+    evaluate.run(cfg, source=EncoderSource(None, cfg.model.kwargs(), None, "random"))
+    assert seen == {"linprobe": ("abc_00000-linprobe", "s3://b/runs"), "finetune": ("abc_00000-finetune", "s3://b/runs")}

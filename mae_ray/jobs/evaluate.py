@@ -34,7 +34,10 @@ def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool =
     for name, job in (("linprobe", linprobe), ("finetune", finetune)):
         if name in skip:
             continue
-        sub = load_config(None, [f"output_dir={os.path.join(root, name)}"], base=cfg.to_dict())
+        own = [f"output_dir={os.path.join(root, name)}"]
+        if cfg.mlflow.run_name:  # its own run folder under a shared ray.storage_path (a sweep trial's jobs)
+            own.append(f"mlflow.run_name={cfg.mlflow.run_name}-{name}")
+        sub = load_config(None, own, base=cfg.to_dict())
         result = job.run(sub, source=source, verbose=verbose)
         summary.update({k: v for k, v in result.items() if k.startswith(name)})
         summary[f"{name}_run_id"] = result["mlflow_run_id"]

@@ -159,7 +159,6 @@ def enter_worker(spec) -> tuple[int, int]:
     """What every Ray Train worker does first (``spec``: its ``WorkerSpec``): Ray's per-report INFO line
     quietened, the config's object-storage endpoint in force for it and its loader processes (a worker on
     another node did not inherit the driver's environment). Returns (rank, world size)."""
-
     quiet_worker(spec.verbose)
     storage.use_endpoint(spec.config.storage.endpoint_url)
     return world()

@@ -121,3 +121,13 @@ def open_input(uri: str, buffer_size: int = 1 << 20):
 def read_bytes(uri: str) -> bytes:
     with open_input(uri) as f:
         return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """One object, whole: an S3 PUT is atomic, so a reader sees the old object or the new one."""
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    except OSError as exn:
+        raise DataError(f"cannot write {uri}: {_first_line(exn)}") from None

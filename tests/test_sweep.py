@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from _helpers import MlflowServer
+from _helpers import MlflowServer, S3Server
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -44,7 +45,7 @@ def colours(tmp_path_factory):
     return {"train": str(root / "train"), "val": str(root / "val")}
 
 
-def write_sweep(tmp_path, data, uri, search, **sweep_keys):
+def write_sweep(tmp_path, data, uri, search, base_keys=None, **sweep_keys):
     base = {
         "model": {"name": "mae_vit_micro_patch4"},
         "data": {"train_shards": data["train"], "val_shards": data["val"], "num_workers": 0,
@@ -55,6 +56,7 @@ def write_sweep(tmp_path, data, uri, search, **sweep_keys):
         "finetune": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0},
         "ray": {"num_workers": 1, "cpus_per_worker": 0.8},
         "mlflow": {"tracking_uri": uri, "experiment": "sweep-test"},
+        **(base_keys or {}),
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     spec = {"base": "base.yaml", "name": "s", "search": search, "output_dir": str(tmp_path / "sweeps"),
@@ -127,33 +129,56 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
     assert f"{by_bank[1]['trial']} after {ran}/3" in open(report["markdown"]).read()
 
 
-def test_killed_driver_resumes_without_rerunning_or_duplicating(colours, tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    path = write_sweep(tmp_path, colours, uri, {"model.mask_ratio": {"grid": [0.5, 0.75]}},
-                       scheduler={"type": "none"}, random_baseline=False, finetune=False,  # CI minutes
-                       paper={0.5: {"linprobe_top1": 70.5, "finetune_top1": 84.0}, 0.75: {"linprobe_top1": 73.5}})
-    cmd = [sys.executable, "-m", "mae_ray", "sweep", "--config", path]
-    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    sweep_dir = tmp_path / "sweeps" / "s"
-    deadline = time.time() + 400
-    while time.time() < deadline and not list(sweep_dir.glob("trials/*/eval/result.json")):
-        assert driver.poll() is None, "the sweep ended before it could be killed"
-        time.sleep(1)
-    first = list(sweep_dir.glob("trials/*/eval/result.json"))
-    assert first, "no trial finished in time"
-    os.kill(driver.pid, signal.SIGKILL)  # the driver only: its Ray processes are left behind
-    driver.wait()
-    saved = json.loads((sweep_dir / "ray_processes.json").read_text())
-    left = saved["pids"]
-    # Really running, not merely dead and unreaped: gcs_server, raylet & co die with the driver (Ray's
-    # kernel fate sharing) and are zombies until PID 1 reaps them; the raylet's agents run on.
-    states = {p: proc_state(p) for p in left}
-    assert any(s not in (None, "Z") for s in states.values()), states
-    finished_at = first[0].stat().st_mtime
+def test_killed_driver_resumes_from_the_bucket_alone_without_rerunning_or_duplicating(colours, tmp_path):
+    """A sweep with ``storage_path: s3://...`` is killed after its first trial; its local folder is deleted;
+    ``--resume`` finishes it from what is in the bucket (Tune's state, sweep.json, the trials' checkpoints
+    and results), with no trial run twice and no MLflow run duplicated."""
+    import pyarrow.fs as pafs
 
-    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert first[0].stat().st_mtime == finished_at  # the finished trial was not run again
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with S3Server() as s3:
+        shared = f"{s3.bucket}/sweeps/s"
+        path = write_sweep(tmp_path, colours, uri, {"model.mask_ratio": {"grid": [0.5, 0.75]}},
+                           base_keys={"storage": {"endpoint_url": s3.endpoint}},
+                           storage_path=f"s3://{s3.bucket}/sweeps",
+                           scheduler={"type": "none"}, random_baseline=False, finetune=False,  # CI minutes
+                           paper={0.5: {"linprobe_top1": 70.5, "finetune_top1": 84.0}, 0.75: {"linprobe_top1": 73.5}})
+        cmd = [sys.executable, "-m", "mae_ray", "sweep", "--config", path]
+        driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        sweep_dir = tmp_path / "sweeps" / "s"
+
+        def in_bucket(suffix):
+            infos = s3.fs.get_file_info(pafs.FileSelector(shared, recursive=True, allow_not_found=True))
+            return {i.path[len(shared) + 1:]: i.mtime for i in infos if i.path.endswith(suffix)}
+
+        deadline = time.time() + 400
+        while time.time() < deadline and not in_bucket("/eval/result.json"):
+            assert driver.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(1)
+        first = in_bucket("/eval/result.json")
+        assert len(first) == 1, "no trial finished in time"
+        os.kill(driver.pid, signal.SIGKILL)  # the driver only: its Ray processes are left behind
+        driver.wait()
+        saved = json.loads((sweep_dir / "ray_processes.json").read_text())
+        left = saved["pids"]
+        # Really running, not merely dead and unreaped: gcs_server, raylet & co die with the driver (Ray's
+        # kernel fate sharing) and are zombies until PID 1 reaps them; the raylet's agents run on.
+        states = {p: proc_state(p) for p in left}
+        assert any(s not in (None, "Z") for s in states.values()), states
+        # The sweep's local folder goes; only the record of this machine's Ray processes is put back (it is
+        # about processes on this node, which a lost node would have lost with it).
+        shutil.rmtree(sweep_dir)
+        sweep_dir.mkdir(parents=True)
+        (sweep_dir / "ray_processes.json").write_text(json.dumps(saved))
+
+        resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert {k: v for k, v in in_bucket("/eval/result.json").items() if k in first} == first  # not re-run
+        # both trials' checkpoints are in the bucket (3 epochs each), none on local disk
+        assert sorted(k.split("/")[1] for k in in_bucket("/state.pt")
+                      if k.endswith("epoch_000002/state.pt") and "-" not in k.split("/")[1]) == \
+            sorted(k.split("/")[1] for k in in_bucket("/eval/result.json"))
+        assert not [p for p in sweep_dir.rglob("state.pt")]
     # every process the killed driver left is gone from the process table (stopped and reaped), not a
     # zombie; a pid in use again belongs to a process started later
     for pid in left:
@@ -169,6 +194,8 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(colours, tmp_pat
     for run in trial_runs:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
         assert steps == [0, 1, 2] and "linprobe_top1" in run.data.metrics
+        probes = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        assert [p.info.run_name for p in probes] == [f"{run.data.tags['sweep.trial_id']}-linprobe"]  # run once
     sweeps_runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mae_ray.job") == "sweep"]
     assert len(sweeps_runs) == 1
 

@@ -6,6 +6,9 @@ evaluation (linear probe, fine-tune) and a final report. ASHA stops weak trials 
 ``knn_top1`` (not on the reconstruction loss, which the paper shows does not rank representations).
 MLflow: one parent run per sweep, one child run per trial (its pre-training run). ``--resume``
 restores the Tune experiment: finished trials are not re-run, no MLflow run is duplicated.
+With ``storage_path`` (a bucket, or a filesystem every node mounts) the sweep's state lives there:
+``<storage_path>/<name>/`` holds Tune's experiment (``tune/``), ``sweep.json``, each trial's checkpoints
+(``checkpoints/<trial id>``) and finished results (``trials/<trial id>/``), so ``--resume`` needs nothing local.
 An evaluation-only sweep (``pretrain: false``) evaluates one fixed encoder per trial instead; its trial
 runs hold the evaluation runs and scores. The sweep file itself is read and checked in sweep_config.py.
 """
@@ -44,12 +47,18 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
     cfg = trial_config(real, base, sweep["cases"])
     cfg.output_dir = os.path.join(sweep_dir, "trials", trial_id)
     cfg.mlflow.tracking_uri, cfg.mlflow.run_name = uri, trial_id
+    shared = sweep.get("shared")  # the sweep's folder in storage_path: where any node finds this trial again
+    if shared and not cfg.ray.storage_path:
+        cfg.ray.storage_path = f"{shared}/checkpoints"
+    record = f"{shared}/trials/{trial_id}" if shared else None
     run_id = _trial_run(uri, cfg, parent_run_id, trial_id, params, pretrain=sweep["pretrain"])
     final: dict[str, Any] = {"mlflow_run_id": run_id}
     if sweep["pretrain"]:
         # A trial restarted after its driver was killed picks up what it had finished: nothing runs twice.
-        summary = _done(cfg.output_dir) or pretrain.run(cfg, run_id=run_id, continue_existing=True,
-                                                        callbacks=[TuneReportCallback()])
+        summary = _done(cfg.output_dir, record)
+        if summary is None:
+            summary = pretrain.run(cfg, run_id=run_id, continue_existing=True, callbacks=[TuneReportCallback()])
+            _keep(record, summary)
         final.update(train_loss=summary["metrics"].get("train_loss"), knn_top1=summary["metrics"].get("knn_top1"))
         checkpoint = summary["checkpoint"]
     else:
@@ -59,13 +68,14 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
         eval_dir = os.path.join(cfg.output_dir, "eval")
         eval_cfg = load_config(None, [f"output_dir={eval_dir}", f"eval.checkpoint={checkpoint}"],
                                base=cfg.to_dict())
-        scores = _done(eval_dir)
+        scores = _done(eval_dir, record and f"{record}/eval")
         if scores is None:
             source = resolve_encoder(checkpoint, eval_cfg, uri)
             if not sweep["pretrain"]:  # scores go to this trial's run, not to the shared encoder's run
                 source.origin_run_id = source.origin_run_id or source.parent_run_id
                 source.parent_run_id = run_id
             scores = evaluate.run(eval_cfg, source=source, skip=skip)
+            _keep(record and f"{record}/eval", scores)
         final.update({k: v for k, v in scores.items() if k.endswith(("_top1", "_top5"))})
     tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "finished"})
     if not sweep["pretrain"]:  # no pre-training job owns (and ends) this run
@@ -73,13 +83,40 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
     tune.report({k: v for k, v in final.items() if v is not None})
 
 
-def _done(folder: str) -> dict[str, Any] | None:
-    """The result.json of a job that already finished in ``folder``, if any."""
-    path = os.path.join(folder, "result.json")
+def _done(folder: str, shared: str | None = None) -> dict[str, Any] | None:
+    """The result.json of a job that already finished in ``folder`` (or whose copy is in ``shared``), if any."""
+    return read_json(os.path.join(folder, "result.json")) or (shared and read_json(f"{shared}/result.json"))
+
+
+def _keep(shared: str | None, summary: dict[str, Any]) -> None:
+    if shared:
+        write_json(f"{shared}/result.json", summary)
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """A small JSON record on disk or in a bucket; None when there is none."""
+    from mae_ray import storage
+
+    if storage.is_object_uri(path):
+        return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    """Written whole or not at all (a rename on disk; one PUT in a bucket)."""
+    from mae_ray import storage
+
+    text = json.dumps(data, indent=2)
+    if storage.is_object_uri(path):
+        storage.write_bytes(path, text.encode())
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params: dict[str, Any],
@@ -121,16 +158,14 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
         resolve_encoder(cfg.eval.checkpoint, cfg, uri)
     base = cfg.to_dict()
     sweep_dir = os.path.join(os.path.abspath(sweep.output_dir), sweep.name)
-    if sweep.storage_path:  # Tune's state where every node sees it
-        tune_root, tune_name = launch.storage_uri(sweep.storage_path).rstrip("/"), sweep.name
-    else:
-        tune_root, tune_name = sweep_dir, "tune"
-    tune_path = f"{tune_root}/{tune_name}"
-    state_file = os.path.join(sweep_dir, "sweep.json")
-    if resume and not os.path.isfile(state_file):
-        raise ConfigError(f"--resume: no sweep to resume at {sweep_dir}")
-    if not resume and os.path.exists(state_file):
-        raise ConfigError(f"{sweep_dir} already holds a sweep: pass --resume to continue it, or another name")
+    shared = f"{launch.storage_uri(sweep.storage_path).rstrip('/')}/{sweep.name}" if sweep.storage_path else None
+    tune_path = f"{shared or sweep_dir}/tune"  # Tune's experiment state: where every node sees it
+    state = read_json(os.path.join(sweep_dir, "sweep.json")) or (shared and read_json(f"{shared}/sweep.json"))
+    where = f"{sweep_dir}{f' or {shared}' if shared else ''}"
+    if resume and not state:
+        raise ConfigError(f"--resume: no sweep to resume at {where}")
+    if not resume and state:
+        raise ConfigError(f"{where} already holds a sweep: pass --resume to continue it, or another name")
     os.makedirs(sweep_dir, exist_ok=True)
     started = False
     try:
@@ -140,14 +175,14 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
                 sweep_report.remember_ray(sweep_dir)
             concurrent = _concurrency(sweep, cfg)
             if resume:
-                with open(state_file) as f:
-                    parent = json.load(f)["parent_run_id"]
+                parent = state["parent_run_id"]
             else:
                 parent = tracking.start_run(uri, cfg.mlflow.experiment, f"sweep-{sweep.name}",
                                             _sweep_params(sweep), {**tracking.run_tags(), "mae_ray.job": "sweep"})
-                with open(state_file + ".tmp", "w") as f:  # what --resume needs to find this sweep again
-                    json.dump({"parent_run_id": parent, "uri": tracking.redact(uri)}, f)
-                os.replace(state_file + ".tmp", state_file)
+                state = {"parent_run_id": parent, "uri": tracking.redact(uri)}  # what --resume needs
+                for folder in (sweep_dir, shared):
+                    if folder:
+                        write_json(f"{folder}/sweep.json", state)
                 _log_sweep_files(uri, parent, sweep_file, base, sweep_dir)
             print(f"[sweep] {sweep.name}: up to {concurrent} trial(s) at a time; folder {sweep_dir}; "
                   f"mlflow parent run {parent}", flush=True)
@@ -155,7 +190,8 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
             fn = tune.with_resources(
                 tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
                                      sweep={"pretrain": sweep.pretrain, "linprobe": sweep.linprobe,
-                                            "finetune": sweep.finetune, "cases": sweep.cases}, hidden=hidden),
+                                            "finetune": sweep.finetune, "cases": sweep.cases, "shared": shared},
+                                     hidden=hidden),
                 {"cpu": sweep.trial_cpus})
             if resume and tune.Tuner.can_restore(tune_path):
                 # a trial the dead driver left running shows as errored: restart it (trials are idempotent)
@@ -165,11 +201,12 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
                     fn, param_space=param_space(shown_space),
                     tune_config=tune.TuneConfig(num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
                                                 scheduler=_scheduler(sweep)),
-                    run_config=tune.RunConfig(name=tune_name, storage_path=tune_root, verbose=1 if verbose else 0),
+                    run_config=tune.RunConfig(name="tune", storage_path=shared or sweep_dir,
+                                              verbose=1 if verbose else 0),
                 )
             with _credentials_not_copied_by_tune():
                 grid = tuner.fit()
-            baseline = _random_baseline(sweep, base, sweep_dir, uri, parent, verbose)
+            baseline = _random_baseline(sweep, base, sweep_dir, shared, uri, parent, verbose)
             return sweep_report.finish(grid, sweep, sweep_dir, uri, parent, baseline, epochs=cfg.train.epochs)
     finally:
         if started:
@@ -249,17 +286,18 @@ def _sweep_params(sweep: SweepConfig) -> dict[str, str]:
             "sweep.num_samples": str(sweep.num_samples)}
 
 
-def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, uri: str, parent: str,
-                     verbose: bool) -> dict[str, Any] | None:
+def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, shared: str | None, uri: str,
+                     parent: str, verbose: bool) -> dict[str, Any] | None:
     """Linear probe of the same architecture at initialisation: the row MAE trials must beat."""
     if not (sweep.random_baseline and sweep.linprobe):
         return None
     from mae_ray.jobs import linprobe
 
     out = os.path.join(sweep_dir, "random_baseline")
-    if os.path.isfile(os.path.join(out, "result.json")):  # done before a --resume
-        with open(os.path.join(out, "result.json")) as f:
-            return json.load(f)
+    record = shared and f"{shared}/random_baseline"
+    done = _done(out, record)  # done before a --resume
+    if done:
+        return done
     cfg = load_config(None, [f"output_dir={out}", "eval.checkpoint=random", "mlflow.run_name=random-init"],
                       base=base)
     cfg.mlflow.tracking_uri = uri
@@ -267,4 +305,5 @@ def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, u
     from mlflow import MlflowClient
 
     MlflowClient(uri).set_tag(result["mlflow_run_id"], "mlflow.parentRunId", parent)
+    _keep(record, result)
     return result

@@ -97,6 +97,9 @@ class StorageConfig:
     """Object storage (mae_ray/storage.py); credentials come only from the environment."""
 
     endpoint_url: str | None = None  # an S3-compatible server (MinIO, Ceph, R2); None: $AWS_ENDPOINT_URL, else AWS
+    # how long a checkpoint upload keeps trying after its first failure (an outage) before the run fails;
+    # each request is already tried 3 times by the S3 client, ~6 s when the server does not answer
+    upload_retry_s: float = 60.0
 
 
 @dataclass
@@ -254,6 +257,8 @@ def validate(cfg: Config) -> None:
     endpoint = cfg.storage.endpoint_url
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"storage.endpoint_url must be the http(s):// URL of an S3 server, got {endpoint!r}")
+    if cfg.storage.upload_retry_s < 0:
+        raise ConfigError(f"storage.upload_retry_s must be >= 0 seconds, got {cfg.storage.upload_retry_s}")
     if cfg.train.augment not in PRETRAIN_AUGMENTS:
         raise ConfigError(f"train.augment must be one of {', '.join(PRETRAIN_AUGMENTS)}, got {cfg.train.augment!r}")
     if k["mask_sampling"] not in MASK_SAMPLINGS:

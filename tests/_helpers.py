@@ -178,8 +178,8 @@ class S3Server:
     ENV = {"AWS_ACCESS_KEY_ID": "mae-ray-test", "AWS_SECRET_ACCESS_KEY": "mae-ray-test-secret",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 
-    def __init__(self, bucket: str = "mae-ray-test") -> None:
-        self.bucket = bucket
+    def __init__(self, bucket: str = "mae-ray-test", outages: bool = False) -> None:
+        self.bucket, self._outages = bucket, outages
 
     def __enter__(self) -> S3Server:
         import logging
@@ -190,6 +190,9 @@ class S3Server:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()
+        if self._outages:
+            self._relay = _Relay(port)
+            port = self._relay.port
         self.endpoint = f"http://{host}:{port}"
         self._saved = {k: os.environ.get(k) for k in [*self.ENV, "AWS_ENDPOINT_URL"]}
         os.environ.update(self.ENV)
@@ -198,12 +201,23 @@ class S3Server:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._outages:
+            self._relay.cut()
         self._server.stop()
         for key, value in self._saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+    def stop_serving(self) -> None:
+        """An outage: every open connection is cut and new ones are refused; the buckets keep their contents.
+        Needs ``S3Server(outages=True)``: clients then talk to moto through a relay this can cut (moto's
+        own ``stop`` leaves kept-alive connections served)."""
+        self._relay.cut()
+
+    def serve_again(self) -> None:
+        self._relay.restore()
 
     @property
     def fs(self):
@@ -218,3 +232,69 @@ class S3Server:
                 with self.fs.open_output_stream(f"{self.bucket}/{prefix}/{path.name}") as f:
                     f.write(path.read_bytes())
         return f"s3://{self.bucket}/{prefix}"
+
+
+class _Relay:
+    """A TCP relay on 127.0.0.1 to a local port, which a test can cut (all connections closed, new ones
+    refused) and restore on the same port."""
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        self._target, self._lock, self._conns = target_port, threading.Lock(), set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._start()
+
+    def _start(self) -> None:
+        import threading
+
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def _accept(self, listener) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # cut
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            with self._lock:
+                self._conns.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with self._lock:
+                    self._conns.discard(sock)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def cut(self) -> None:
+        try:  # wakes the accept() blocked in the relay's thread (close alone would not free the port)
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for sock in conns:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def restore(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -153,6 +154,80 @@ def test_a_run_keeps_everything_in_the_bucket_and_resumes_evaluates_and_is_found
         server.stop()
     local = [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".pth", ".safetensors")]
     assert not local, f"written to local disk: {local}"
+
+
+@pytest.mark.ray
+def test_an_upload_outlives_a_short_outage_and_a_lasting_one_fails_naming_the_last_good_checkpoint(
+        bucket, local_ray, demo_data, tmp_path, monkeypatch):  # bucket first: Ray starts with its credentials
+    """The S3 server stops while epoch 1's checkpoint is being written and comes back 5 s later: the epoch is
+    saved (the S3 client's own retries bridge ~10 s; storage.upload_retry_s extends that). It stops for good
+    at epoch 2: after trying for upload_retry_s the run fails with one line that names epoch 1's checkpoint,
+    and epoch 2 left nothing a reader would take for a checkpoint."""
+    with S3Server("mae-ray-outages", outages=True) as flaky:
+        _outages_test(flaky, demo_data, tmp_path, monkeypatch)
+
+
+def _outages_test(bucket, demo_data, tmp_path, monkeypatch):
+    import contextlib
+    import threading
+    import time
+
+    from _helpers import tiny_config
+    from mlflow import MlflowClient
+
+    from mae_ray.cluster import faults
+    from mae_ray.cluster.checkpoints import checkpoint_folders, load_state
+    from mae_ray.errors import UserError
+    from mae_ray.jobs import pretrain
+
+    runs, out = f"s3://{bucket.bucket}/outages", tmp_path / "run"
+    monkeypatch.setenv(faults.ENV, "pause:rank=0:before_report=1,pause:rank=0:before_report=2")
+    down = []
+
+    def registered(epoch):  # Ray's controller lists the run's checkpoints in this file of its own
+        snapshot = f"{bucket.bucket}/outages/flaky/checkpoint_manager_snapshot.json"
+        with contextlib.suppress(OSError), bucket.fs.open_input_stream(snapshot) as f:
+            return f"epoch_{epoch:06d}" in f.read().decode()
+        return False
+
+    def outages():  # rank 0 waits at each pause until this has stopped the server
+        for epoch, back_after_s in ((1, 5.0), (2, None)):
+            marker = out / f".fault-pause-before_report-{epoch}-0"
+            deadline = time.monotonic() + 120
+            # the outage begins once Ray has recorded the previous checkpoint: its own write is not retried
+            while not (marker.exists() and registered(epoch - 1)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            bucket.stop_serving()
+            down.append(epoch)
+            Path(f"{marker}.go").touch()
+            if back_after_s is not None:
+                time.sleep(back_after_s)
+                bucket.serve_again()
+                down.pop()
+
+    thread = threading.Thread(target=outages, daemon=True)
+    thread.start()
+    cfg = tiny_config(demo_data, tmp_path, f"ray.storage_path={runs}", "mlflow.run_name=flaky", "ray.num_workers=1",
+                      f"storage.endpoint_url={bucket.endpoint}",
+                      "storage.upload_retry_s=5")  # CI seconds: a try is ~2-4 s while the server is away
+    try:
+        with pytest.raises(UserError) as failed:
+            pretrain.run(cfg)
+    finally:
+        thread.join(timeout=120)
+        if down:
+            bucket.serve_again()
+    assert down == [2]
+    assert re.match(rf"pre-training failed: cannot write checkpoint epoch_000002 to {runs}/flaky "
+                    r"\(tried [2-9] times in \d+ s\): ", str(failed.value)), str(failed.value)
+    assert str(failed.value).endswith(f"; last good checkpoint: {runs}/flaky/epoch_000001")
+    assert checkpoint_folders(f"{runs}/flaky") == [f"{runs}/flaky/epoch_000000", f"{runs}/flaky/epoch_000001"]
+    assert load_state(f"{runs}/flaky/epoch_000001")["epoch"] == 1  # written whole after the retries
+    assert not storage.list_files(f"{runs}/flaky/epoch_000002/")  # nothing half-written
+    run = MlflowClient(cfg.mlflow.tracking_uri).search_runs(
+        [MlflowClient(cfg.mlflow.tracking_uri).get_experiment_by_name("test").experiment_id],
+        "attributes.run_name = 'flaky'")[0]
+    assert run.info.status == "FAILED"
 
 
 def test_in_a_bucket_the_state_file_is_written_last(tmp_path):

@@ -23,10 +23,12 @@ resumes from the newest one that loads (:func:`latest_checkpoint`). At the end, 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any, TypedDict
 
@@ -49,6 +51,9 @@ FINAL_FILES = {
     "linprobe": ("head.pt",),
 }
 # file of a finished pre-training checkpoint -> the MLflow artifact folder it goes to
+# Waits between the tries of a checkpoint upload to object storage, doubling up to the last, for as long as
+# storage.upload_retry_s allows: a brief outage, a throttled burst or a dropped connection passes.
+UPLOAD_RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 MLFLOW_ARTIFACTS = {"config.yaml": "encoder", "encoder.pth": "encoder", "encoder.safetensors": "encoder",
                     STATE_FILE: "checkpoint"}
 
@@ -76,9 +81,14 @@ def folder_name(epoch: int) -> str:
 def location(checkpoint: Checkpoint) -> str:
     """A Ray checkpoint's full address: ``s3://bucket/...`` in a bucket (Ray gives the path without its
     scheme), else its local path."""
+    return address(checkpoint.filesystem, checkpoint.path)
+
+
+def address(fs, path: str) -> str:
+    """``path`` on the pyarrow filesystem ``fs`` as a URI: ``s3://`` in a bucket, else the local path."""
     import pyarrow.fs as pafs
 
-    return f"s3://{checkpoint.path}" if isinstance(checkpoint.filesystem, pafs.S3FileSystem) else checkpoint.path
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
 
 
 def pretraining_parts(obj: Any) -> tuple[str, dict[str, torch.Tensor], str | None] | None:
@@ -98,11 +108,12 @@ def log_final_to_mlflow(checkpoint: Checkpoint, logger) -> None:
 
 # --------------------------------------------------------------------------- worker side: write, find, load
 def report(metrics: dict[str, Any], state: TrainingState | None, epoch: int,
-           files: dict[str, Callable[[str], None]] | None = None) -> None:
+           files: dict[str, Callable[[str], None]] | None = None, retry_s: float = 60.0) -> None:
     """Report ``metrics``; with ``state``, rank 0 also writes a checkpoint ``epoch_NNNNNN`` beside them.
 
     Every worker must call this the same number of times (it is a barrier in Ray Train).
-    ``files`` maps file names to writers that put extra files in the checkpoint directory.
+    ``files`` maps file names to writers that put extra files in the checkpoint directory; ``retry_s``:
+    how long an upload to object storage keeps trying (``storage.upload_retry_s``).
     """
     rank, _ = launch.world()
     if state is None or rank != 0:
@@ -113,23 +124,49 @@ def report(metrics: dict[str, Any], state: TrainingState | None, epoch: int,
         for name, write in (files or {}).items():
             write(os.path.join(tmp, name))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=folder_name(epoch), checkpoint_upload_fn=_upload)
+                         checkpoint_dir_name=folder_name(epoch),
+                         checkpoint_upload_fn=functools.partial(_upload, retry_s=retry_s))
 
 
-def _upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
+def _upload(checkpoint: Checkpoint, dir_name: str, retry_s: float = 60.0) -> Checkpoint:
     """Ray's copy to storage, made safe, so that no reader ever sees half a checkpoint. On a local or
     mounted filesystem the files go to ``.tmp-<dir_name>`` first and the folder is renamed once whole. An
     object store has no rename: there each object is written whole or not at all, and ``state.pt``, by
     which every reader recognises a checkpoint (:func:`checkpoint_folders`, :func:`latest_checkpoint`), is
     written last (:func:`_copy_state_last`). Either way a full or read-only disk, a lost connection or a
-    worker killed mid-copy leaves nothing that looks like a complete checkpoint.
+    worker killed mid-copy leaves nothing that looks like a complete checkpoint. Uploads to object storage
+    are tried again for ``retry_s`` seconds before the run fails.
     """
     import pyarrow.fs as pafs
 
     ray_storage = ray.train.get_context().get_storage()
     fs, root = ray_storage.storage_filesystem, ray_storage.experiment_fs_path
-    final, tmp = f"{root}/{dir_name}", f"{root}/.tmp-{dir_name}"
     local = isinstance(fs, pafs.LocalFileSystem)
+    start, tries = time.monotonic(), 0
+    while True:
+        tries += 1
+        try:
+            return _put(checkpoint, fs, root, dir_name, local)
+        except OSError as e:
+            text = str(e).strip().splitlines()
+            error = text[0] if text else type(e).__name__
+        if tries == 1:  # the window opens at the first failure; a full disk does not heal in seconds
+            deadline = time.monotonic() + (0 if local else retry_s)
+        wait = min(UPLOAD_RETRY_WAITS_S[min(tries, len(UPLOAD_RETRY_WAITS_S)) - 1], deadline - time.monotonic())
+        if wait <= 0:
+            break
+        log.warning("checkpoint %s: upload to %s failed (%s); trying again in %.0f s", dir_name,
+                    address(fs, root), error, wait)
+        time.sleep(wait)
+    tried = f" (tried {tries} times in {time.monotonic() - start:.0f} s)" if tries > 1 else ""
+    raise CheckpointError(f"cannot write checkpoint {dir_name} to {address(fs, root)}{tried}: {error}")
+
+
+def _put(checkpoint: Checkpoint, fs, root: str, dir_name: str, local: bool) -> Checkpoint:
+    """One try of :func:`_upload`; on failure it removes what it wrote and raises the OSError."""
+    import pyarrow.fs as pafs
+
+    final, tmp = f"{root}/{dir_name}", f"{root}/.tmp-{dir_name}"
     try:
         if local:
             fs.delete_dir_contents(tmp, missing_dir_ok=True)
@@ -142,12 +179,10 @@ def _upload(checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
         else:
             with checkpoint.as_directory() as src:
                 _copy_state_last(src, fs, final)
-    except OSError as e:
+    except OSError:
         with contextlib.suppress(OSError):
             fs.delete_dir(tmp if local else final)  # frees what the failed copy took
-        text = str(e).strip().splitlines()
-        raise CheckpointError(f"cannot write checkpoint {dir_name} to {root}: "
-                              f"{text[0] if text else type(e).__name__}") from None
+        raise
     return Checkpoint(path=final, filesystem=fs)
 
 
@@ -163,7 +198,8 @@ def checkpoint_location(epoch: int) -> str:
     """Where the checkpoint of ``epoch`` is (or would be) stored, for messages."""
     name = folder_name(epoch)
     try:
-        return f"{ray.train.get_context().get_storage().experiment_fs_path}/{name}"
+        ray_storage = ray.train.get_context().get_storage()
+        return address(ray_storage.storage_filesystem, f"{ray_storage.experiment_fs_path}/{name}")
     except NotImplementedError:
         return name
 

@@ -116,7 +116,8 @@ class EpochLoop:
         faults.maybe_fire(spec, "before_report", epoch, self.rank, out)
         if due or self.report_every_epoch:
             try:
-                checkpoints.report({"epoch": epoch, **metrics}, state, epoch, files)
+                checkpoints.report({"epoch": epoch, **metrics}, state, epoch, files,
+                                   retry_s=self.spec.config.storage.upload_retry_s)
             except CheckpointError as e:  # storage full or read-only: say which checkpoint still holds
                 raise CheckpointError(f"{e}; last good checkpoint: {self.last_good or 'none'}") from None
         faults.maybe_fire(spec, "after_report", epoch, self.rank, out)

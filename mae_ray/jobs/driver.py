@@ -148,13 +148,25 @@ def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: 
         message = launch.worker_error(e)
         if isinstance(getattr(e, "controller_failure", None), OSError):  # Ray's own writes to storage failed
             folder = f"{storage}/{name}"
-            last = checkpoints.newest_checkpoint_dir(folder)
-            message = f"cannot write to the checkpoint storage {folder}: {message}; last good checkpoint: {last}"
+            message = (f"cannot write to the checkpoint storage {folder}: {message}; "
+                       f"last good checkpoint: {_newest_checkpoint(folder, cfg.storage.upload_retry_s)}")
         raise UserError(f"{what} failed: {message}") from None
     if result.checkpoint is None:
         tracking.end_run(uri, run_id, "FAILED")
         raise UserError(f"{what} finished without a checkpoint (ray.num_workers=0 runs keep none)")
     return result
+
+
+def _newest_checkpoint(folder: str, retry_s: float) -> str:
+    """The newest checkpoint under ``folder``, asked again while the storage does not answer (an outage)."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return checkpoints.newest_checkpoint_dir(folder)
+        except DataError as e:
+            if time.monotonic() >= deadline:
+                return f"unknown ({e})"
+        time.sleep(2.0)
 
 
 def write_result(output_dir: str, summary: dict[str, Any]) -> str:

@@ -70,8 +70,17 @@ def _sweep(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     from mae_ray.jobs import quickstart
 
-    quickstart.run(args.config, args.data_dir, args.overrides, verbose=args.verbose)
+    quickstart.run(args.config, args.data_dir, args.overrides, verbose=args.verbose, storage_uri=args.storage,
+                   endpoint_url=args.endpoint_url)
     return 0
+
+
+def _quickstart_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default="data/demo", help="where the demo dataset is (or is built)")
+    p.add_argument("--storage", help="s3://bucket/prefix: demo shards, sweep state and checkpoints there "
+                                     "(what a multi-node cluster needs)")
+    p.add_argument("--endpoint-url", help="the S3-compatible server of --storage (MinIO, R2, ...); default "
+                                          "$AWS_ENDPOINT_URL, else AWS")
 
 
 def _resume_from(job: str) -> Callable[[argparse.ArgumentParser], None]:
@@ -97,10 +106,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "sweep": ("Ray Tune sweep: pre-train + evaluate over a search space",
               lambda p: p.add_argument("--resume", action="store_true", help="continue a killed or stopped sweep"),
               _sweep),
-    "quickstart": ("demo data + the quickstart sweep, offline",
-                   lambda p: p.add_argument("--data-dir", default="data/demo",
-                                            help="where the demo dataset is (or is built)"),
-                   _quickstart),
+    "quickstart": ("demo data + the quickstart sweep, offline", _quickstart_args, _quickstart),
 }
 
 

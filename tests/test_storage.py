@@ -358,3 +358,29 @@ def test_a_trials_evaluation_jobs_get_run_folders_of_their_own(tmp_path, monkeyp
     cfg = load_config(None, ["mlflow.run_name=abc_00000", "ray.storage_path=s3://b/runs", f"output_dir={tmp_path}"])
     evaluate.run(cfg, source=EncoderSource(None, cfg.model.kwargs(), None, "random"))
     assert seen == {"linprobe": ("abc_00000-linprobe", "s3://b/runs"), "finetune": ("abc_00000-finetune", "s3://b/runs")}
+
+
+def test_the_quickstart_points_at_a_bucket_with_two_settings(bucket, demo_data, tmp_path, monkeypatch, capsys):
+    # --storage and --endpoint-url: the demo shards go to the bucket once, the sweep state and the trials'
+    # checkpoints with them (the sweep in a bucket itself: tests/test_sweep.py's killed-driver test)
+    from data_tools import demo_data as demo_module
+    from mae_ray import cli
+    from mae_ray.jobs import quickstart
+
+    monkeypatch.setattr(demo_module, "build_demo_dataset", lambda folder: demo_data)  # the test's small one
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the flag alone names the server (restored after the test)
+    root = f"s3://{bucket.bucket}/quickstart"
+    sweep, base, _ = quickstart.prepare(None, str(tmp_path), [], storage_uri=root, endpoint_url=bucket.endpoint)
+    assert sweep.storage_path == root and base["storage"]["endpoint_url"] == bucket.endpoint
+    for split, count in (("train", 1200), ("val", 300)):
+        assert base["data"][f"{split}_shards"].startswith(f"{root}/demo-data/{split}/")
+        assert dataset_size(base["data"][f"{split}_shards"]) == count  # the bucket's dataset.json
+    assert capsys.readouterr().out.count("[quickstart] uploading the demo") == 2
+    quickstart.prepare(None, str(tmp_path), [], storage_uri=root, endpoint_url=bucket.endpoint)
+    assert "uploading" not in capsys.readouterr().out  # the same data is there: not uploaded again
+
+    assert cli.main(["quickstart", "--data-dir", str(tmp_path / "d"), "--endpoint-url", bucket.endpoint]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --endpoint-url names the S3 server of --storage")
+    assert cli.main(["quickstart", "--data-dir", str(tmp_path / "d"), "--storage", "s3://no-such-bucket/q"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: cannot write to s3://no-such-bucket/q")
+    assert not (tmp_path / "d").exists()  # refused before the demo data is built

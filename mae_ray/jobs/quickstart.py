@@ -3,6 +3,10 @@
 Builds the demo shards if absent (no download), runs the quickstart sweep (mask ratios; every trial
 pre-trained, linear-probed and fine-tuned, plus a random-init reference row) on local Ray with
 MLflow's sqlite default, and prints the table, the plots and how to open the MLflow UI.
+
+``--storage s3://bucket/prefix`` (and, off AWS, ``--endpoint-url``): the same quickstart with nothing but
+the bucket shared: the demo shards are uploaded to ``<storage>/demo-data/`` (once; reused while they
+match), and the sweep's state and every trial's checkpoints go to ``<storage>/<sweep name>/``.
 """
 
 from __future__ import annotations
@@ -16,21 +20,61 @@ EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..
 DEFAULT_SWEEP = os.path.join(EXPERIMENTS, "sweeps", "quickstart.yaml")
 
 
-def run(config: str | None, data_dir: str, overrides: list[str], verbose: bool = False) -> dict:
-    """Build the demo data if absent, run the quickstart sweep, print where everything is; returns the report."""
+def prepare(config: str | None, data_dir: str, overrides: list[str], storage_uri: str | None = None,
+            endpoint_url: str | None = None):
+    """The quickstart's sweep and base config, its demo data built (and, with ``storage_uri``, in the bucket)."""
     from data_tools.demo_data import build_demo_dataset
-    from mae_ray import tracking
-    from mae_ray.jobs import sweep as sweeps
+    from mae_ray import storage
     from mae_ray.jobs.sweep_config import load_sweep
 
     config = os.path.abspath(config or DEFAULT_SWEEP)
     if not os.path.isfile(config):  # installed without the repository's experiments/ folder
         raise UserError(f"sweep config not found at {config}; pass --config")
+    extra = []
+    if storage_uri:
+        storage.use_endpoint(endpoint_url)
+        if storage.is_object_uri(storage_uri):
+            storage.check_writable(storage_uri)  # a missing bucket or wrong key: one line, before any work
+        extra.append(f"storage_path={storage_uri}")
+        if endpoint_url:
+            extra.append(f"overrides.storage.endpoint_url={endpoint_url}")
+    elif endpoint_url:
+        raise UserError("--endpoint-url names the S3 server of --storage: pass --storage s3://bucket/prefix too")
     print(f"[quickstart] demo dataset in {os.path.abspath(data_dir)} (built if absent)", flush=True)
     demo = build_demo_dataset(data_dir)
     name = f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep, base = load_sweep(config, [f"name={name}", *overrides])
-    base["data"].update(train_shards=demo["train"], val_shards=demo["val"])
+    sweep, base = load_sweep(config, [f"name={name}", *extra, *overrides])
+    shards = {split: demo[split] for split in ("train", "val")}
+    if storage_uri and storage.is_object_uri(storage_uri):
+        shards = {split: _in_bucket(demo, split, f"{storage_uri.rstrip('/')}/demo-data/{split}")
+                  for split in ("train", "val")}
+    base["data"].update(train_shards=shards["train"], val_shards=shards["val"])
+    return sweep, base, config
+
+
+def _in_bucket(demo: dict, split: str, uri: str) -> str:
+    """The demo split's shards under ``uri``: uploaded unless the same dataset is there already."""
+    from pathlib import Path
+
+    from data_tools.bucket import upload_dataset
+    from mae_ray import storage
+    from mae_ray.data.shards import MANIFEST_NAME
+
+    local = Path(demo[f"{split}_dir"])
+    manifest = f"{uri}/{MANIFEST_NAME}"
+    if not (storage.exists(manifest) and storage.read_bytes(manifest) == (local / MANIFEST_NAME).read_bytes()):
+        print(f"[quickstart] uploading the demo {split} shards to {uri}", flush=True)
+        upload_dataset(local, uri)
+    return f"{uri}/{os.path.basename(demo[split])}"
+
+
+def run(config: str | None, data_dir: str, overrides: list[str], verbose: bool = False,
+        storage_uri: str | None = None, endpoint_url: str | None = None) -> dict:
+    """Build the demo data if absent, run the quickstart sweep, print where everything is; returns the report."""
+    from mae_ray import tracking
+    from mae_ray.jobs import sweep as sweeps
+
+    sweep, base, config = prepare(config, data_dir, overrides, storage_uri, endpoint_url)
     start = time.time()
     report = sweeps.run(sweep, base, config, verbose=verbose)
     uri = tracking.resolve_tracking_uri(base["mlflow"]["tracking_uri"])
@@ -38,6 +82,8 @@ def run(config: str | None, data_dir: str, overrides: list[str], verbose: bool =
     print(f"  table   {report['markdown']}")
     print(f"  plots   {', '.join(report['plots']) or 'none'}")
     print(f"  mlflow  sweep run {report['parent_run_id']} (one child run per trial)")
+    if sweep.storage_path:
+        print(f"  state   {sweep.storage_path.rstrip('/')}/{sweep.name} (Tune, checkpoints, results)")
     if uri.startswith(("http://", "https://")):
         print(f"  open the UI at {uri}")
     else:

@@ -128,6 +128,29 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
     assert parent.data.metrics["epochs_saved_fraction"] == pytest.approx((3 - ran) / 6)
     assert f"{by_bank[1]['trial']} after {ran}/3" in open(report["markdown"]).read()
 
+    # What the MLflow UI lists, read through the REST API it calls: runs named by what they vary, parent and
+    # children, a description on each, the varied params and the two accuracies on the trial rows.
+    import requests
+
+    runs = requests.post(f"{mlflow_server}/api/2.0/mlflow/runs/search", timeout=30,
+                         json={"experiment_ids": [report["experiment_id"]], "max_results": 100}).json()["runs"]
+    by_name = {r["info"]["run_name"]: r for r in runs}
+    tags = {name: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for name, r in by_name.items()}
+    assert set(by_name) == {"sweep-s", "case=strong", "case=weak", "linprobe · case=strong",
+                            "finetune · case=strong", "random-init"}, sorted(by_name)
+    ids = {name: r["info"]["run_id"] for name, r in by_name.items()}
+    assert tags["case=strong"]["mlflow.parentRunId"] == tags["random-init"]["mlflow.parentRunId"] == ids["sweep-s"]
+    assert tags["linprobe · case=strong"]["mlflow.parentRunId"] == ids["case=strong"]
+    assert all(tags[name].get("mlflow.note.content") for name in by_name), {n: t.get("mlflow.note.content")
+                                                                             for n, t in tags.items()}
+    strong = by_name["case=strong"]["data"]
+    assert {"linprobe_top1", "finetune_top1"} <= {m["key"] for m in strong["metrics"]}
+    assert {"model.mask_sampling", "model.mask_ratio", "eval.knn_train_samples"} <= {p["key"] for p in strong["params"]}
+    listed = requests.get(f"{mlflow_server}/api/2.0/mlflow/artifacts/list", timeout=30,
+                          params={"run_id": ids["sweep-s"], "path": "report"}).json()["files"]
+    assert "report/sweep_results.json" in {f["path"] for f in listed}  # the table view
+    assert report["compare_path"].startswith("#/compare-runs?runs=") and ids["case=strong"] in report["compare_path"]
+
 
 def test_killed_driver_resumes_from_the_bucket_alone_without_rerunning_or_duplicating(colours, tmp_path):
     """A sweep with ``storage_path: s3://...`` is killed after its first trial; its local folder is deleted;

@@ -84,8 +84,9 @@ def run(config: str | None, data_dir: str, overrides: list[str], verbose: bool =
     print(f"  mlflow  sweep run {report['parent_run_id']} (one child run per trial)")
     if sweep.storage_path:
         print(f"  state   {sweep.storage_path.rstrip('/')}/{sweep.name} (Tune, checkpoints, results)")
-    if uri.startswith(("http://", "https://")):
-        print(f"  open the UI at {uri}")
-    else:
+    ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    if ui != uri.rstrip("/"):
         print(f"  open the UI with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    print(f"  the sweep's runs: {ui}/#/experiments/{report['experiment_id']}")
+    print(f"  its trials side by side: {ui}/{report['compare_path']}")
     return report

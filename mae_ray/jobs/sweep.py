@@ -24,7 +24,9 @@ import yaml
 
 from mae_ray.config import Config, from_dict, load_config
 from mae_ray.errors import ConfigError
-from mae_ray.jobs.sweep_config import SweepConfig, hide_secrets, param_space, trial_config
+from mae_ray.jobs.sweep_config import SweepConfig, hide_secrets, param_space, trial_config, trial_label
+
+NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 
 
 # --------------------------------------------------------------------------- one trial
@@ -51,7 +53,8 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
     if shared and not cfg.ray.storage_path:
         cfg.ray.storage_path = f"{shared}/checkpoints"
     record = f"{shared}/trials/{trial_id}" if shared else None
-    run_id = _trial_run(uri, cfg, parent_run_id, trial_id, params, pretrain=sweep["pretrain"])
+    label = trial_label(params)  # the MLflow name: what this trial varies (its folders keep the trial id)
+    run_id = _trial_run(uri, cfg, parent_run_id, trial_id, params, label, sweep)
     final: dict[str, Any] = {"mlflow_run_id": run_id}
     if sweep["pretrain"]:
         # A trial restarted after its driver was killed picks up what it had finished: nothing runs twice.
@@ -75,6 +78,7 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
                 source.origin_run_id = source.origin_run_id or source.parent_run_id
                 source.parent_run_id = run_id
             scores = evaluate.run(eval_cfg, source=source, skip=skip)
+            _name_evaluations(uri, scores, label, trial_id, sweep["name"])
             _keep(record and f"{record}/eval", scores)
         final.update({k: v for k, v in scores.items() if k.endswith(("_top1", "_top5"))})
     tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "finished"})
@@ -119,8 +123,8 @@ def write_json(path: str, data: dict[str, Any]) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params: dict[str, Any],
-               pretrain: bool = True) -> str:
+def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params: dict[str, Any], label: str,
+               sweep: dict[str, Any]) -> str:
     """The trial's MLflow run: found again after a restore (so never duplicated), else created."""
     from mlflow import MlflowClient
 
@@ -133,10 +137,28 @@ def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params:
         if found:
             return found[0].info.run_id
     tags = {**tracking.run_tags(), "sweep.trial_id": trial_id, "sweep.params": tracking.redact(json.dumps(params))}
-    if not pretrain:
-        tags.update({"mae_ray.job": "evaluation-trial", "mae_ray.encoder_source": tracking.redact(cfg.eval.checkpoint)})
-    return tracking.start_run(uri, cfg.mlflow.experiment, trial_id, tracking.params_from_config(cfg.flatten()),
+    varied = tracking.redact(label)
+    if sweep["pretrain"]:
+        tags[NOTE] = (f"Trial {trial_id} of sweep {sweep['name']}: MAE pre-training with {varied}. Its linear "
+                      "probe and fine-tuning are child runs; their top-1 is also logged here.")
+    else:
+        tags.update({"mae_ray.job": "evaluation-trial", "mae_ray.encoder_source": tracking.redact(cfg.eval.checkpoint),
+                     NOTE: f"Trial {trial_id} of sweep {sweep['name']}: evaluation of one fixed encoder, {varied}."})
+    return tracking.start_run(uri, cfg.mlflow.experiment, varied, tracking.params_from_config(cfg.flatten()),
                               tags, parent_run_id=parent_run_id)
+
+
+def _name_evaluations(uri: str, scores: dict[str, Any], label: str, trial_id: str, sweep_name: str) -> None:
+    """The evaluation runs read as ``linprobe · mask_ratio=0.75`` in the UI, each with a description."""
+    from mae_ray import tracking
+
+    what = {"linprobe": "Linear probe (frozen encoder)", "finetune": "End-to-end fine-tuning"}
+    for job, text in what.items():
+        run_id = scores.get(f"{job}_run_id")
+        if run_id:
+            tracking.EpochLogger(uri, run_id).set_tags({
+                "mlflow.runName": tracking.redact(f"{job} · {label}"),
+                NOTE: f"{text} of trial {trial_id}'s encoder ({tracking.redact(label)}), sweep {sweep_name}."})
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -177,8 +199,7 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
             if resume:
                 parent = state["parent_run_id"]
             else:
-                parent = tracking.start_run(uri, cfg.mlflow.experiment, f"sweep-{sweep.name}",
-                                            _sweep_params(sweep), {**tracking.run_tags(), "mae_ray.job": "sweep"})
+                parent = _start_parent(uri, cfg, sweep)
                 state = {"parent_run_id": parent, "uri": tracking.redact(uri)}  # what --resume needs
                 for folder in (sweep_dir, shared):
                     if folder:
@@ -190,7 +211,8 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
             fn = tune.with_resources(
                 tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
                                      sweep={"pretrain": sweep.pretrain, "linprobe": sweep.linprobe,
-                                            "finetune": sweep.finetune, "cases": sweep.cases, "shared": shared},
+                                            "finetune": sweep.finetune, "cases": sweep.cases, "shared": shared,
+                                            "name": sweep.name},
                                      hidden=hidden),
                 {"cpu": sweep.trial_cpus})
             if resume and tune.Tuner.can_restore(tune_path):
@@ -211,6 +233,15 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
     finally:
         if started:
             sweep_report.forget_ray(sweep_dir)
+
+
+def _start_parent(uri: str, cfg: Config, sweep: SweepConfig) -> str:
+    from mae_ray import tracking
+
+    note = (f"Sweep {sweep.name} over {', '.join(sweep.search) or 'nothing'}: one child run per trial, named by what "
+            "it varies, with its linprobe_top1 / finetune_top1. report/ holds the table and the plots.")
+    return tracking.start_run(uri, cfg.mlflow.experiment, f"sweep-{sweep.name}", _sweep_params(sweep),
+                              {**tracking.run_tags(), "mae_ray.job": "sweep", NOTE: tracking.redact(note)})
 
 
 def _log_sweep_files(uri: str, parent: str, sweep_file: str, base: dict[str, Any], sweep_dir: str) -> None:
@@ -304,6 +335,9 @@ def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, s
     result = linprobe.run(cfg, verbose=verbose)
     from mlflow import MlflowClient
 
-    MlflowClient(uri).set_tag(result["mlflow_run_id"], "mlflow.parentRunId", parent)
+    client = MlflowClient(uri)
+    client.set_tag(result["mlflow_run_id"], "mlflow.parentRunId", parent)
+    client.set_tag(result["mlflow_run_id"], NOTE, "Linear probe of the same encoder at random initialisation: "
+                                                   "the row every MAE trial must beat.")
     _keep(record, result)
     return result

@@ -189,6 +189,15 @@ def param_space(search: dict[str, Any]) -> dict[str, Any]:
     return {key: make[kind](values) for key, (kind, values) in ((k, _space_entry(k, s)) for k, s in search.items())}
 
 
+def trial_label(params: dict[str, Any]) -> str:
+    """What a trial varies, as its MLflow run name: ``mask_ratio=0.75, decoder_depth=8`` (the last part of each
+    key; the whole key where two would read alike)."""
+    short = [k.rsplit(".", 1)[-1] for k in params]
+    names = [s if short.count(s) == 1 else k for k, s in zip(params, short, strict=True)]
+    return ", ".join(f"{n}={axis_label(v) if not isinstance(v, float) else f'{v:g}'}"
+                     for n, v in zip(names, params.values(), strict=True)) or "trial"
+
+
 def trial_config(params: dict[str, Any], base: dict[str, Any], cases: dict[str, Any]) -> Config:
     """The run config of one trial: the base with the trial's values (a ``case`` expanded to its keys)."""
     items = [f"{k}={json.dumps(v)}" for k, v in params.items() if k != CASE]

@@ -59,6 +59,10 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
     logger = tracking.EpochLogger(uri, parent)
     for path in (parquet, md_path, *plots):
         logger.log_artifact(path, "report")
+    try:  # the UI's table view (Artifacts -> report/sweep_results.json -> a sortable table)
+        client.log_table(parent, {c: [r.get(c) for r in rows] for c in columns}, "report/sweep_results.json")
+    except Exception as e:  # the files above are the record; a table view is a convenience
+        print(f"[sweep] warning: the results table was not logged as an MLflow table ({e})", flush=True)
     best = _best(rows, sweep.metric, sweep.mode)
     if best is not None:
         tracking.log_values(uri, parent, {f"best_{sweep.metric}": best[sweep.metric]})
@@ -68,8 +72,18 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
     tracking.end_run(uri, parent, "FINISHED")
     print("\n" + markdown)
     print(f"[sweep] results: {parquet}\n[sweep] plots: {', '.join(plots) or 'none (no numeric axis)'}")
+    experiment_id = client.get_run(parent).info.experiment_id
+    compare = compare_path(experiment_id, [r["mlflow_run_id"] for r in rows if r.get("mlflow_run_id")])
     return {"rows": rows, "parquet": parquet, "markdown": md_path, "plots": plots, "parent_run_id": parent,
-            "early_stops": pruned}
+            "early_stops": pruned, "experiment_id": experiment_id, "compare_path": compare}
+
+
+def compare_path(experiment_id: str, run_ids: list[str]) -> str:
+    """The MLflow UI's side-by-side view of these runs (append to the UI's address)."""
+    from urllib.parse import quote
+
+    return (f"#/compare-runs?runs={quote(json.dumps(run_ids, separators=(',', ':')))}"
+            f"&experiments={quote(json.dumps([experiment_id]))}")
 
 
 def early_stops(rows: list[dict[str, Any]], epochs: int | None) -> dict[str, Any] | None:

@@ -86,7 +86,7 @@ def mlflow_server(tmp_path):
     server.stop()
 
 
-def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, tmp_path, mlflow_server):
+def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, tmp_path, mlflow_server, capsys):
     # two cases (settings that go together): the kNN bank, and Table 1f's block and grid mask sampling
     # (ASHA needs the strong trial first: the weak one is stopped against it; cases run in file order, and
     # write_sweep dumps the YAML with sorted keys, so "strong" < "weak")
@@ -97,6 +97,13 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
                        scheduler={"type": "asha", "metric": "knn_top1", "grace_period": 1, "reduction_factor": 2})
     sweep, base = load_sweep(path, [])
     report = sweeps.run(sweep, base, path)
+    # one progress line per ended trial, with its scores and the time left (trials run one at a time here)
+    import re
+
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[sweep] trial ")]
+    first = r"\[sweep\] trial 1/2 finished \(case=strong\): linprobe_top1 [\d.]+ finetune_top1 [\d.]+ knn_top1 [\d.]+"
+    assert len(lines) == 2 and re.fullmatch(first + r"; about \d+ min left", lines[0]), lines
+    assert lines[1].startswith("[sweep] trial 2/2 stopped early (case=weak): knn_top1 "), lines
 
     by_bank = {{"strong": 64, "weak": 1}[r["case"]]: r for r in report["rows"] if r["status"] != "baseline"}
     assert by_bank[64]["paper_linprobe_top1"] == 72.3 and by_bank[1]["paper_linprobe_top1"] == 66.0
@@ -196,6 +203,8 @@ def test_killed_driver_resumes_from_the_bucket_alone_without_rerunning_or_duplic
 
         resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
+        # Ray Train's preemption watcher's error-level line at each job start (not a failure) stays out
+        assert "PreemptionWatcher" not in resumed.stdout + resumed.stderr
         assert {k: v for k, v in in_bucket("/eval/result.json").items() if k in first} == first  # not re-run
         # both trials' checkpoints are in the bucket (3 epochs each), none on local disk
         assert sorted(k.split("/")[1] for k in in_bucket("/state.pt")

@@ -22,6 +22,9 @@ from mae_ray.errors import UserError
 
 log = logging.getLogger(__name__)
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 # --------------------------------------------------------------------------- driver side
 def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | None = None,
              temp_dir: str | None = None) -> bool:
@@ -42,6 +45,11 @@ def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | 
     if target:
         ray.init(address=target, logging_level=level, logging_config=logs)
         return False
+    if not verbose:
+        # One machine has nothing to be preempted, and Ray Train's preemption watcher logs an error-level
+        # line at every job start (ray-project/ray#53727) that reads like a failure. Off by default here
+        # (Train and Tune pass the variable on to their controllers and trials); --verbose keeps it.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
              logging_level=level, logging_config=logs, **({"_temp_dir": temp_dir} if temp_dir else {}))
     return True

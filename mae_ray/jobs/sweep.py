@@ -224,7 +224,9 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
                     tune_config=tune.TuneConfig(num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
                                                 scheduler=_scheduler(sweep)),
                     run_config=tune.RunConfig(name="tune", storage_path=shared or sweep_dir,
-                                              verbose=1 if verbose else 0),
+                                              verbose=1 if verbose else 0,
+                                              callbacks=[sweep_report.progress_callback(
+                                                  sweep.linprobe or sweep.finetune)]),
                 )
             with _credentials_not_copied_by_tune():
                 grid = tuner.fit()

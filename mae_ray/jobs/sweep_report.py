@@ -235,6 +235,42 @@ def _best(rows: list[dict], metric: str, mode: str) -> dict | None:
     return (max if mode == "max" else min)(scored, key=lambda r: r[metric])
 
 
+# --------------------------------------------------------------------------- progress
+def progress_callback(evaluates: bool):
+    """A Tune callback (on the driver) that prints one line per ended trial: its scores and the sweep's ETA.
+    ``evaluates``: whether a trial that ran to its end reports linprobe/finetune scores (else it was stopped)."""
+    import time
+
+    from ray import tune
+
+    from mae_ray.jobs.sweep_config import trial_label
+
+    class Progress(tune.Callback):
+        def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+            self.start, self.ended, self.total = time.time(), 0, total_num_samples
+
+        def _line(self, trials, trial, how: str) -> None:
+            self.ended += 1
+            done = sum(t.status in ("TERMINATED", "ERROR") or t is trial for t in trials)  # a resume's too
+            total = max(self.total or 0, len(trials), done)
+            result = trial.last_result or {}
+            scores = " ".join(f"{k} {result[k]:.1f}" for k in ACCURACIES if isinstance(result.get(k), (int, float)))
+            per_trial = (time.time() - self.start) / self.ended  # wall time per trial, concurrency included
+            eta = f"; about {per_trial * (total - done) / 60:.0f} min left" if total > done else ""
+            print(f"[sweep] trial {done}/{total} {how} ({trial_label(trial.config)}): {scores or 'no scores'}{eta}",
+                  flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            ran_out = not evaluates or any(k in result for k in ("linprobe_top1", "finetune_top1"))
+            self._line(trials, trial, "finished" if ran_out else "stopped early")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trials, trial, "failed")
+
+    return Progress()
+
+
 # --------------------------------------------------------------------------- Ray processes of a driver
 def remember_ray(sweep_dir: str) -> None:
     """Record the Ray processes this driver started, with their start times: a killed driver leaves some running.

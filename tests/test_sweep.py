@@ -157,6 +157,8 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
                           params={"run_id": ids["sweep-s"], "path": "report"}).json()["files"]
     assert "report/sweep_results.json" in {f["path"] for f in listed}  # the table view
     assert report["compare_path"].startswith("#/compare-runs?runs=") and ids["case=strong"] in report["compare_path"]
+    assert ids["case=weak"] in report["compare_path"] and ids["random-init"] not in report["compare_path"]
+    assert "workflowType=machine_learning" in report["runs_path"]  # MLflow 3 opens in its GenAI view otherwise
 
 
 def test_killed_driver_resumes_from_the_bucket_alone_without_rerunning_or_duplicating(colours, tmp_path):

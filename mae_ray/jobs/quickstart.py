@@ -87,6 +87,6 @@ def run(config: str | None, data_dir: str, overrides: list[str], verbose: bool =
     ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     if ui != uri.rstrip("/"):
         print(f"  open the UI with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    print(f"  the sweep's runs: {ui}/#/experiments/{report['experiment_id']}")
+    print(f"  the sweep's runs: {ui}/{report['runs_path']}")
     print(f"  its trials side by side: {ui}/{report['compare_path']}")
     return report

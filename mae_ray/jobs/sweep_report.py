@@ -73,17 +73,23 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
     print("\n" + markdown)
     print(f"[sweep] results: {parquet}\n[sweep] plots: {', '.join(plots) or 'none (no numeric axis)'}")
     experiment_id = client.get_run(parent).info.experiment_id
-    compare = compare_path(experiment_id, [r["mlflow_run_id"] for r in rows if r.get("mlflow_run_id")])
+    trials = [r["mlflow_run_id"] for r in rows if r.get("mlflow_run_id") and r["status"] != "baseline"]
     return {"rows": rows, "parquet": parquet, "markdown": md_path, "plots": plots, "parent_run_id": parent,
-            "early_stops": pruned, "experiment_id": experiment_id, "compare_path": compare}
+            "early_stops": pruned, "experiment_id": experiment_id, **ui_paths(experiment_id, parent, trials)}
 
 
-def compare_path(experiment_id: str, run_ids: list[str]) -> str:
-    """The MLflow UI's side-by-side view of these runs (append to the UI's address)."""
-    from urllib.parse import quote
+def ui_paths(experiment_id: str, parent: str, trial_run_ids: list[str]) -> dict[str, str]:
+    """Where the MLflow UI (append to its address) shows this sweep: ``runs_path``, its runs flat (not one
+    collapsed parent row), best linear probe first; ``compare_path``, its trials side by side. MLflow 3's
+    UI opens in its GenAI view unless told ``workflowType=machine_learning``."""
+    from urllib.parse import quote, urlencode
 
-    return (f"#/compare-runs?runs={quote(json.dumps(run_ids, separators=(',', ':')))}"
-            f"&experiments={quote(json.dumps([experiment_id]))}")
+    ml = {"workflowType": "machine_learning"}
+    runs = urlencode({"searchFilter": f"tags.mlflow.parentRunId = '{parent}'", "orderByKey": "metrics.`linprobe_top1`",
+                      "orderByAsc": "false", "isPreview": "true", **ml})
+    compare = (f"runs={quote(json.dumps(trial_run_ids, separators=(',', ':')))}"
+               f"&experiments={quote(json.dumps([experiment_id]))}&{urlencode(ml)}")
+    return {"runs_path": f"#/experiments/{experiment_id}/runs?{runs}", "compare_path": f"#/compare-runs?{compare}"}
 
 
 def early_stops(rows: list[dict[str, Any]], epochs: int | None) -> dict[str, Any] | None:

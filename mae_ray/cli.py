@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
 
@@ -83,6 +84,22 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
                                           "$AWS_ENDPOINT_URL, else AWS")
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from mae_ray.config import load_config
+    from mae_ray.jobs import reproduce
+
+    store = load_config(args.config, args.overrides).mlflow.tracking_uri  # which store holds the run
+    reproduce.run(args.run, store, args.out, start=args.start)
+    return 0
+
+
+def _reproduce_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="the run's MLflow id (or runs:/ID); its store: --set mlflow.tracking_uri=... or "
+                               "$MLFLOW_TRACKING_URI")
+    p.add_argument("--out", help="where to write its config (default reproduce-<id>.yaml)")
+    p.add_argument("--start", action="store_true", help="run it again now")
+
+
 def _resume_from(job: str) -> Callable[[argparse.ArgumentParser], None]:
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--resume-from", help=f"checkpoint directory (or state.pt) of a stopped {job} run to continue")
@@ -107,6 +124,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
               lambda p: p.add_argument("--resume", action="store_true", help="continue a killed or stopped sweep"),
               _sweep),
     "quickstart": ("demo data + the quickstart sweep, offline", _quickstart_args, _quickstart),
+    "reproduce": ("the config, command and environment differences of a recorded run", _reproduce_args,
+                  _reproduce),
 }
 
 
@@ -167,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         top.print_help()
         return 2
     quiet_logs(args.verbose)
+    # what every MLflow run of this command records as its command line (processes it starts inherit it)
+    from mae_ray.provenance import COMMAND_ENV, ray_outside_tested_range
+
+    os.environ[COMMAND_ENV] = shlex.join(["mae-ray", *(sys.argv[1:] if argv is None else argv)])
+    untested = ray_outside_tested_range()
+    if untested:
+        print(untested, file=sys.stderr)
     return guarded(lambda: args.handler(args))
 
 

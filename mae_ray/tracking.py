@@ -8,11 +8,12 @@ with the next epoch's, and reported if they are still pending at the end.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-import subprocess
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlparse
@@ -61,10 +62,12 @@ def redact(value: Any) -> Any:
 
 
 def params_from_config(flat: Mapping[str, Any]) -> dict[str, str]:
-    """MLflow params: the flattened config, secrets kept out, values clipped to MLflow's limit."""
+    """MLflow params: the flattened config, secrets kept out, values clipped to MLflow's limit. Not
+    ``mlflow.run_name``: it is the run's own name (a sweep trial's id), and as a param it would lead every
+    comparison of trials, whose differing params the MLflow UI shows first."""
     out = {}
     for key, value in flat.items():
-        if _SECRET_KEY.search(key.rsplit(".", 1)[-1]) and key != "mlflow.tracking_uri":
+        if key == "mlflow.run_name" or (_SECRET_KEY.search(key.rsplit(".", 1)[-1]) and key != "mlflow.tracking_uri"):
             continue
         out[key] = str(redact(value))[:_PARAM_MAX]
     return out
@@ -86,7 +89,10 @@ def _ray_submission_id() -> str | None:
 
 
 def run_tags() -> dict[str, str]:
-    """Ray job submission id (under ``ray job submit``), Ray job id (under Ray), git commit (in a checkout)."""
+    """Ray job submission id (under ``ray job submit``), Ray job id (under Ray), git commit (in a checkout), and
+    what produced the run (``provenance``: versions, hardware, command line, uncommitted changes)."""
+    from mae_ray import provenance
+
     tags = {}
     submission = os.environ.get("RAY_JOB_SUBMISSION_ID") or _ray_submission_id()
     if submission:
@@ -98,14 +104,14 @@ def run_tags() -> dict[str, str]:
             tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
     except Exception:  # tags are a courtesy; never fail a run over one
         pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        tags["mlflow.source.git.commit"] = commit
-    except (OSError, subprocess.SubprocessError):
-        pass
+    env = provenance.environment()
+    if "git_commit" in env:
+        tags["mlflow.source.git.commit"] = env["git_commit"]
+    tags.update({f"{ENV_TAG}{k}": redact(v)[:5000] for k, v in env.items()})
     return tags
+
+
+ENV_TAG = "mae_ray.env."
 
 
 def start_run(
@@ -127,7 +133,46 @@ def start_run(
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
         client.log_batch(run.info.run_id, params=items[i : i + 100])
+    if all_tags.get(f"{ENV_TAG}git_dirty") == "true":  # the code that ran is not the commit alone
+        from mae_ray import provenance
+
+        client.log_text(run.info.run_id, redact(provenance.git_diff()), DIFF_ARTIFACT)
     return run.info.run_id
+
+
+DIFF_ARTIFACT = "provenance/git_diff.patch"
+
+
+def log_datasets(tracking_uri: str, run_id: str, shard_sets: Mapping[str, tuple[str, dict]]) -> None:
+    """MLflow's own dataset tracking (the UI's Dataset column): each shard set, ``{context: (spec, lineage)}``
+    with ``context`` e.g. ``training`` and ``lineage`` from ``data.shards.lineage``, as a dataset named by its
+    folder, with that digest, its source (credentials redacted) and its counts as the profile."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    class ShardSet(MetaDataset):
+        def __init__(self, profile: dict, **kw):
+            super().__init__(**kw)
+            self._profile = profile
+
+        @property
+        def profile(self):
+            return self._profile
+
+        def to_dict(self) -> dict[str, str]:  # MetaDataset leaves the profile out of what MLflow stores
+            return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+    inputs = []
+    for context, (spec, info) in shard_sets.items():
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local-file sources alike
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(redact(spec))
+        dataset = ShardSet({k: info[k] for k in ("num_shards", "num_samples")}, source=source, name=info["name"],
+                           digest=info["digest"])
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    if inputs:
+        MlflowClient(tracking_uri).log_inputs(run_id, datasets=inputs)
 
 
 def run_exists(tracking_uri: str, run_id: str) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -157,6 +159,31 @@ def test_linear_probe_of_the_mae_encoder_beats_random_init(evaluated, random_pro
 def test_finetuning_the_mae_encoder_beats_chance(evaluated):
     _, summary = evaluated
     assert summary["finetune_top1"] > CHANCE + 4, summary
+
+
+@pytest.mark.ray
+def test_every_run_records_what_produced_it(pretrained, evaluated):
+    """Read back from the store after real runs: pre-training (a Ray Train driver) and both evaluations."""
+    import importlib.metadata
+
+    from mae_ray import provenance
+
+    tmp, pre = pretrained
+    _, summary = evaluated
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    commit, dirty = provenance.git_state()
+    for run_id in (pre["mlflow_run_id"], summary["linprobe_run_id"], summary["finetune_run_id"]):
+        tags = client.get_run(run_id).data.tags
+        assert {p: tags[f"mae_ray.env.{p}"] for p in provenance.PACKAGES} == {
+            p: importlib.metadata.version(p) for p in provenance.PACKAGES}
+        assert tags["mae_ray.env.gpu_count"] == str(torch.cuda.device_count())
+        assert tags["mae_ray.env.cpu_count"] == str(os.cpu_count()) and tags["mae_ray.env.ray_nodes"] == "1"
+        assert tags["mae_ray.env.command"]  # this test process's (a CLI run records `mae-ray ...`)
+        if commit:  # a checkout (CI's fresh clone is one)
+            assert tags["mlflow.source.git.commit"] == commit and tags["mae_ray.env.git_dirty"] == str(dirty).lower()
+        inputs = client.get_run(run_id).inputs.dataset_inputs  # the UI's Dataset column
+        assert sorted(t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context") == [
+            "training", "validation"]
 
 
 @pytest.mark.ray

@@ -181,6 +181,40 @@ def dataset_size(spec: str | list[str]) -> int | None:
     return None if counts is None else sum(counts)
 
 
+def lineage(spec: str | list[str]) -> dict:
+    """What identifies the shard set of ``spec`` without reading its shards: a digest of the ``dataset.json``
+    and ``index.parquet`` beside them (of the shard names alone when there are none), the shard and sample
+    counts, and a name (the shard folder's last two parts)."""
+    import hashlib
+
+    urls = expand_urls(spec)
+    digest = hashlib.sha256()
+    folders = sorted({_parent(u) for u in urls if _listed(u)})
+    described = False
+    for folder in folders:
+        for name in (MANIFEST_NAME, "index.parquet"):
+            data = _read_beside(folder, name)
+            if data is None:
+                continue
+            digest.update(f"{name}\0".encode() + data)
+            described = described or name == MANIFEST_NAME
+    if not described:  # nothing describes these shards: at least which ones they are
+        digest.update("\n".join(u.rsplit("/", 1)[-1] for u in urls).encode())
+    first = _parent(urls[0]) if _listed(urls[0]) else urls[0].rsplit("/", 1)[0]
+    return {"digest": digest.hexdigest()[:12], "name": "/".join(first.rstrip("/").split("/")[-2:]),
+            "num_shards": len(urls), "num_samples": dataset_size(urls), "described": described}
+
+
+def _read_beside(folder: str, name: str) -> bytes | None:
+    try:
+        if storage.is_object_uri(folder):
+            return storage.read_bytes(f"{folder}/{name}")
+        with open(os.path.join(folder, name), "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def manifest_crop_ratio(spec: str | list[str]) -> float | None:
     """The ``crop_ratio`` of the dataset.json beside the first shard of ``spec`` (or in its bucket): None
     when there is none, or it has no valid ratio (in (0, 1])."""

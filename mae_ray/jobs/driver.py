@@ -169,6 +169,23 @@ def _newest_checkpoint(folder: str, retry_s: float) -> str:
         time.sleep(2.0)
 
 
+def log_data(uri: str, run_id: str, cfg: Config) -> None:
+    """The run's shard sets in MLflow's dataset tracking; a set that cannot be described is only a warning."""
+    from mae_ray.data import shards
+
+    sets = {}
+    for context, spec in (("training", cfg.data.train_shards), ("validation", cfg.data.val_shards)):
+        try:
+            if spec:
+                sets[context] = (spec, shards.lineage(spec))
+        except Exception as e:  # lineage is a record: it never stops a run
+            print(f"[mlflow] warning: {context} data not logged as an MLflow dataset ({e})", flush=True)
+    try:
+        tracking.log_datasets(uri, run_id, sets)
+    except Exception as e:
+        print(f"[mlflow] warning: datasets not logged ({e})", flush=True)
+
+
 def write_result(output_dir: str, summary: dict[str, Any]) -> str:
     """``result.json``, written whole or not at all."""
     path = os.path.join(output_dir, "result.json")
@@ -232,6 +249,8 @@ def run_job(cfg: Config, plan: JobPlan, *, verbose: bool = False, resume_from: s
             params = {**tracking.params_from_config(cfg.flatten()), **setup.params}
             run_id = tracking.start_run(uri, cfg.mlflow.experiment, plan.name, params,
                                         {**tracking.run_tags(), **setup.tags}, parent_run_id=setup.parent_run_id)
+        if not resume_from:  # a resumed run logged its data when it started
+            log_data(uri, run_id, cfg)
         start = time.time()
         result = fit(plan.train_loop, cfg, name=plan.name, uri=uri, run_id=run_id, verbose=verbose, what=plan.what,
                      callbacks=callbacks, resume_from=resume_from, **setup.worker)

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from mae_ray import provenance
 from mae_ray.config import Config, from_dict, load_config
 from mae_ray.errors import ConfigError
 from mae_ray.jobs.sweep_config import SweepConfig, hide_secrets, param_space, trial_config, trial_label
@@ -45,6 +46,7 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
     from mae_ray.jobs.encoders import resolve_encoder
 
     trial_id = tune.get_context().get_trial_id()
+    os.environ[provenance.COMMAND_ENV] = sweep.get("command", "")  # the sweep's, on whichever node this runs
     real = {k: (hidden or {}).get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in params.items()}
     cfg = trial_config(real, base, sweep["cases"])
     cfg.output_dir = os.path.join(sweep_dir, "trials", trial_id)
@@ -212,7 +214,7 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
                 tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
                                      sweep={"pretrain": sweep.pretrain, "linprobe": sweep.linprobe,
                                             "finetune": sweep.finetune, "cases": sweep.cases, "shared": shared,
-                                            "name": sweep.name},
+                                            "name": sweep.name, "command": provenance.command()},
                                      hidden=hidden),
                 {"cpu": sweep.trial_cpus})
             if resume and tune.Tuner.can_restore(tune_path):

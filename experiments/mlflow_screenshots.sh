@@ -16,9 +16,9 @@ ui=$!
 trap 'kill -- -$ui 2>/dev/null || true' EXIT
 for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && break; sleep 1; done
 
-shot() {  # URL PNG: the page after its scripts ran (virtual time lets the React app fetch and draw)
-  "$chrome" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,1000 \
-    --virtual-time-budget=20000 --screenshot="$2" "$1" 2> /dev/null
+shot() {  # URL PNG: the page after its scripts ran (virtual time lets the React app fetch and draw its charts)
+  "$chrome" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=${WIDTH:-2400},${HEIGHT:-1500} \
+    --virtual-time-budget=${BUDGET_MS:-90000} --screenshot="$2" "$1" 2> /dev/null
 }
 shot "http://127.0.0.1:$port/$runs_path" "$out/mlflow_runs.png"
 shot "http://127.0.0.1:$port/$compare_path" "$out/mlflow_compare.png"

@@ -80,13 +80,14 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
 
 def ui_paths(experiment_id: str, parent: str, trial_run_ids: list[str]) -> dict[str, str]:
     """Where the MLflow UI (append to its address) shows this sweep: ``runs_path``, its runs flat (not one
-    collapsed parent row), best linear probe first; ``compare_path``, its trials side by side. MLflow 3's
-    UI opens in its GenAI view unless told ``workflowType=machine_learning``."""
+    collapsed parent row), best linear probe first, in the chart view (one bar per run for each accuracy; the
+    table view shows no metric column until one is picked); ``compare_path``, its trials side by side.
+    MLflow 3's UI opens in its GenAI view unless told ``workflowType=machine_learning``."""
     from urllib.parse import quote, urlencode
 
     ml = {"workflowType": "machine_learning"}
     runs = urlencode({"searchFilter": f"tags.mlflow.parentRunId = '{parent}'", "orderByKey": "metrics.`linprobe_top1`",
-                      "orderByAsc": "false", "isPreview": "true", **ml})
+                      "orderByAsc": "false", "isPreview": "true", "compareRunsMode": "CHART", **ml})
     compare = (f"runs={quote(json.dumps(trial_run_ids, separators=(',', ':')))}"
                f"&experiments={quote(json.dumps([experiment_id]))}&{urlencode(ml)}")
     return {"runs_path": f"#/experiments/{experiment_id}/runs?{runs}", "compare_path": f"#/compare-runs?{compare}"}

@@ -184,10 +184,18 @@ def _outages_test(bucket, demo_data, tmp_path, monkeypatch):
     monkeypatch.setenv(faults.ENV, "pause:rank=0:before_report=1,pause:rank=0:before_report=2")
     down = []
 
+    snapshot = f"{bucket.bucket}/outages/flaky/checkpoint_manager_snapshot.json"
+
     def registered(epoch):  # Ray's controller lists the run's checkpoints in this file of its own
-        snapshot = f"{bucket.bucket}/outages/flaky/checkpoint_manager_snapshot.json"
         with contextlib.suppress(OSError), bucket.fs.open_input_stream(snapshot) as f:
             return f"epoch_{epoch:06d}" in f.read().decode()
+        return False
+
+    def settled():  # and has not rewritten it for 3 s: its writes to the bucket are done for now
+        with contextlib.suppress(OSError):
+            before = bucket.fs.get_file_info(snapshot).mtime
+            time.sleep(3)
+            return bucket.fs.get_file_info(snapshot).mtime == before
         return False
 
     def outages():  # rank 0 waits at each pause until this has stopped the server
@@ -195,7 +203,7 @@ def _outages_test(bucket, demo_data, tmp_path, monkeypatch):
             marker = out / f".fault-pause-before_report-{epoch}-0"
             deadline = time.monotonic() + 120
             # the outage begins once Ray has recorded the previous checkpoint: its own write is not retried
-            while not (marker.exists() and registered(epoch - 1)) and time.monotonic() < deadline:
+            while not (marker.exists() and registered(epoch - 1) and settled()) and time.monotonic() < deadline:
                 time.sleep(0.05)
             bucket.stop_serving()
             down.append(epoch)

@@ -229,7 +229,7 @@ def test_killed_driver_resumes_from_the_bucket_alone_without_rerunning_or_duplic
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
         assert steps == [0, 1, 2] and "linprobe_top1" in run.data.metrics
         probes = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-        assert [p.info.run_name for p in probes] == [f"{run.data.tags['sweep.trial_id']}-linprobe"]  # run once
+        assert [p.info.run_name for p in probes] == [f"linprobe · {run.info.run_name}"]  # run once
     sweeps_runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("mae_ray.job") == "sweep"]
     assert len(sweeps_runs) == 1
 

@@ -28,6 +28,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
+from urllib.parse import urlsplit
 
 import braceexpand
 
@@ -201,7 +202,9 @@ def lineage(spec: str | list[str]) -> dict:
     if not described:  # nothing describes these shards: at least which ones they are
         digest.update("\n".join(u.rsplit("/", 1)[-1] for u in urls).encode())
     first = _parent(urls[0]) if _listed(urls[0]) else urls[0].rsplit("/", 1)[0]
-    return {"digest": digest.hexdigest()[:12], "name": "/".join(first.rstrip("/").split("/")[-2:]),
+    if "://" in first:  # the name from the path alone: a URL's host part may carry credentials (user:pass@)
+        first = urlsplit(first).path
+    return {"digest": digest.hexdigest()[:12], "name": "/".join(first.strip("/").split("/")[-2:]),
             "num_shards": len(urls), "num_samples": dataset_size(urls), "described": described}
 
 

@@ -117,6 +117,26 @@ def test_pretraining_resumes_bit_identically(local_ray, demo_data, tmp_path, mon
     assert_same_run(full, tmp_path / "full", retried, tmp_path / "kill", f"epoch_{STOP:06d}")
 
 
+def test_in_process_jobs_keep_prune_and_resume_checkpoints_as_ray_train_does(local_ray, demo_data, tmp_path,
+                                                                               monkeypatch):
+    """``ray.num_workers=0`` (a sweep trial's own process): no Ray Train, the same checkpoints. A run that
+    failed and is started again in place (a sweep trial restarted by Tune) continues bit for bit."""
+    def config(tmp):
+        return tiny_config(demo_data, tmp, f"train.epochs={EPOCHS}", "ray.num_workers=0")
+
+    full = pretrain.run(config(tmp_path / "full"))
+    kept = sorted(p.name for p in (tmp_path / "full" / "run" / "ray" / "run").iterdir())
+    assert kept == [f"epoch_{EPOCHS - 2:06d}", f"epoch_{EPOCHS - 1:06d}"]  # the newest two, as Ray's num_to_keep
+    assert full["checkpoint"].endswith(kept[-1])
+
+    monkeypatch.setenv("MAE_RAY_FAULTS", f"fail:rank=0:before_report={STOP + 1}")
+    with pytest.raises(UserError, match=f"injected failure at before_report={STOP + 1}"):
+        pretrain.run(config(tmp_path / "stop"))
+    monkeypatch.delenv("MAE_RAY_FAULTS")
+    continued = pretrain.run(config(tmp_path / "stop"), continue_existing=True)
+    assert_same_run(full, tmp_path / "full", continued, tmp_path / "stop", f"epoch_{STOP:06d}")
+
+
 def test_finetuning_resumes_bit_identically(local_ray, demo_data, tmp_path, monkeypatch):
     # 2 workers; drop path, mixup/cutmix, RandAugment and random erasing all draw random numbers
     def config(tmp, *extra):

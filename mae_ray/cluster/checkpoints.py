@@ -116,16 +116,45 @@ def report(metrics: dict[str, Any], state: TrainingState | None, epoch: int,
     how long an upload to object storage keeps trying (``storage.upload_retry_s``).
     """
     rank, _ = launch.world()
+    local = launch.in_process_run()
     if state is None or rank != 0:
-        ray.train.report(metrics)
+        _report(metrics, local)
         return
     with tempfile.TemporaryDirectory(prefix="mae_ray_ckpt_") as tmp:
         torch.save(state, os.path.join(tmp, STATE_FILE))
         for name, write in (files or {}).items():
             write(os.path.join(tmp, name))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=folder_name(epoch),
-                         checkpoint_upload_fn=functools.partial(_upload, retry_s=retry_s))
+        if local is None:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=folder_name(epoch),
+                             checkpoint_upload_fn=functools.partial(_upload, retry_s=retry_s))
+            return
+        # in-process: stored and pruned here as Ray Train would (``launch.InProcessRun``)
+        local.checkpoint = _upload(Checkpoint.from_directory(tmp), folder_name(epoch), retry_s)
+    stored = sorted(c.path for c in _stored_checkpoints())
+    for old in stored[:-local.keep] if local.keep else ():
+        with contextlib.suppress(OSError):
+            local.fs.delete_dir(old)
+    _report(metrics, local)
+
+
+def _report(metrics: dict[str, Any], local) -> None:
+    if local is None:
+        ray.train.report(metrics)
+        return
+    local.metrics = local.unsent = metrics  # to Tune once the epoch is logged (launch.forward_report)
+
+
+def _run_storage() -> tuple[Any, str] | None:
+    """(pyarrow filesystem, the run's folder) of the job running here; None outside a job."""
+    local = launch.in_process_run()
+    if local is not None:
+        return local.fs, local.root
+    try:
+        ray_storage = ray.train.get_context().get_storage()
+    except (NotImplementedError, RuntimeError):  # not in a Ray Train worker
+        return None
+    return ray_storage.storage_filesystem, ray_storage.experiment_fs_path
 
 
 def _upload(checkpoint: Checkpoint, dir_name: str, retry_s: float = 60.0) -> Checkpoint:
@@ -139,8 +168,7 @@ def _upload(checkpoint: Checkpoint, dir_name: str, retry_s: float = 60.0) -> Che
     """
     import pyarrow.fs as pafs
 
-    ray_storage = ray.train.get_context().get_storage()
-    fs, root = ray_storage.storage_filesystem, ray_storage.experiment_fs_path
+    fs, root = _run_storage()
     local = isinstance(fs, pafs.LocalFileSystem)
     start, tries = time.monotonic(), 0
     while True:
@@ -197,11 +225,8 @@ def _copy_state_last(src: str, fs, dest: str) -> None:
 def checkpoint_location(epoch: int) -> str:
     """Where the checkpoint of ``epoch`` is (or would be) stored, for messages."""
     name = folder_name(epoch)
-    try:
-        ray_storage = ray.train.get_context().get_storage()
-        return address(ray_storage.storage_filesystem, f"{ray_storage.experiment_fs_path}/{name}")
-    except NotImplementedError:
-        return name
+    where = _run_storage()
+    return address(where[0], f"{where[1]}/{name}") if where else name
 
 
 def latest_checkpoint(explicit: str | None = None) -> tuple[TrainingState | None, str | None]:
@@ -213,7 +238,7 @@ def latest_checkpoint(explicit: str | None = None) -> tuple[TrainingState | None
     wins. ``explicit`` (``--resume-from``) is used only when the run has no checkpoint of its own.
     """
     candidates = _stored_checkpoints()
-    registered = ray.train.get_checkpoint()
+    registered = None if launch.in_process_run() else ray.train.get_checkpoint()
     if registered is not None:
         candidates.append(registered)
     for ckpt in sorted(candidates, key=lambda c: os.path.basename(c.path.rstrip("/")), reverse=True):
@@ -249,13 +274,12 @@ def checkpoint_folders(folder: str, with_state: bool = True) -> list[str]:
 
 
 def _stored_checkpoints() -> list[Checkpoint]:
-    try:
-        storage = ray.train.get_context().get_storage()
-    except NotImplementedError:  # in-process mode has no storage context
+    where = _run_storage()
+    if where is None:
         return []
     import pyarrow.fs as pafs
 
-    fs, root = storage.storage_filesystem, storage.experiment_fs_path
+    fs, root = where
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except OSError:

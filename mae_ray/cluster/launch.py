@@ -85,6 +85,8 @@ class TrainerSpec:
 
 def run_trainer(train_fn: Callable[[Any], None], worker_spec: Any, spec: TrainerSpec):
     """Run ``train_fn(worker_spec)`` on ``spec.num_workers`` Ray workers (0: in this process); the Result."""
+    if spec.num_workers == 0:
+        return _run_in_process(train_fn, worker_spec, spec)
     check_resources(spec.num_workers, spec.cpus_per_worker, spec.use_gpu)
     resources = {"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
     storage_path, storage_fs = spec.storage_path, None
@@ -120,6 +122,75 @@ def run_trainer(train_fn: Callable[[Any], None], worker_spec: Any, spec: Trainer
         ),
     )
     return trainer.fit()
+
+
+# --------------------------------------------------------------------------- in this process (ray.num_workers=0)
+@dataclass
+class InProcessRun:
+    """A job run in the calling process: what Ray Train would hold for it (where its checkpoints go, what it
+    reported last). Ray Train's own local mode cannot serve here: its API refuses to run inside a Ray Tune
+    trial, and it keeps no checkpoint (only the last one reported, in a folder deleted once reported)."""
+
+    fs: Any  # pyarrow filesystem of the run's checkpoints
+    root: str  # the run's folder on it: ``<storage_path>/<run name>``
+    keep: int | None  # checkpoints kept, the newest (Ray Train's ``num_to_keep``)
+    use_gpu: bool = False
+    forward: Callable[[dict[str, Any]], None] | None = None  # also given every report (a Tune trial's)
+    metrics: dict[str, Any] | None = None  # the last report's
+    unsent: dict[str, Any] | None = None  # the last report, until forwarded
+    checkpoint: Any = None  # the last checkpoint stored
+
+
+@dataclass
+class InProcessResult:
+    metrics: dict[str, Any] | None
+    checkpoint: Any
+
+
+_IN_PROCESS: list[InProcessRun] = []
+
+
+def in_process_run() -> InProcessRun | None:
+    """The job running in this process (``ray.num_workers=0``), if any."""
+    return _IN_PROCESS[-1] if _IN_PROCESS else None
+
+
+def _run_in_process(train_fn: Callable[[Any], None], worker_spec: Any, spec: TrainerSpec) -> InProcessResult:
+    """One worker, no Ray Train: a sweep trial's own process, or a quick run on one machine. No restarts."""
+    import pyarrow.fs as pafs
+
+    path, fs = spec.storage_path, None
+    if storage.is_object_uri(path):
+        fs, path = storage.filesystem(path)
+    run = InProcessRun(fs=fs or pafs.LocalFileSystem(), root=f"{path}/{spec.name}", keep=spec.keep_checkpoints,
+                       use_gpu=spec.use_gpu, forward=_tune_report(spec.callbacks))
+    _IN_PROCESS.append(run)
+    try:
+        train_fn(worker_spec)
+    finally:
+        _IN_PROCESS.pop()
+    return InProcessResult(metrics=run.metrics, checkpoint=run.checkpoint)
+
+
+def forward_report() -> None:
+    """In-process in a sweep trial: the epoch's report to Tune, once the epoch is in MLflow (the scheduler may
+    stop the trial at this call; with Ray Train the callback forwards it while the worker goes on)."""
+    run = in_process_run()
+    if run is not None and run.unsent is not None:
+        metrics, run.unsent = run.unsent, None
+        if run.forward:
+            run.forward(metrics)
+
+
+def _tune_report(callbacks: list | None) -> Callable[[dict[str, Any]], None] | None:
+    """A sweep trial's ``TuneReportCallback`` (a Ray Train callback) becomes a direct report to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    if any(isinstance(c, TuneReportCallback) for c in callbacks or ()):
+        from ray import tune
+
+        return tune.report
+    return None
 
 
 def _from_object_store(train_fn: Callable[[Any], None]) -> Callable[[dict], None]:
@@ -174,5 +245,28 @@ def enter_worker(spec) -> tuple[int, int]:
 
 def world() -> tuple[int, int]:
     """(rank, world size) of this worker; (0, 1) in-process."""
+    if in_process_run():
+        return 0, 1
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def device():
+    """The torch device of this worker (in-process: the first GPU with ``ray.use_gpu``, else the CPU)."""
+    import torch
+
+    run = in_process_run()
+    if run is None:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cuda" if run.use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def prepare_model(model, move_to_device: bool = True):
+    """DDP over the workers (Ray Train's ``prepare_model``); in-process, the model on this worker's device."""
+    if in_process_run() is None:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=move_to_device)
+    return model.to(device()) if move_to_device else model

@@ -130,6 +130,7 @@ class EpochLoop:
             if last or (epoch + 1) % every == 0:
                 shown = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
                 self.say(f"epoch {epoch + 1}/{self.epochs} {shown}")
+        launch.forward_report()  # in-process in a sweep trial: to Tune now (with Ray Train, its callback did)
 
     def check_ranks_in_sync(self, epoch: int) -> None:
         """Every rank's parameters, bit for bit, equal rank 0's; else raise naming the epoch and the tensors.

@@ -153,7 +153,7 @@ def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: 
         raise UserError(f"{what} failed: {message}") from None
     if result.checkpoint is None:
         tracking.end_run(uri, run_id, "FAILED")
-        raise UserError(f"{what} finished without a checkpoint (ray.num_workers=0 runs keep none)")
+        raise UserError(f"{what} finished without a checkpoint")
     return result
 
 

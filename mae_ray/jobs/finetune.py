@@ -54,8 +54,6 @@ def freeze_for_partial(vit, trainable_blocks: int | None) -> None:
 
 
 def train_loop(spec: WorkerSpec) -> None:
-    import ray
-    import ray.train.torch
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -69,7 +67,7 @@ def train_loop(spec: WorkerSpec) -> None:
     cfg = spec.config
     ft, settings = cfg.finetune, cfg.run_settings("finetune")
     rank, world = launch.enter_worker(spec)
-    device = ray.train.torch.get_device()
+    device = launch.device()
     if device.type == "cuda":
         engine.configure_cuda()
     torch.manual_seed(settings.seed)
@@ -107,7 +105,7 @@ def train_loop(spec: WorkerSpec) -> None:
                      stateful={"model": vit, "optimizer": optimizer, "scheduler": scheduler,
                                "scaler": precision.scaler},
                      seed=settings.seed, steps_per_epoch=plan.updates_per_epoch)
-    model = ray.train.torch.prepare_model(vit, move_to_device=False)
+    model = launch.prepare_model(vit, move_to_device=False)
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
     loop.say(f"{batching.describe()}, {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, "
              f"{trainable / 1e6:.2f} M trainable parameters; {loop.describe_start()}")

@@ -69,9 +69,6 @@ class CachedFeatures:
 
 
 def train_loop(spec: WorkerSpec) -> None:
-    import ray
-    import ray.train.torch
-
     from mae_ray.cluster import launch
     from mae_ray.cluster.worker_loop import EpochLoop
     from mae_ray.data.loader import make_eval_loader, make_train_loader
@@ -84,7 +81,7 @@ def train_loop(spec: WorkerSpec) -> None:
     cfg = spec.config
     lp, settings = cfg.linprobe, cfg.run_settings("linprobe")
     rank, world = launch.enter_worker(spec)
-    device = ray.train.torch.get_device()
+    device = launch.device()
     torch.manual_seed(settings.seed)
     source = EncoderSource(spec.encoder_state(), spec.model_kwargs, None, "")
     encoder = source.build(settings.seed).to(device).eval().requires_grad_(False)
@@ -122,7 +119,7 @@ def train_loop(spec: WorkerSpec) -> None:
                      stateful={"head": head, "optimizer": optimizer, "scheduler": scheduler},
                      seed=settings.seed, steps_per_epoch=plan.updates_per_epoch,
                      report_every_epoch=not lp.cache_features)
-    ddp_head = ray.train.torch.prepare_model(head, move_to_device=False)
+    ddp_head = launch.prepare_model(head, move_to_device=False)
     if lp.cache_features:  # inputs are already features
         train_forward, eval_forward = ddp_head, head
     else:

@@ -17,7 +17,6 @@ from mae_ray.config import Config
 # --------------------------------------------------------------------------- worker
 def train_loop(spec: WorkerSpec) -> None:
     """Runs on every Ray Train worker (or in-process with ray.num_workers=0)."""
-    import ray.train.torch
     import torch
 
     from mae_ray import tracking
@@ -33,7 +32,7 @@ def train_loop(spec: WorkerSpec) -> None:
 
     cfg = spec.config
     rank, world_size = launch.enter_worker(spec)
-    device = ray.train.torch.get_device()
+    device = launch.device()
     if device.type == "cuda":
         engine.configure_cuda()
     else:
@@ -65,7 +64,7 @@ def train_loop(spec: WorkerSpec) -> None:
                                "scaler": precision.scaler},
                      seed=cfg.train.seed, steps_per_epoch=plan.updates_per_epoch, extra_state={"config": config_text})
     raw_model = model
-    model = ray.train.torch.prepare_model(model)  # DDP over NCCL (GPU) or Gloo (CPU); no-op for 1 worker
+    model = launch.prepare_model(model)  # DDP over NCCL (GPU) or Gloo (CPU); no-op for 1 worker
     if cfg.train.compile:
         model = torch.compile(model)
     loop.say(f"{batching.describe()}, {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}; {loop.describe_start()}")

@@ -144,9 +144,10 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
     by_name = {r["info"]["run_name"]: r for r in runs}
     tags = {name: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for name, r in by_name.items()}
     assert set(by_name) == {"sweep-s", "case=strong", "case=weak", "linprobe · case=strong",
-                            "finetune · case=strong", "random-init"}, sorted(by_name)
+                            "finetune · case=strong", "random-init", "random-init · finetune"}, sorted(by_name)
     ids = {name: r["info"]["run_id"] for name, r in by_name.items()}
     assert tags["case=strong"]["mlflow.parentRunId"] == tags["random-init"]["mlflow.parentRunId"] == ids["sweep-s"]
+    assert tags["random-init · finetune"]["mlflow.parentRunId"] == ids["sweep-s"]
     assert tags["linprobe · case=strong"]["mlflow.parentRunId"] == ids["case=strong"]
     assert all(tags[name].get("mlflow.note.content") for name in by_name), {n: t.get("mlflow.note.content")
                                                                              for n, t in tags.items()}
@@ -164,14 +165,17 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
 def test_killed_driver_resumes_from_the_bucket_alone_without_rerunning_or_duplicating(colours, tmp_path):
     """A sweep with ``storage_path: s3://...`` is killed after its first trial; its local folder is deleted;
     ``--resume`` finishes it from what is in the bucket (Tune's state, sweep.json, the trials' checkpoints
-    and results), with no trial run twice and no MLflow run duplicated."""
+    and results), with no trial run twice and no MLflow run duplicated. The trials run their jobs in their own
+    process (``ray.num_workers=0``, the quickstart's way; the ASHA test above runs them on Ray Train)."""
     import pyarrow.fs as pafs
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with S3Server() as s3:
         shared = f"{s3.bucket}/sweeps/s"
         path = write_sweep(tmp_path, colours, uri, {"model.mask_ratio": {"grid": [0.5, 0.75]}},
-                           base_keys={"storage": {"endpoint_url": s3.endpoint}},
+                           # each trial's jobs in its own process: checkpoints go to the bucket all the same
+                           base_keys={"storage": {"endpoint_url": s3.endpoint},
+                                      "ray": {"num_workers": 0, "cpus_per_worker": 1}},
                            storage_path=f"s3://{s3.bucket}/sweeps",
                            scheduler={"type": "none"}, random_baseline=False, finetune=False,  # CI minutes
                            paper={0.5: {"linprobe_top1": 70.5, "finetune_top1": 84.0}, 0.75: {"linprobe_top1": 73.5}})

@@ -186,3 +186,26 @@ def test_a_wrong_paper_key_or_case_is_one_clear_error(tmp_path, edit, message):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}").replace(".", r"\.")):
         sweeps.load_sweep(str(tmp_path / "s.yaml"), [])
+
+
+def test_the_quickstart_fits_its_three_trials_and_baseline_on_two_cores_and_says_what_its_table_shows():
+    from mae_ray.config import Config, from_dict
+    from mae_ray.jobs import quickstart
+    from mae_ray.jobs import sweep as sweep_run
+
+    sweep, base = sweeps.load_sweep(os.path.join(SWEEPS, "quickstart.yaml"), [])
+    cfg = from_dict(Config, base)
+    share = sweep_run._trial_resources(sweep, cfg)["cpu"]  # a trial's, and the baseline task's
+    assert cfg.ray.num_workers == 0 and sweep.random_baseline and sweep.linprobe and sweep.finetune
+    assert len(points(sweep)) == sweep.max_concurrent_trials == 3 and (3 + 1) * share <= 2  # all at once
+
+    rows = [{"status": "finished", "linprobe_top1": 60.4, "finetune_top1": 20.3},
+            {"status": "finished", "linprobe_top1": 54.3, "finetune_top1": 21.1},
+            {"status": "stopped", "linprobe_top1": 10.0},  # not a finished trial: not counted
+            {"status": "baseline", "linprobe_top1": 51.0, "finetune_top1": 37.1}]
+    assert quickstart.reading(rows) == [
+        "linear probe: every MAE trial beats random init (54.3-60.4 vs 51.0)",
+        "fine-tuning: random init beats every MAE trial (37.1 vs 20.3-21.1) at this budget; docs/results.md "
+        "measures where MAE starts to pay off on this data, and why"]
+    rows[-1]["finetune_top1"] = 20.5
+    assert quickstart.reading(rows)[1] == "fine-tuning: MAE trials 20.3-21.1, random init 20.5"

@@ -2,7 +2,9 @@
 
 Each trial is a Tune function with a small CPU share that runs pre-training as its own TorchTrainer
 (named after the trial), forwarding rank-0 reports to Tune with ``TuneReportCallback``, then the
-evaluation (linear probe, fine-tune) and a final report. ASHA stops weak trials early on the online
+evaluation (linear probe, fine-tune) and a final report. With ``ray.num_workers: 0`` the trial runs
+those jobs in its own process instead (``launch.run_trainer``; a worker's CPU share reserved for it):
+on one machine that saves starting three Ray Train runs per trial. ASHA stops weak trials early on the online
 ``knn_top1`` (not on the reconstruction loss, which the paper shows does not rank representations).
 MLflow: one parent run per sweep, one child run per trial (its pre-training run). ``--resume``
 restores the Tune experiment: finished trials are not re-run, no MLflow run is duplicated.
@@ -166,6 +168,7 @@ def _name_evaluations(uri: str, scores: dict[str, Any], label: str, trial_id: st
 # --------------------------------------------------------------------------- the sweep
 def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bool = False,
         verbose: bool = False) -> dict[str, Any]:
+    import ray
     from ray import tune
 
     from mae_ray import tracking
@@ -216,7 +219,7 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
                                             "finetune": sweep.finetune, "cases": sweep.cases, "shared": shared,
                                             "name": sweep.name, "command": provenance.command()},
                                      hidden=hidden),
-                {"cpu": sweep.trial_cpus})
+                _trial_resources(sweep, cfg))
             if resume and tune.Tuner.can_restore(tune_path):
                 # a trial the dead driver left running shows as errored: restart it (trials are idempotent)
                 tuner = tune.Tuner.restore(tune_path, trainable=fn, resume_unfinished=True, restart_errored=True)
@@ -228,11 +231,13 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
                     run_config=tune.RunConfig(name="tune", storage_path=shared or sweep_dir,
                                               verbose=1 if verbose else 0,
                                               callbacks=[sweep_report.progress_callback(
-                                                  sweep.linprobe or sweep.finetune)]),
+                                                  sweep.linprobe or sweep.finetune, concurrent)]),
                 )
+            # the random-init baseline runs beside the trials (a Ray task holding a trial's share), not after them
+            baseline = _start_baseline(sweep, cfg, base, sweep_dir, shared, uri, parent, verbose)
             with _credentials_not_copied_by_tune():
                 grid = tuner.fit()
-            baseline = _random_baseline(sweep, base, sweep_dir, shared, uri, parent, verbose)
+            baseline = ray.get(baseline) if baseline is not None else None
             return sweep_report.finish(grid, sweep, sweep_dir, uri, parent, baseline, epochs=cfg.train.epochs)
     finally:
         if started:
@@ -290,11 +295,19 @@ def _credentials_not_copied_by_tune():
         class_cache.ENV_VARS_TO_PROPAGATE = copied
 
 
+def _trial_resources(sweep: SweepConfig, cfg: Config) -> dict[str, float]:
+    """What Tune reserves for a trial function. With ``ray.num_workers=0`` the trial runs its jobs itself
+    (no Ray Train worker group to start: the quickstart's way on one machine), so it holds a worker's share."""
+    if cfg.ray.num_workers:
+        return {"cpu": sweep.trial_cpus}
+    return {"cpu": max(sweep.trial_cpus, cfg.ray.cpus_per_worker), **({"gpu": 1} if cfg.ray.use_gpu else {})}
+
+
 def _concurrency(sweep: SweepConfig, cfg: Config) -> int:
     """Trials at a time such that every trial's Train workers can be placed (they are not Tune's resources)."""
     import ray
 
-    per_trial = sweep.trial_cpus + cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    per_trial = _trial_resources(sweep, cfg)["cpu"] + cfg.ray.num_workers * cfg.ray.cpus_per_worker
     fits = int(ray.cluster_resources().get("CPU", 0) // per_trial)
     if fits < 1:
         raise ConfigError(f"one trial needs {per_trial:g} CPU (trial_cpus + ray.num_workers x ray.cpus_per_worker)"
@@ -321,27 +334,54 @@ def _sweep_params(sweep: SweepConfig) -> dict[str, str]:
             "sweep.num_samples": str(sweep.num_samples)}
 
 
-def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, shared: str | None, uri: str,
-                     parent: str, verbose: bool) -> dict[str, Any] | None:
-    """Linear probe of the same architecture at initialisation: the row MAE trials must beat."""
-    if not (sweep.random_baseline and sweep.linprobe):
+def _start_baseline(sweep: SweepConfig, cfg: Config, base: dict[str, Any], sweep_dir: str, shared: str | None,
+                    uri: str, parent: str, verbose: bool):
+    """The baseline as a Ray task with a trial's resources (None when the sweep has none): Ray starts it
+    first, and the trials take the rest of the cluster until it ends."""
+    if not (sweep.random_baseline and (sweep.linprobe or sweep.finetune)):
         return None
-    from mae_ray.jobs import linprobe
+    import ray
 
+    task = ray.remote(_random_baseline).options(num_cpus=_trial_resources(sweep, cfg)["cpu"],
+                                                num_gpus=_trial_resources(sweep, cfg).get("gpu", 0))
+    return task.remote(sweep, base, sweep_dir, shared, uri, parent, verbose, provenance.command())
+
+
+def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, shared: str | None, uri: str,
+                     parent: str, verbose: bool, command: str = "") -> dict[str, Any] | None:
+    """The same architecture at random initialisation, evaluated as the trials are: its linear probe is the
+    row every MAE trial must beat, its fine-tuning is training from scratch on the trials' budget."""
+    jobs = [j for j in ("linprobe", "finetune") if getattr(sweep, j)]
+    if not (sweep.random_baseline and jobs):
+        return None
+    from mlflow import MlflowClient
+
+    from mae_ray.jobs import finetune, linprobe
+
+    os.environ[provenance.COMMAND_ENV] = command  # the sweep's, in this Ray worker
     out = os.path.join(sweep_dir, "random_baseline")
     record = shared and f"{shared}/random_baseline"
     done = _done(out, record)  # done before a --resume
     if done:
         return done
-    cfg = load_config(None, [f"output_dir={out}", "eval.checkpoint=random", "mlflow.run_name=random-init"],
-                      base=base)
-    cfg.mlflow.tracking_uri = uri
-    result = linprobe.run(cfg, verbose=verbose)
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    client.set_tag(result["mlflow_run_id"], "mlflow.parentRunId", parent)
-    client.set_tag(result["mlflow_run_id"], NOTE, "Linear probe of the same encoder at random initialisation: "
-                                                   "the row every MAE trial must beat.")
-    _keep(record, result)
-    return result
+    notes = {"linprobe": "Linear probe of the same encoder at random initialisation: the row MAE trials must beat.",
+             "finetune": "Fine-tuning of the same encoder from random initialisation (training from scratch) with "
+                         "the trials' budget: what MAE initialisation is compared with."}
+    summary: dict[str, Any] = {}
+    for job in jobs:
+        folder = "random-init" if job == "linprobe" else "random-init-finetune"  # also its checkpoints' folder
+        cfg = load_config(None, [f"output_dir={os.path.join(out, job)}", "eval.checkpoint=random",
+                                 f"mlflow.run_name={folder}"], base=base)
+        cfg.mlflow.tracking_uri = uri
+        result = _done(cfg.output_dir) or {"linprobe": linprobe, "finetune": finetune}[job].run(cfg, verbose=verbose)
+        client = MlflowClient(uri)
+        client.set_tag(result["mlflow_run_id"], "mlflow.parentRunId", parent)
+        client.set_tag(result["mlflow_run_id"], NOTE, notes[job])
+        if job == "finetune":
+            client.set_tag(result["mlflow_run_id"], "mlflow.runName", "random-init · finetune")
+        summary.update({k: v for k, v in result.items() if k.startswith(job)})
+        summary.setdefault("mlflow_run_id", result["mlflow_run_id"])  # the row's run: the probe's when there is one
+        summary[f"{job}_run_id"] = result["mlflow_run_id"]
+    write_json(os.path.join(out, "result.json"), summary)
+    _keep(record, summary)
+    return summary

@@ -41,8 +41,8 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
             # epochs it really ran: Tune's last result can lag an epoch the trial finished while being stopped
             row["epochs_run"] = len(client.get_metric_history(run.info.run_id, "train_loss"))
     if baseline is not None:
-        rows.append({"trial": "random-init", "status": "baseline", "linprobe_top1": baseline["linprobe_top1"],
-                     "linprobe_top5": baseline["linprobe_top5"], "mlflow_run_id": baseline["mlflow_run_id"]})
+        rows.append({"trial": "random-init", "status": "baseline", "mlflow_run_id": baseline["mlflow_run_id"],
+                     **{k: v for k, v in baseline.items() if k.endswith(("_top1", "_top5"))}})
     columns = _columns(rows, list(sweep.search))
     table = pa.table({c: [r.get(c) for r in rows] for c in columns})
     parquet = os.path.join(sweep_dir, "sweep_results.parquet")
@@ -204,9 +204,10 @@ def axis_figure(rows: list[dict], axis: str, paper: bool = False):
             continue
         ys = [_mean([r[metric] for r in points if r[axis] == x and metric in r]) for x in xs]
         ax.plot(xs, ys, style, label=metric.replace("_top1", " top-1"))
-    baseline = [r["linprobe_top1"] for r in rows if r["status"] == "baseline"]
-    if baseline:
-        ax.axhline(baseline[0], color="grey", lw=1, ls="--", label="random-init linear probe")
+    for row in (r for r in rows if r["status"] == "baseline"):
+        for metric, style, what in (("linprobe_top1", "--", "linear probe"), ("finetune_top1", ":", "fine-tune")):
+            if metric in row:
+                ax.axhline(row[metric], color="grey", lw=1, ls=style, label=f"random-init {what}")
     ax.set_xlabel(axis)
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
@@ -243,9 +244,10 @@ def _best(rows: list[dict], metric: str, mode: str) -> dict | None:
 
 
 # --------------------------------------------------------------------------- progress
-def progress_callback(evaluates: bool):
+def progress_callback(evaluates: bool, concurrent: int = 1):
     """A Tune callback (on the driver) that prints one line per ended trial: its scores and the sweep's ETA.
-    ``evaluates``: whether a trial that ran to its end reports linprobe/finetune scores (else it was stopped)."""
+    ``evaluates``: whether a trial that ran to its end reports linprobe/finetune scores (else it was stopped);
+    ``concurrent``: trials at a time."""
     import time
 
     from ray import tune
@@ -254,18 +256,30 @@ def progress_callback(evaluates: bool):
 
     class Progress(tune.Callback):
         def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
-            self.start, self.ended, self.total = time.time(), 0, total_num_samples
+            self.total, self.started, self.durations = total_num_samples, {}, []
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.time()
 
         def _line(self, trials, trial, how: str) -> None:
-            self.ended += 1
+            now = time.time()
+            self.durations.append(now - self.started.pop(trial.trial_id, now))
             done = sum(t.status in ("TERMINATED", "ERROR") or t is trial for t in trials)  # a resume's too
             total = max(self.total or 0, len(trials), done)
             result = trial.last_result or {}
             scores = " ".join(f"{k} {result[k]:.1f}" for k in ACCURACIES if isinstance(result.get(k), (int, float)))
-            per_trial = (time.time() - self.start) / self.ended  # wall time per trial, concurrency included
-            eta = f"; about {per_trial * (total - done) / 60:.0f} min left" if total > done else ""
-            print(f"[sweep] trial {done}/{total} {how} ({trial_label(trial.config)}): {scores or 'no scores'}{eta}",
-                  flush=True)
+            print(f"[sweep] trial {done}/{total} {how} ({trial_label(trial.config)}): {scores or 'no scores'}"
+                  f"{self._eta(now, total - done)}", flush=True)
+
+        def _eta(self, now: float, left: int) -> str:
+            """What the running trials still need (at the ended trials' mean length) and the queued ones, spread
+            over the trials that run at a time."""
+            if left <= 0 or not self.durations:
+                return ""
+            mean = sum(self.durations) / len(self.durations)
+            running = [max(0.0, mean - (now - t)) for t in self.started.values()]
+            work = sum(running) + max(0, left - len(running)) * mean
+            return f"; about {max(1, round(work / max(1, concurrent) / 60))} min left"
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}

@@ -1,0 +1,105 @@
+"""Every shipped paper sweep file runs end to end: Ray Tune, a trial per point pre-trained, linear-probed and
+fine-tuned, the report with the paper's numbers beside the measured ones (issue 14's smoke run).
+
+What changes from the file is only its scale: the micro ViT on the demo data, one epoch of each job, every
+trial's jobs in the trial's own process (``ray.num_workers=0``: no Ray Train start-up per job), a local
+sqlite store; the axis, its paper numbers, the cases and the rest of the recipe stay as shipped. Two points of
+each axis (its first and its last) run here; tests/test_sweep_files.py trains one step at every point of every
+file. Figure 7's pre-training lengths (100-1600 epochs) run as 1-16 epochs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from test_sweep_files import PAPER, SWEEPS
+
+from mae_ray.jobs import sweep as sweeps
+from mae_ray.jobs.sweep_config import CASE, axis_label, load_sweep
+
+pytestmark = pytest.mark.ray
+
+
+def smoke_overrides(demo: dict, uri: str) -> dict:
+    one = {"epochs": 1, "batch_size": 32, "effective_batch": None, "warmup_epochs": 0}
+    return {
+        "model.name": "mae_vit_micro_patch4", "model.img_size": 32,
+        "data.train_shards": demo["train"], "data.val_shards": demo["val"], "data.num_workers": 0,
+        "data.samples_per_epoch": 64, "data.shuffle_buffer": 64,
+        **{f"train.{k}": v for k, v in one.items()}, "train.accum_iter": 1, "train.amp": "none",
+        "train.checkpoint_every": 1, "train.visualize_every": 0, "train.knn_every": 1,
+        "eval.knn_train_samples": 64, "eval.knn_val_samples": 32,
+        **{f"linprobe.{k}": v for k, v in one.items()}, **{f"finetune.{k}": v for k, v in one.items()},
+        "ray.num_workers": 0, "ray.cpus_per_worker": 1, "ray.use_gpu": False, "ray.storage_path": None,
+        "mlflow.tracking_uri": uri, "mlflow.experiment": "smoke",
+    }
+
+
+def smoke_file(name: str, tmp_path, demo: dict, encoder: str) -> tuple[str, str, dict]:
+    """The shipped file at smoke scale, written beside the test; returns (path, axis, {axis label: value})."""
+    with open(os.path.join(SWEEPS, name)) as f:
+        spec = yaml.safe_load(f)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec["base"] = os.path.join(SWEEPS, spec["base"])
+    spec["overrides"] = {**spec.get("overrides", {}), **smoke_overrides(demo, uri)}
+    if not spec.get("pretrain", True):
+        spec["overrides"]["eval.checkpoint"] = encoder
+    spec.update(output_dir=str(tmp_path / "sweeps"), storage_path=None, max_concurrent_trials=2,
+                random_baseline=False)
+    if spec.get("cases"):
+        first, *_, last = spec["cases"]
+        spec["cases"] = {k: spec["cases"][k] for k in (first, last)}
+        axis, values = CASE, [first, last]
+    else:
+        (axis, entry), = spec["search"].items()
+        values = [entry["grid"][0], entry["grid"][-1]]
+        scale = (lambda v: v // 100) if axis == "train.epochs" else (lambda v: v)
+        paper = {axis_label(k): v for k, v in spec.get("paper", {}).items()}
+        spec["paper"] = {scale(v): paper[axis_label(v)] for v in values if axis_label(v) in paper}
+        values = [scale(v) for v in values]
+        spec["search"] = {axis: {"grid": values}}
+    if axis == CASE:
+        spec["paper"] = {k: v for k, v in spec["paper"].items() if k in values}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path), axis, {axis_label(v): v for v in values}
+
+
+@pytest.fixture(scope="module")
+def encoder(local_ray, demo_data, tmp_path_factory):
+    """A micro pre-training checkpoint: the fixed encoder of the evaluation-only sweep (Figure 9)."""
+    from _helpers import tiny_config
+
+    from mae_ray.jobs import pretrain
+
+    tmp = tmp_path_factory.mktemp("encoder")
+    return pretrain.run(tiny_config(demo_data, tmp, "train.epochs=1", "ray.num_workers=0"))["checkpoint"]
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_each_paper_sweep_file_runs_through_tune_with_the_papers_numbers_beside(local_ray, demo_data, encoder,
+                                                                               tmp_path, name):
+    path, axis, values = smoke_file(name, tmp_path, demo_data, encoder)
+    sweep, base = load_sweep(path, [])
+    report = sweeps.run(sweep, base, path)
+
+    rows = {axis_label(r[axis]): r for r in report["rows"]}
+    assert set(rows) == set(values) and all(r["status"] == "finished" for r in rows.values()), report["rows"]
+    measured = [m for m in ("linprobe_top1", "finetune_top1") if getattr(sweep, m.split("_")[0])]
+    paper = {axis_label(k): v for k, v in sweep.paper.items()}
+    client = MlflowClient(base["mlflow"]["tracking_uri"])
+    for label, row in rows.items():
+        assert all(isinstance(row.get(m), float) for m in measured), row
+        # the paper's numbers beside the measured ones, for the points the paper gives
+        assert {k: row[k] for k in row if k.startswith("paper_")} == {
+            f"paper_{k}": float(v) for k, v in paper.get(label, {}).items()}
+        # the trial ran its point: its MLflow params are what its jobs used
+        params = client.get_run(row["mlflow_run_id"]).data.params
+        settings = sweep.cases[label] if axis == CASE else {axis: values[label]}
+        assert {k: params[k] for k in settings} == {k: str(v) for k, v in settings.items()}
+    assert any(paper.get(label) for label in rows)  # every file names the paper's numbers of at least one end
+    table = [ln for ln in open(report["markdown"]).read().splitlines() if ln.startswith("| ")]
+    assert "paper_" in table[0] and len(table) == 1 + len(rows)  # the header and a row per trial

@@ -70,10 +70,11 @@ LEARN_PRETRAIN = ("model.norm_pix_loss=true", "data.samples_per_epoch=12000", "t
                   "train.warmup_epochs=0.1", "train.knn_every=3", "eval.knn_train_samples=1200",
                   "eval.knn_val_samples=300")
 # Linear probe: cached features, mean-pooled patch tokens (which separate MAE from random init more
-# clearly than the cls token on this task, docs/results.md), 300 epochs: LARS moves the head by a fixed
+# clearly than the cls token on this task, docs/results.md), 500 epochs: LARS moves the head by a fixed
 # fraction of its (0.01-std) weights per step, so 9 steps an epoch need that many to converge; at 50 the
-# probe stopped ~9 points under a plain logistic regression and still moved (docs/results.md).
-LEARN_PROBE = ("linprobe.pool=mean", "linprobe.epochs=300", "linprobe.blr=20")
+# probe stopped ~9 points under a plain logistic regression and still moved (docs/results.md), at 300 the
+# random-init probe ended one val image under it.
+LEARN_PROBE = ("linprobe.pool=mean", "linprobe.epochs=500", "linprobe.blr=20")
 # Fine-tune: 2 x 1,200 images, no mixup/cutmix (they slow a short run down), lr 1e-3.
 LEARN_FINETUNE = ("finetune.epochs=2", "finetune.samples_per_epoch=1200", "finetune.blr=4e-3",
                   "finetune.warmup_epochs=0.2", "finetune.layer_decay=0.75", "finetune.mixup=0",
@@ -148,6 +149,7 @@ def test_distributed_eval_equals_single_process(local_ray, demo_data, tmp_path):
 #   fine-tune, MAE init             23.3  21.3  21.3  22.3  18.0   - chance:     +8.0 .. +13.3
 #   online kNN (cls token, k=20)    29.3  27.3  25.3  24.7  23.3   - chance:    +13.3 .. +19.3
 # Each bound is about half the smallest margin measured over its reference (random init, chance).
+# (The probe now runs 500 epochs: seed 0 gives MAE 44.7, random init 38.7, +6.0.)
 @pytest.mark.ray
 def test_linear_probe_of_the_mae_encoder_beats_random_init(evaluated, random_probe):
     _, summary = evaluated
@@ -338,7 +340,7 @@ def test_the_probe_job_converges_and_meets_a_plain_logistic_regression(pretraine
         top1 = result["linprobe_top1"]
         history = [m.value for m in sorted(MlflowClient(f"sqlite:///{store}/mlflow.db").get_metric_history(
             run_id, "val_top1"), key=lambda m: m.step)]
-        # at least the plain probe, to within 1 point (3 of the 300 val images: the two heads stop at
-        # different points of a still-falling loss); settled: the last 10 epochs within 2 points
-        assert top1 >= plain - 1.0, (name, top1, plain, history[-10:])
+        # at least the plain probe (at 300 epochs the random-init probe ended 1 val image under it: 36.33 vs
+        # 36.67; at 500, 38.67 and MAE 44.67 vs 44.00); settled: the last 10 epochs within 2 points
+        assert top1 >= plain, (name, top1, plain, history[-10:])
         assert max(history[-10:]) - min(history[-10:]) <= 2.0, (name, history[-10:])

@@ -58,6 +58,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     # evaluation crop: resize to img_size / crop_ratio, centre crop; None: dataset.json's crop_ratio, else 0.875
     crop_ratio: float | None = None
+    # where pre-training's JPEGs are decoded and cropped: cpu (the loader processes) | gpu (the training GPU,
+    # a batch at a time: data/device_decode.py; the loader processes only read the shards)
+    decode: str = "cpu"
 
 
 @dataclass
@@ -87,6 +90,7 @@ class RayConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with use_gpu; 0.5: two workers (or in-process sweep trials) share a GPU
     address: str | None = None  # None: join the cluster under `ray job submit`, else start Ray here
     storage_path: str | None = None  # checkpoints; None: <output_dir>/ray
     failure_max_retries: int = 0
@@ -259,6 +263,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"storage.endpoint_url must be the http(s):// URL of an S3 server, got {endpoint!r}")
     if cfg.storage.upload_retry_s < 0:
         raise ConfigError(f"storage.upload_retry_s must be >= 0 seconds, got {cfg.storage.upload_retry_s}")
+    if not 0 < cfg.ray.gpus_per_worker <= 8:
+        raise ConfigError(f"ray.gpus_per_worker must be in (0, 8], got {cfg.ray.gpus_per_worker}")
+    if cfg.data.decode not in ("cpu", "gpu"):
+        raise ConfigError(f"data.decode must be cpu or gpu, got {cfg.data.decode!r}")
+    if cfg.data.decode == "gpu" and not cfg.ray.use_gpu:
+        raise ConfigError("data.decode=gpu decodes on the training GPU: it needs ray.use_gpu=true")
+    if cfg.data.decode == "gpu" and cfg.train.augment != "crop_random":
+        raise ConfigError(f"data.decode=gpu takes MAE's crop_random augmentation only, not train.augment="
+                          f"{cfg.train.augment}: use data.decode=cpu for the other Table 1e settings")
     if cfg.train.augment not in PRETRAIN_AUGMENTS:
         raise ConfigError(f"train.augment must be one of {', '.join(PRETRAIN_AUGMENTS)}, got {cfg.train.augment!r}")
     if k["mask_sampling"] not in MASK_SAMPLINGS:

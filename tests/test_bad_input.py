@@ -139,6 +139,8 @@ def a_demo_jpeg(demo: dict) -> bytes:
         ("model.mask_ratoi=0.5", "error: unknown key 'model.mask_ratoi'; valid keys in 'model': name, mask_ratio"),
         ("train.batch_size=big", "error: train.batch_size: expected int, got 'big' (str)"),
         ("ray.num_workers=1.5", "error: ray.num_workers: expected int, got 1.5 (float)"),
+        # on a machine without a GPU: decoding on the GPU is refused at once
+        ("data.decode=gpu", "error: data.decode=gpu decodes on the training GPU: it needs ray.use_gpu=true"),
     ],
 )
 def test_cli_pretrain_bad_config_key_or_value(tmp_path, setting, message):

@@ -136,6 +136,35 @@ def test_train_order_changes_per_epoch_and_is_reproducible(uneven):
     assert labels_of(loader) == epoch_labels(1, 16)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_raw_batches_carry_the_same_samples_as_decoded_ones_for_gpu_decoding(uneven, num_workers):
+    """``raw=True`` (``data.decode=gpu``): the same samples in the same order, each the JPEG file's bytes
+    (decodable to what the CPU path decodes), the labels a tensor; a PNG is skipped and counted, not decoded."""
+    from torchvision.io import decode_jpeg
+
+    def loader(raw: bool):
+        made = make_train_loader(str(uneven), batch_size=4, img_size=IMG, num_workers=num_workers, seed=3,
+                                 shuffle_buffer=16, raw=raw, transform=lambda image: image[:, :1, :1])
+        made.set_epoch(1)
+        return made
+
+    raw, decoded = list(loader(True)), list(loader(False))
+    assert [labels.tolist() for _, labels in raw] == [labels.tolist() for _, labels in decoded]
+    for (encoded, labels), _ in zip(raw, decoded, strict=True):
+        assert isinstance(encoded, list) and len(encoded) == len(labels) == 4
+        for data, label in zip(encoded, labels.tolist(), strict=True):
+            assert data.dtype == torch.uint8 and data.dim() == 1
+            assert torch.equal(decode_jpeg(data), decode_rgb(image_bytes(label)))
+
+    (uneven / "png").mkdir()
+    png = write_shard(uneven / "png" / "train-000000.tar", [sample(0, jpg=image_bytes(0, fmt="PNG")),
+                                                               *[sample(i) for i in range(1, 9)]])
+    made = make_train_loader(str(png), batch_size=4, img_size=IMG, num_workers=0, raw=True, samples_per_epoch=8,
+                             shuffle_buffer=1)
+    seen = [int(x) for _, labels in made for x in labels]
+    assert len(seen) == 8 and 0 not in seen and made.skipped >= 1  # the PNG (label 0) never in a batch
+
+
 def test_train_augmentation_reproducible_in_workers(uneven):
     def images(rank: int) -> torch.Tensor:
         loader = make_train_loader(

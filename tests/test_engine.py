@@ -128,3 +128,26 @@ def test_param_fingerprint_sees_a_single_bit():
         w[0] = torch.nextafter(w[0], torch.tensor(1.0))  # one ulp: the smallest change a float can make
     after = engine.param_fingerprint(model)
     assert (after != before).tolist() == [False, False, True, False]
+
+
+@pytest.mark.parametrize("slow", ["loader", "step"])
+def test_the_data_wait_fraction_says_which_side_is_slow(slow):
+    """``data_wait_frac``: the share of the epoch spent waiting for the next batch (logged every epoch)."""
+    import time
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    plan = engine.StepPlan(batches_per_epoch=6, accum_iter=1, epochs=1, warmup_epochs=0)
+
+    def loader():
+        for _ in range(6):
+            time.sleep(0.05 if slow == "loader" else 0.0)
+            yield torch.ones(2)
+
+    def loss_of(batch):
+        time.sleep(0.05 if slow == "step" else 0.0)
+        return (p * batch).sum(), 2
+
+    metrics = engine.run_epoch(loss_of, loader(), opt, optim.build_scheduler(opt, plan, min_lr=0.0),
+                               engine.Precision("none", torch.device("cpu")), epoch=0, plan=plan)
+    assert metrics["data_wait_frac"] > 0.8 if slow == "loader" else metrics["data_wait_frac"] < 0.2, metrics

@@ -115,3 +115,55 @@ def test_pretrain_augmentations_do_what_table_1e_names():
         build_transform("pretrain", 32, augment="jitter")
     with pytest.raises(ConfigError, match="train.augment must be one of"):
         load_config(None, ["train.augment=jitter"])
+
+
+def _ramp_jpeg() -> bytes:
+    """A 256 px JPEG whose red value is the column and green value the row: a crop's pixels say where it was."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    x = np.arange(256, dtype=np.uint8)
+    pixels = np.stack([np.tile(x, (256, 1)), np.tile(x[:, None], (1, 256)), np.full((256, 256), 128, np.uint8)], -1)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=98)
+    return out.getvalue()
+
+
+def _crop_stats(batch: torch.Tensor) -> dict[str, float]:
+    """Mean crop width and height (fractions of the image), centre and flip rate of normalised crops."""
+    from mae_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pixels = (batch * std + mean) * 255  # [N, 3, S, S] back to 0..255
+    red, green = pixels[:, 0], pixels[:, 1]
+    width = (red.amax((1, 2)) - red.amin((1, 2))) / 255
+    height = (green.amax((1, 2)) - green.amin((1, 2))) / 255
+    flipped = (red[:, :, -1].mean(1) < red[:, :, 0].mean(1)).float()
+    area = width * height
+    return {"width": width.mean().item(), "height": height.mean().item(), "centre_x": red.mean().item() / 255,
+            "centre_y": green.mean().item() / 255, "flip": flipped.mean().item(), "area": area.mean().item(),
+            "below_scale": (area < 0.17).float().mean().item()}  # crops smaller than MAE's 0.2 of the image
+
+
+def test_gpu_decoding_crops_as_the_cpu_path_does():
+    """``data.decode=gpu``'s device path (here on the CPU: only the decode's device differs) draws the same
+    RandomResizedCrop and flip distribution as the loader's CPU transform: the crops' sizes, places and flip
+    rate agree over 400 draws each (a scale range or flip probability off by a little shows)."""
+    from mae_ray.data.device_decode import pretrain_batch
+    from mae_ray.data.transforms import build_transform, decode_rgb, normalize_batch
+
+    data, n = _ramp_jpeg(), 400
+    torch.manual_seed(0)
+    cpu = build_transform("pretrain", 32, normalize=False)
+    image = decode_rgb(data)
+    cpu_batch = normalize_batch(torch.stack([cpu(image) for _ in range(n)]))
+    torch.manual_seed(1)
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    device_batch = pretrain_batch([encoded] * n, torch.device("cpu"), 32)
+    assert device_batch.shape == cpu_batch.shape == (n, 3, 32, 32) and device_batch.dtype == torch.float32
+    a, b = _crop_stats(cpu_batch), _crop_stats(device_batch)
+    for key in a:
+        assert abs(a[key] - b[key]) < 0.05, (key, a, b)
+    assert 0.4 < b["flip"] < 0.6 and 0.45 < b["width"] < 0.85  # a real spread of crops, half of them flipped

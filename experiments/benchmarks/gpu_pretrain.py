@@ -10,6 +10,8 @@ epoch time ends with ``torch.cuda.synchronize``. The median epoch is reported.
     MFU = images/s x train FLOPs per image (mae_ray.model.flops) / dense bf16 peak of the GPU
 
 ``--baseline`` also runs Table 1c's mask token in the encoder, for the real MAE speed-up on a GPU.
+``--peer`` also runs Hugging Face ``transformers``' ViTMAE of the same architecture (sdpa attention, the
+same bf16 autocast, optimiser, schedule and step): the peer row; our goal is 1.2x its images/s.
 A compile (or any) failure of one variant is reported in the table and the JSON and the others
 still run. Results go to ``--out`` (default ``$OUT/gpu_pretrain.json`` when $OUT is set, else
 ``./gpu_pretrain.json``), rewritten after each variant. ``--dry-run`` checks the script on CPU
@@ -17,7 +19,8 @@ still run. Results go to ``--out`` (default ``$OUT/gpu_pretrain.json`` when $OUT
 
     python experiments/benchmarks/gpu_pretrain.py                 # ViT-B/16, batch 256, eager + compile
     python experiments/benchmarks/gpu_pretrain.py --baseline      # + mask token in encoder
-    python experiments/benchmarks/gpu_pretrain.py --dry-run --baseline
+    python experiments/benchmarks/gpu_pretrain.py --baseline --peer  # + transformers' ViTMAE
+    python experiments/benchmarks/gpu_pretrain.py --dry-run --baseline --peer
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed epochs per variant (default 3)")
     parser.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
     parser.add_argument("--baseline", action="store_true", help="also the mask token in the encoder (Table 1c)")
+    parser.add_argument("--peer", action="store_true", help="also transformers' ViTMAE (sdpa), the peer row")
     parser.add_argument("--amp", choices=["bf16", "fp16", "none"], default="bf16")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
@@ -116,6 +120,28 @@ class SyntheticLoader:
             yield self.imgs, self.labels
 
 
+class HFViTMAE(torch.nn.Module):
+    """transformers' ViTMAEForPreTraining (sdpa attention) behind our model's call: (loss, pred, mask)."""
+
+    def __init__(self, kwargs: dict, mask_ratio: float):
+        super().__init__()
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+        k = kwargs
+        config = ViTMAEConfig(
+            image_size=k["img_size"], patch_size=k["patch_size"], num_channels=k["in_chans"],
+            hidden_size=k["embed_dim"], num_hidden_layers=k["depth"], num_attention_heads=k["num_heads"],
+            intermediate_size=int(k["embed_dim"] * k["mlp_ratio"]), decoder_hidden_size=k["decoder_embed_dim"],
+            decoder_num_hidden_layers=k["decoder_depth"], decoder_num_attention_heads=k["decoder_num_heads"],
+            decoder_intermediate_size=int(k["decoder_embed_dim"] * k["mlp_ratio"]), layer_norm_eps=1e-6,
+            qkv_bias=True, mask_ratio=mask_ratio, norm_pix_loss=k["norm_pix_loss"], attn_implementation="sdpa")
+        self.hf = ViTMAEForPreTraining(config)
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75):
+        out = self.hf(pixel_values=imgs)
+        return out.loss, out.logits, out.mask
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:500]
@@ -130,7 +156,8 @@ def run_variant(args, variant: str, kwargs: dict, mode: str, device: torch.devic
     }
     try:
         torch.manual_seed(args.seed)
-        model = MaskedAutoencoderViT(**kwargs).to(device)
+        model = (HFViTMAE(kwargs, args.mask_ratio) if variant == "hf-vitmae" else MaskedAutoencoderViT(**kwargs))
+        model = model.to(device)
         plan = engine.StepPlan(args.steps, 1, args.repeats + 1, warmup_epochs=1)
         lr = recipe.Batching(args.batch, 1, 1).lr(1.5e-4)
         optimizer = optim.pretrain_optimizer(model, lr, 0.05, device)  # fused AdamW on CUDA
@@ -208,6 +235,11 @@ def summarize(rows: list[dict], flops_ratio: float | None) -> dict[str, Any]:
         out["compile_speedup_mae"] = round(compiled / eager, 3)
     if flops_ratio:
         out["flops_ratio_baseline_over_mae"] = round(flops_ratio, 3)
+    peer = [r for (v, _), r in ok.items() if v == "hf-vitmae"]
+    mae_rows = [r for (v, _), r in ok.items() if v == "mae"]
+    if peer and mae_rows:  # our best against the peer's best: the goal is >= 1.2
+        out["speedup_over_hf_vitmae"] = round(max(r["images_per_s"] for r in mae_rows)
+                                              / max(r["images_per_s"] for r in peer), 3)
     mae = [r for (v, _), r in ok.items() if v == "mae"]
     if mae:
         best = max(mae, key=lambda r: r["images_per_s"])
@@ -251,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         variants["mask-token-in-encoder"] = resolve_model_kwargs(args.model, {"mask_token_in_encoder": True})
     flops = {v: train_flops_per_image(k, args.mask_ratio) for v, k in variants.items()}
     ratio = flops["mask-token-in-encoder"] / flops["mae"] if args.baseline else None
+    if args.peer:  # the same matrix products (HF splits q, k, v: the same FLOPs)
+        variants["hf-vitmae"] = variants["mae"]
+        flops["hf-vitmae"] = flops["mae"]
     precision = engine.Precision(args.amp, device).dtype or torch.float32
     print(f"model {args.model}, batch {args.batch}, mask ratio {args.mask_ratio}, amp {args.amp} "
           f"({str(precision).removeprefix('torch.')} on {device.type}), {args.warmup} warm-up + "
@@ -282,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"(FLOP ratio {ratio:.2f}x)")
     if "compile_speedup_mae" in summary:
         print(f"torch.compile speed-up (MAE): {summary['compile_speedup_mae']:.2f}x")
+    if "speedup_over_hf_vitmae" in summary:
+        print(f"our MAE over transformers' ViTMAE (best mode each): {summary['speedup_over_hf_vitmae']:.2f}x "
+              "(goal 1.2x)")
     best = summary.get("best_mae")
     if best and not args.dry_run:
         mfu = best["mfu"]

@@ -55,14 +55,14 @@ def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | 
     return True
 
 
-def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+def check_resources(num_workers: int, cpus_per_worker: float, use_gpu: bool, gpus_per_worker: float = 1.0) -> None:
     """Refuse, at once, a request the cluster cannot meet: Ray Train V2 would otherwise wait for it forever."""
     if num_workers == 0:
         return  # in-process mode
-    gpus = 1 if use_gpu else 0
+    gpus = gpus_per_worker if use_gpu else 0
     total = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    asked = f"{num_workers} worker(s) x {cpus_per_worker:g} CPU" + (" + 1 GPU" if gpus else "")
+    asked = f"{num_workers} worker(s) x {cpus_per_worker:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
     have = f"the cluster has {total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU on {len(nodes)} node(s)"
     if num_workers * cpus_per_worker > total.get("CPU", 0) or num_workers * gpus > total.get("GPU", 0):
         raise UserError(f"asked for {asked}, but {have}; lower ray.num_workers or ray.cpus_per_worker")
@@ -78,6 +78,7 @@ class TrainerSpec:
     use_gpu: bool
     cpus_per_worker: float
     max_failures: int
+    gpus_per_worker: float = 1.0
     keep_checkpoints: int | None = 2
     verbose: bool = False
     callbacks: list | None = None  # Ray Train callbacks (a sweep trial forwards reports to Tune)
@@ -87,8 +88,8 @@ def run_trainer(train_fn: Callable[[Any], None], worker_spec: Any, spec: Trainer
     """Run ``train_fn(worker_spec)`` on ``spec.num_workers`` Ray workers (0: in this process); the Result."""
     if spec.num_workers == 0:
         return _run_in_process(train_fn, worker_spec, spec)
-    check_resources(spec.num_workers, spec.cpus_per_worker, spec.use_gpu)
-    resources = {"CPU": spec.cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
+    check_resources(spec.num_workers, spec.cpus_per_worker, spec.use_gpu, spec.gpus_per_worker)
+    resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.use_gpu else {})}
     storage_path, storage_fs = spec.storage_path, None
     if storage.is_object_uri(storage_path):
         # The client goes to Ray as an object: its endpoint travels with it to Train's controller and workers,

@@ -62,7 +62,8 @@ class _Skips:
         self._streak = 0
 
 
-def _decode_raw(sample: RawSample) -> tuple[torch.Tensor, int]:
+def _decode_raw(sample: RawSample, raw: bool = False) -> tuple[torch.Tensor, int]:
+    """(CHW uint8 image, label); ``raw``: the image's encoded JPEG bytes as a 1-D uint8 tensor instead."""
     if sample.broken:
         raise DataError(f"the shard broke here: {sample.error}")
     image_ext = next((ext for ext in sample.files if ext in IMAGE_EXTENSIONS), None)
@@ -70,15 +71,21 @@ def _decode_raw(sample: RawSample) -> tuple[torch.Tensor, int]:
         raise DataError(f"no image member among {sorted(sample.files)}")
     if "cls" not in sample.files:
         raise DataError("no cls member")
-    return decode_rgb(sample.files[image_ext]), int(sample.files["cls"])
+    data = sample.files[image_ext]
+    if not raw:
+        return decode_rgb(data), int(sample.files["cls"])
+    if data[:3] != b"\xff\xd8\xff":  # decoded on the GPU (data.decode=gpu), which reads JPEG only
+        raise DataError(f"{image_ext} member is not a JPEG (data.decode=gpu decodes JPEG only)")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), int(sample.files["cls"])
 
 
 def _decoded(
-    samples: Iterable[RawSample], transform: Transform, skips: _Skips, num_classes: int | None = None
+    samples: Iterable[RawSample], transform: Transform | None, skips: _Skips, num_classes: int | None = None
 ) -> Iterator[tuple[torch.Tensor, int]]:
+    """``transform`` None: the encoded bytes, for decoding on the device (``device_decode``)."""
     for sample in samples:
         try:
-            image, label = _decode_raw(sample)
+            image, label = _decode_raw(sample, raw=transform is None)
         except Exception as exn:  # noqa: BLE001 - corrupt data is skipped and counted, never fatal
             skips.record(sample, exn)
             continue
@@ -90,12 +97,14 @@ def _decoded(
                 f"sample {sample.key} of {sample.url} has label {label}, outside 0..{num_classes - 1} for "
                 f"{num_classes} classes: the shards do not match data.num_classes / their dataset.json"
             )
-        yield transform(image), label  # transform errors are bugs: let them propagate
+        yield (image if transform is None else transform(image)), label  # transform errors are bugs: raise
 
 
-def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
     # default_collate stacks straight into shared memory inside a worker: no extra copy (webdataset's
-    # default collation goes through numpy for the labels).
+    # default collation goes through numpy for the labels). Encoded images (1-D, of any length) stay a list.
+    if batch and batch[0][0].dim() == 1:
+        return [image for image, _ in batch], torch.tensor([label for _, label in batch])
     images, labels = default_collate(batch)
     return images, labels
 
@@ -117,7 +126,7 @@ class _TrainStream(IterableDataset):
     """Per-worker stream of exactly its share of ``steps`` batches for ``self.epoch``."""
 
     urls: list[str]
-    transform: Transform
+    transform: Transform | None  # None: encoded JPEG bytes (data.decode=gpu)
     batch_size: int
     rank: int
     steps: int
@@ -283,12 +292,15 @@ def make_train_loader(
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
     num_classes: int | None = None,
+    raw: bool = False,
 ) -> TrainLoader:
     """Training loader: ``samples_per_epoch // (world_size * batch_size)`` batches per rank.
 
     ``samples_per_epoch`` defaults to the dataset size (manifest, else a scan of local shards).
     ``transform`` is a kind for :func:`build_transform` or a callable on CHW uint8 RGB tensors.
     ``num_classes``: a label outside ``0..num_classes-1`` raises DataError (classification jobs).
+    ``raw``: no decoding or transform here; batches are (list of encoded JPEGs as 1-D uint8 tensors, labels),
+    for :func:`mae_ray.data.device_decode.pretrain_batch` (``data.decode: gpu``).
     """
     _check_args(batch_size, rank, world_size, num_workers)
     shards = expand_urls(urls)
@@ -301,7 +313,7 @@ def make_train_loader(
     if steps == 0:
         raise DataError(f"{samples_per_epoch} samples/epoch < world_size {world_size} x batch_size {batch_size}")
     dataset = _TrainStream(
-        shards, _resolve_transform(transform, img_size), batch_size, rank, steps, seed, shuffle_buffer,
+        shards, None if raw else _resolve_transform(transform, img_size), batch_size, rank, steps, seed, shuffle_buffer,
         num_classes=num_classes,
     )
     return TrainLoader(dataset, num_workers, pin_memory)

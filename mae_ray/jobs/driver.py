@@ -101,7 +101,7 @@ def ray_session(cfg: Config, verbose: bool):
     this process started Ray (and so stops it on leaving)."""
     started = launch.init_ray(cfg.ray.address, verbose=verbose)
     try:
-        launch.check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu)
+        launch.check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, cfg.ray.gpus_per_worker)
         yield started
     finally:
         if started:
@@ -140,6 +140,7 @@ def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: 
     storage = launch.storage_uri(cfg.ray.storage_path or os.path.join(cfg.output_dir, "ray"))
     spec = launch.TrainerSpec(name=name, storage_path=storage, num_workers=cfg.ray.num_workers,
                               use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
+                              gpus_per_worker=cfg.ray.gpus_per_worker,
                               max_failures=cfg.ray.failure_max_retries, verbose=verbose, callbacks=callbacks)
     try:
         result = launch.run_trainer(train_fn, worker, spec)

@@ -12,6 +12,7 @@ from typing import Any
 
 from mae_ray.cluster.worker_spec import WorkerSpec
 from mae_ray.config import Config
+from mae_ray.errors import DataError
 
 
 # --------------------------------------------------------------------------- worker
@@ -43,13 +44,15 @@ def train_loop(spec: WorkerSpec) -> None:
     model = MaskedAutoencoderViT(**cfg.model.kwargs())
     # uint8 batches through the DataLoader (4x fewer bytes in shared memory and to the GPU), normalised
     # on the device in on_device below: 1.5x the loader's images/s here (docs/performance.md)
+    size, on_gpu = model.patch_embed.img_size[0], cfg.data.decode == "gpu"
+    if on_gpu and device.type != "cuda":
+        raise DataError(f"data.decode=gpu: this worker has no CUDA device (it runs on {device})")
     loader = make_train_loader(
         cfg.data.train_shards, batch_size=cfg.train.batch_size,
-        transform=build_transform("pretrain", model.patch_embed.img_size[0], normalize=False,
-                                  augment=cfg.train.augment),
+        transform=build_transform("pretrain", size, normalize=False, augment=cfg.train.augment),
         rank=rank, world_size=world_size, num_workers=cfg.data.num_workers,
         samples_per_epoch=cfg.data.samples_per_epoch, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda" and not on_gpu, raw=on_gpu,
     )
     batches = len(loader) if cfg.train.max_steps_per_epoch is None else min(len(loader), cfg.train.max_steps_per_epoch)
     batching = recipe.for_job(cfg, "pretrain", world_size)
@@ -81,7 +84,7 @@ def train_loop(spec: WorkerSpec) -> None:
         loader.set_epoch(epoch)
         try:
             metrics = engine.train_one_epoch(
-                model, on_device(loop.batches(loader, epoch, plan.batches_per_epoch), device), optimizer,
+                model, on_device(loop.batches(loader, epoch, plan.batches_per_epoch), device, size, on_gpu), optimizer,
                 scheduler, precision,
                 epoch=epoch, plan=plan, mask_ratio=cfg.model.mask_ratio, device=device,
             )
@@ -98,12 +101,17 @@ def train_loop(spec: WorkerSpec) -> None:
     loop.finish()
 
 
-def on_device(batches, device):
-    """uint8 image batches -> float32 normalised on ``device`` (where the model runs)."""
+def on_device(batches, device, img_size: int = 0, decode: bool = False):
+    """uint8 image batches -> float32 normalised on ``device`` (where the model runs); with ``decode``, batches
+    of encoded JPEGs decoded and cropped there (``data.decode=gpu``)."""
+    from mae_ray.data.device_decode import pretrain_batch
     from mae_ray.data.transforms import normalize_batch
 
     for imgs, labels in batches:
-        yield normalize_batch(imgs.to(device, non_blocking=True)), labels
+        if decode:
+            yield pretrain_batch(imgs, device, img_size), labels
+        else:
+            yield normalize_batch(imgs.to(device, non_blocking=True)), labels
 
 
 def _write_text(path: str, text: str) -> None:
@@ -112,16 +120,18 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _reduce_over_ranks(metrics: dict[str, float], skipped: int, device) -> dict[str, float]:
-    """Loss averaged, throughput and skipped samples summed over ranks (what the whole job did)."""
+    """Loss and data-wait fraction averaged, throughput and skipped samples summed over ranks (the whole job)."""
     import torch
     import torch.distributed as dist
 
-    values = torch.tensor([metrics["train_loss"], metrics["images_per_s"], float(skipped)], device=device)
+    values = torch.tensor([metrics["train_loss"], metrics["images_per_s"], float(skipped),
+                           metrics["data_wait_frac"]], device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
         values[0] /= dist.get_world_size()
+        values[3] /= dist.get_world_size()
     out = dict(metrics)
-    out.update(train_loss=values[0].item(), images_per_s=values[1].item())
+    out.update(train_loss=values[0].item(), images_per_s=values[1].item(), data_wait_frac=values[3].item())
     out["data/skipped"] = values[2].item()
     out.pop("batches", None)
     return out

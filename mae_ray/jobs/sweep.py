@@ -300,7 +300,8 @@ def _trial_resources(sweep: SweepConfig, cfg: Config) -> dict[str, float]:
     (no Ray Train worker group to start: the quickstart's way on one machine), so it holds a worker's share."""
     if cfg.ray.num_workers:
         return {"cpu": sweep.trial_cpus}
-    return {"cpu": max(sweep.trial_cpus, cfg.ray.cpus_per_worker), **({"gpu": 1} if cfg.ray.use_gpu else {})}
+    gpu = {"gpu": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {}
+    return {"cpu": max(sweep.trial_cpus, cfg.ray.cpus_per_worker), **gpu}
 
 
 def _concurrency(sweep: SweepConfig, cfg: Config) -> int:

@@ -42,7 +42,7 @@ def train_epoch(
             return criterion(forward(x), y), x.shape[0]
 
     metrics = run_epoch(loss_of, loader, optimizer, scheduler, precision, epoch=epoch, plan=plan, no_sync=no_sync)
-    return {k: metrics[k] for k in ("train_loss", "lr", "images_per_s")}
+    return {k: metrics[k] for k in ("train_loss", "lr", "images_per_s", "data_wait_frac")}
 
 
 @torch.no_grad()

@@ -85,10 +85,11 @@ def run_epoch(
     A NaN/inf loss raises NonFiniteLossError naming where.
     """
     accum = plan.accum_iter
-    loss_sum, seen, batches = 0.0, 0, 0
-    start = time.perf_counter()
+    loss_sum, seen, batches, waited = 0.0, 0, 0, 0.0
+    start = ready = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
+        waited += time.perf_counter() - ready  # the loader's share: the step before has finished (loss.item())
         if i >= plan.batches_per_epoch:
             break
         update = epoch * plan.updates_per_epoch + i // accum
@@ -110,9 +111,12 @@ def run_epoch(
         batches += 1
         if on_step is not None:
             on_step(i, value)
+        ready = time.perf_counter()
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_sum / max(1, seen), "lr": max(g["lr"] for g in optimizer.param_groups),
-            "images_per_s": seen / max(elapsed, 1e-9), "epoch_time_s": elapsed, "batches": batches}
+            "images_per_s": seen / max(elapsed, 1e-9), "epoch_time_s": elapsed, "batches": batches,
+            # time spent waiting for batches: near 1, the data path (not the model) sets the speed
+            "data_wait_frac": waited / max(elapsed, 1e-9)}
 
 
 def train_one_epoch(

@@ -3,7 +3,9 @@
 # list and the compare view of the sweep's trials. Headless Chromium from Debian draws the pages:
 #   apt-get install chromium-headless-shell
 # Usage (the two paths are what `mae-ray quickstart` prints after http://127.0.0.1:5000/):
-#   experiments/mlflow_screenshots.sh sqlite:///$PWD/mlflow.db '#/experiments/1' '#/compare-runs?runs=...' docs/
+#   experiments/mlflow_screenshots.sh sqlite:///$PWD/mlflow.db '#/experiments/1/runs?viewStateShareKey=...' \
+#       '#/compare-runs?runs=...' docs/
+# (WIDTH=1800 HEIGHT=900 made docs/mlflow_runs.png)
 set -euo pipefail
 store=$1 runs_path=$2 compare_path=$3 out=${4:-docs}
 port=${PORT:-5057}

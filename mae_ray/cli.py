@@ -58,13 +58,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from mae_ray.jobs import sweep
+    from mae_ray import tracking
+    from mae_ray.jobs import sweep, sweep_report
     from mae_ray.jobs.sweep_config import load_sweep
 
     if not args.config:
         raise ConfigError("--config SWEEP.yaml is required (see experiments/sweeps/)")
     spec, base = load_sweep(args.config, args.overrides)
-    sweep.run(spec, base, os.path.abspath(args.config), resume=args.resume, verbose=args.verbose)
+    report = sweep.run(spec, base, os.path.abspath(args.config), resume=args.resume, verbose=args.verbose)
+    for line in sweep_report.ui_lines(tracking.resolve_tracking_uri(base["mlflow"]["tracking_uri"]), report):
+        print(f"[sweep] {line}")
     return 0
 
 

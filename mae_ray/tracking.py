@@ -192,6 +192,29 @@ def log_values(tracking_uri: str, run_id: str, metrics: Mapping[str, float]) -> 
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, steps[k]) for k, v in metrics.items()])
 
 
+def share_runs_view(tracking_uri: str, experiment_id: str, key: str, name: str, search_filter: str,
+                    params: Iterable[str], metrics: Iterable[str], order_by: str | None = None) -> str:
+    """A runs table the MLflow UI opens with these columns already shown: returns its path (after the UI's
+    address). The table's column choice is the UI's own state (the browser's, not the store's); the UI saves
+    a view ("Views" -> "Save as new view", or "Share") as the experiment tag ``mlflow.sharedViewState.<key>``
+    (a JSON envelope: name, times, the state as a JSON string) and opens it with ``?viewStateShareKey=<key>``:
+    the same is written here, so the view is also listed under the experiment's "Views" as ``name``. (The
+    key must be read on the runs tab: ``#/experiments/<id>?viewStateShareKey=`` loses it in a redirect.)"""
+    client = MlflowClient(tracking_uri)
+
+    def column(kind: str, name: str) -> str:  # the UI's canonical column key
+        return f"{kind}.`{name}`"
+
+    state = {"searchFilter": search_filter, "orderByAsc": False,
+             "selectedColumns": [column("params", p) for p in params] + [column("metrics", m) for m in metrics]}
+    if order_by:
+        state["orderByKey"] = column("metrics", order_by)
+    now = int(time.time() * 1000)
+    view = {"name": name, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(view))
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={key}"
+
+
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark the run ended. MLflow then prints "View run ... at: <tracking URI>/#/..." (to an HTTP server):
     printed here with the URI's credentials redacted."""

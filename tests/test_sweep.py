@@ -160,6 +160,23 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
     assert report["compare_path"].startswith("#/compare-runs?runs=") and ids["case=strong"] in report["compare_path"]
     assert ids["case=weak"] in report["compare_path"] and ids["random-init"] not in report["compare_path"]
     assert "workflowType=machine_learning" in report["runs_path"]  # MLflow 3 opens in its GenAI view otherwise
+    # the runs link opens a view saved on the experiment (as the UI's "Share" does): the sweep's children, best
+    # probe first, the varied keys and both accuracies as columns, each one a param or metric the trials carry
+    key = re.search(r"viewStateShareKey=([\w-]+)", report["runs_path"]).group(1)
+    experiment = requests.get(f"{mlflow_server}/api/2.0/mlflow/experiments/get", timeout=30,
+                              params={"experiment_id": report["experiment_id"]}).json()["experiment"]
+    view = json.loads({t["key"]: t["value"] for t in experiment["tags"]}[f"mlflow.sharedViewState.{key}"])
+    assert view["name"] == "sweep-s" and isinstance(view["createdAt"], int)
+    state = json.loads(view["state"])
+    assert state["searchFilter"] == f"tags.mlflow.parentRunId = '{ids['sweep-s']}'"
+    assert state["orderByKey"] == "metrics.`linprobe_top1`" and state["orderByAsc"] is False
+    columns = ["params.`eval.knn_train_samples`", "params.`model.mask_ratio`", "params.`model.mask_sampling`",
+               "metrics.`linprobe_top1`", "metrics.`finetune_top1`"]
+    assert state["selectedColumns"] == columns
+    carried = {f"params.`{p['key']}`" for p in strong["params"]} | {f"metrics.`{m['key']}`" for m in strong["metrics"]}
+    assert set(columns) <= carried
+    baseline_params = {p["key"]: p["value"] for p in by_name["random-init"]["data"]["params"]}
+    assert baseline_params["model.mask_ratio"] == "n/a: random init"  # its row shows no mask ratio it never had
 
 
 def test_killed_driver_resumes_from_the_bucket_alone_without_rerunning_or_duplicating(colours, tmp_path):
@@ -280,6 +297,20 @@ def test_plot_lines_are_the_tables_rows_averaged_per_axis_value():
     assert list(lines["random-init linear probe"].get_ydata()) == [12.5, 12.5]
     assert fig.axes[0].get_xlabel() == "model.mask_ratio"
     assert sweep_report.axis_figure(rows[1:2] + rows[4:], "model.mask_ratio") is None  # one finished value
+
+
+def test_ui_lines_open_a_local_store_and_never_print_a_servers_credentials():
+    from mae_ray.jobs import sweep_report
+
+    report = {"runs_path": "#/experiments/1/runs?viewStateShareKey=k", "compare_path": "#/compare-runs?runs=x"}
+    local = sweep_report.ui_lines("sqlite:////data/mlflow.db", report)
+    assert local[0] == ("open the UI with: mlflow ui --backend-store-uri sqlite:////data/mlflow.db --host 127.0.0.1 "
+                        "--port 5000")
+    assert local[1].endswith(": http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=k")
+    assert local[2] == "its trials side by side: http://127.0.0.1:5000/#/compare-runs?runs=x"
+    served = sweep_report.ui_lines("https://alice:s3cret@mlflow.example:5000/", report)
+    assert len(served) == 2 and "s3cret" not in "".join(served) and "alice" not in "".join(served)
+    assert served[1] == "its trials side by side: https://***@mlflow.example:5000/#/compare-runs?runs=x"
 
 
 def test_stale_ray_processes_are_stopped_and_reaped_not_left_as_zombies(tmp_path):

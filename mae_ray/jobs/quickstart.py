@@ -93,6 +93,7 @@ def run(config: str | None, data_dir: str, overrides: list[str], verbose: bool =
     """Build the demo data if absent, run the quickstart sweep, print where everything is; returns the report."""
     from mae_ray import tracking
     from mae_ray.jobs import sweep as sweeps
+    from mae_ray.jobs import sweep_report
 
     sweep, base, config = prepare(config, data_dir, overrides, storage_uri, endpoint_url)
     start = time.time()
@@ -106,9 +107,6 @@ def run(config: str | None, data_dir: str, overrides: list[str], verbose: bool =
     print(f"  mlflow  sweep run {report['parent_run_id']} (one child run per trial)")
     if sweep.storage_path:
         print(f"  state   {sweep.storage_path.rstrip('/')}/{sweep.name} (Tune, checkpoints, results)")
-    ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    if ui != uri.rstrip("/"):
-        print(f"  open the UI with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    print(f"  the sweep's runs: {ui}/{report['runs_path']}")
-    print(f"  its trials side by side: {ui}/{report['compare_path']}")
+    for line in sweep_report.ui_lines(uri, report):
+        print(f"  {line}")
     return report

@@ -343,8 +343,8 @@ def _start_baseline(sweep: SweepConfig, cfg: Config, base: dict[str, Any], sweep
         return None
     import ray
 
-    task = ray.remote(_random_baseline).options(num_cpus=_trial_resources(sweep, cfg)["cpu"],
-                                                num_gpus=_trial_resources(sweep, cfg).get("gpu", 0))
+    share = _trial_resources(sweep, cfg)
+    task = ray.remote(_random_baseline).options(num_cpus=share["cpu"], num_gpus=share.get("gpu", 0))
     return task.remote(sweep, base, sweep_dir, shared, uri, parent, verbose, provenance.command())
 
 

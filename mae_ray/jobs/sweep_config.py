@@ -131,12 +131,17 @@ def _check_evaluation_only(sweep: SweepConfig, base: Config, path: str) -> None:
                           "(runs:/RUN_ID, a checkpoint folder, an official .pth)")
     if not (sweep.linprobe or sweep.finetune):
         raise ConfigError(f"{path}: pretrain, linprobe and finetune are all false: nothing to run")
-    keys = list(sweep.search) + [k for label in sweep.cases for k in
-                                 (i.split("=", 1)[0] for i in case_overrides(sweep.cases, label))]
-    for key in keys:
+    for key in varied_keys(sweep):
         if key.startswith("model.") or (key.startswith("train.") and key != "train.seed"):
             raise ConfigError(f"{path}: {key} is a pre-training setting, but pretrain: false; an evaluation-only "
                               "sweep varies linprobe.*, finetune.*, eval.*, data.* or train.seed")
+
+
+def varied_keys(sweep: SweepConfig) -> list[str]:
+    """The config keys the trials differ in: the searched ones, with ``case`` expanded to its cases' keys."""
+    keys = [k for k in sweep.search if k != CASE] + [i.split("=", 1)[0] for label in sweep.cases
+                                                      for i in case_overrides(sweep.cases, label)]
+    return list(dict.fromkeys(keys))
 
 
 def _space_entry(key: str, spec: Any) -> tuple[str, Any]:

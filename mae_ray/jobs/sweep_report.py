@@ -26,6 +26,7 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
     from mlflow import MlflowClient
 
     from mae_ray import tracking
+    from mae_ray.jobs.sweep_config import varied_keys
 
     rows = add_paper(trial_rows(grid, list(sweep.search)), sweep)
     client = MlflowClient(uri)
@@ -75,22 +76,39 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
     experiment_id = client.get_run(parent).info.experiment_id
     trials = [r["mlflow_run_id"] for r in rows if r.get("mlflow_run_id") and r["status"] != "baseline"]
     return {"rows": rows, "parquet": parquet, "markdown": md_path, "plots": plots, "parent_run_id": parent,
-            "early_stops": pruned, "experiment_id": experiment_id, **ui_paths(experiment_id, parent, trials)}
+            "early_stops": pruned, "experiment_id": experiment_id,
+            **ui_paths(uri, experiment_id, parent, f"sweep-{sweep.name}", varied_keys(sweep), trials)}
 
 
-def ui_paths(experiment_id: str, parent: str, trial_run_ids: list[str]) -> dict[str, str]:
+def ui_paths(uri: str, experiment_id: str, parent: str, name: str, axes: list[str],
+             trial_run_ids: list[str]) -> dict[str, str]:
     """Where the MLflow UI (append to its address) shows this sweep: ``runs_path``, its runs flat (not one
-    collapsed parent row), best linear probe first, in the chart view (one bar per run for each accuracy; the
-    table view shows no metric column until one is picked); ``compare_path``, its trials side by side.
+    collapsed parent row), best linear probe first, with the varied keys and both accuracies as columns (a view
+    saved on the experiment, as the UI's Share button does); ``compare_path``, its trials side by side.
     MLflow 3's UI opens in its GenAI view unless told ``workflowType=machine_learning``."""
     from urllib.parse import quote, urlencode
 
-    ml = {"workflowType": "machine_learning"}
-    runs = urlencode({"searchFilter": f"tags.mlflow.parentRunId = '{parent}'", "orderByKey": "metrics.`linprobe_top1`",
-                      "orderByAsc": "false", "isPreview": "true", "compareRunsMode": "CHART", **ml})
+    from mae_ray import tracking
+
+    ml = urlencode({"workflowType": "machine_learning"})
+    runs = tracking.share_runs_view(uri, experiment_id, f"sweep-{parent}", name,
+                                    f"tags.mlflow.parentRunId = '{parent}'",
+                                    axes, ("linprobe_top1", "finetune_top1"), order_by="linprobe_top1")
     compare = (f"runs={quote(json.dumps(trial_run_ids, separators=(',', ':')))}"
-               f"&experiments={quote(json.dumps([experiment_id]))}&{urlencode(ml)}")
-    return {"runs_path": f"#/experiments/{experiment_id}/runs?{runs}", "compare_path": f"#/compare-runs?{compare}"}
+               f"&experiments={quote(json.dumps([experiment_id]))}&{ml}")
+    return {"runs_path": f"{runs}&{ml}", "compare_path": f"#/compare-runs?{compare}"}
+
+
+def ui_lines(uri: str, report: dict[str, Any]) -> list[str]:
+    """How to see the sweep in the MLflow UI: the command that opens a local store, then the two links."""
+    from mae_ray.tracking import redact
+
+    served = uri.startswith(("http://", "https://"))  # a tracking server is its own UI
+    ui = redact(uri.rstrip("/")) if served else "http://127.0.0.1:5000"
+    opener = [] if served else [f"open the UI with: mlflow ui --backend-store-uri {redact(uri)} --host 127.0.0.1 "
+                                "--port 5000"]
+    return opener + [f"the sweep's runs, what each varies and both accuracies as columns: {ui}/{report['runs_path']}",
+                     f"its trials side by side: {ui}/{report['compare_path']}"]
 
 
 def early_stops(rows: list[dict[str, Any]], epochs: int | None) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ optimiser and schedule) under each head variant, and prints the val top-1 after 
 - ``keep_norm``: the encoder's pre-trained final norm applied to every token, then averaged, then the head;
 - ``cls``: the encoder's pre-trained final norm, then the class token (the paper's linear-probe feature);
 - ``bn``: the release's, with ``fc_norm`` a BatchNorm without affine (the linear probe's normalisation), which
-  removes what every image's feature has in common.
+  removes what every image's feature has in common: the job's ``finetune.head_norm=batch``.
 
 Also prints, per encoder, what the head sees at the start: the size of the last block's tokens and how
 much of the pooled feature is the same for every image.
@@ -41,10 +41,7 @@ def classifier(encoder, head: str, num_classes: int, drop_path: float):
     from mae_ray.model.weights import encoder_state_dict, timm_vit_kwargs
 
     if head in ("release", "bn"):
-        vit = build_classifier(encoder, num_classes, drop_path)
-        if head == "bn":
-            vit.fc_norm = torch.nn.BatchNorm1d(vit.embed_dim, affine=False)
-        return vit
+        return build_classifier(encoder, num_classes, drop_path, "batch" if head == "bn" else "layer")
     kwargs = {**timm_vit_kwargs(encoder), "num_classes": num_classes, "fc_norm": False, "drop_path_rate": drop_path,
               "global_pool": {"keep_norm": "avg", "cls": "token"}[head]}
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)
@@ -108,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", default="release,keep_norm,bn")
     p.add_argument("--samples", type=int, default=None, help="images per training epoch (default: all)")
     p.add_argument("--no-random", action="store_true", help="skip the random-init rows")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override, e.g. finetune.blr=1.6e-2 (repeatable)")
     args = p.parse_args(argv)
 
     from data_tools.demo_data import build_demo_dataset
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = build_demo_dataset(args.data_dir)
     cfg = load_config(args.config, [f"data.train_shards={demo['train']}", f"data.val_shards={demo['val']}",
-                                     f"data.samples_per_epoch={args.samples or 'null'}"])
+                                     f"data.samples_per_epoch={args.samples or 'null'}", *args.set])
     x, _ = next(iter(make_eval_loader(cfg.data.val_shards, batch_size=256, transform=eval_transform(cfg.data, 32),
                                       img_size=32, num_workers=0)))
     print(f"recipe: {cfg.finetune.epochs} -> {args.epochs} epoch(s), blr {cfg.finetune.blr:g}, layer decay "

@@ -163,6 +163,9 @@ class FinetuneConfig:
     cutmix: float = 1.0
     smoothing: float = 0.1
     trainable_blocks: int | None = None  # None: all; k: only the last k blocks (+ head); 0: head only
+    # the pooled feature's norm before the head: layer (the release's fc_norm) | batch (BatchNorm without
+    # affine, the linear probe's: removes what every image shares; for short runs on small data, docs/results.md)
+    head_norm: str = "layer"
     samples_per_epoch: int | None = None  # None: data.samples_per_epoch, else the training set's size
     # The job's own run settings; None takes pre-training's (train.seed, train.amp, train.checkpoint_every).
     seed: int | None = None
@@ -328,8 +331,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{section}.amp must be one of {', '.join(AMP_MODES)}, got {sec.amp!r}")
         if sec.checkpoint_every is not None and sec.checkpoint_every < 1:
             raise ConfigError(f"{section}.checkpoint_every must be >= 1, got {sec.checkpoint_every}")
-    if cfg.linprobe.pool not in ("cls", "mean"):
-        raise ConfigError(f"linprobe.pool must be cls or mean, got {cfg.linprobe.pool!r}")
+    for key, value, allowed in (("linprobe.pool", cfg.linprobe.pool, ("cls", "mean")),
+                                ("finetune.head_norm", cfg.finetune.head_norm, ("layer", "batch"))):
+        if value not in allowed:
+            raise ConfigError(f"{key} must be {' or '.join(allowed)}, got {value!r}")
     if cfg.finetune.trainable_blocks is not None and not 0 <= cfg.finetune.trainable_blocks <= k["depth"]:
         raise ConfigError(f"finetune.trainable_blocks must be in [0, {k['depth']}] (model.depth), "
                           f"got {cfg.finetune.trainable_blocks}")

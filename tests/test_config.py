@@ -61,6 +61,8 @@ def test_int_is_accepted_for_float_but_not_text():
         ("model.name=vit_gigantic", "model.name: unknown preset 'vit_gigantic'; choose one of: mae_vit_base"),
         ("train.amp=fp8", "train.amp must be one of bf16, fp16, none"),
         ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("finetune.head_norm=group", "finetune.head_norm must be layer or batch, got 'group'"),
+        ("linprobe.pool=max", "linprobe.pool must be cls or mean, got 'max'"),
         ("epochs", "--set expects key=value"),
         ("model=3", "model: expected a mapping of keys, got 3"),
     ],

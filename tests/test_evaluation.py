@@ -49,6 +49,24 @@ def test_partial_finetune_freezes_all_but_the_last_blocks_and_head():
     assert torch.equal(vit.blocks[0].attn.qkv.weight, enc.blocks[0].attn.qkv.weight)  # encoder weights loaded
 
 
+def test_batch_head_norm_removes_what_every_image_shares():
+    # finetune.head_norm=batch: the head sees the pooled feature centred and scaled per dimension over the batch
+    # (what the linear probe's BatchNorm does); the release's LayerNorm keeps a part common to every image
+    enc = build_model(MICRO)
+    x = torch.randn(64, 3, 32, 32) + 3.0  # a large shared component in every image
+    layer, batch = (finetune.build_classifier(enc, num_classes=10, drop_path=0.0, head_norm=norm).train()
+                    for norm in ("layer", "batch"))
+    with torch.no_grad():
+        by_layer = layer.forward_head(layer.forward_features(x), pre_logits=True)  # [N, D] after fc_norm
+        by_batch = batch.forward_head(batch.forward_features(x), pre_logits=True)
+    assert by_batch.mean(0).abs().max() < 1e-4 and torch.allclose(by_batch.std(0), torch.ones(1), atol=0.02)
+    assert by_layer.mean(0).norm() > 0.9 * by_layer.norm(dim=1).mean()  # LayerNorm: the shared part stays
+    # the encoder's weights are the same in both; only fc_norm differs (no affine: nothing to learn there)
+    assert {n for n, _ in batch.named_parameters()} == {n for n, _ in layer.named_parameters()} - {
+        "fc_norm.weight", "fc_norm.bias"}
+    assert torch.equal(batch.blocks[0].attn.qkv.weight, layer.blocks[0].attn.qkv.weight)
+
+
 # ----------------------------------------------------------------------------------- on Ray
 def eval_config(demo, tmp_path, *extra):
     return load_config(None, [
@@ -296,8 +314,11 @@ def test_official_layout_checkpoint_and_random_baseline_get_runs_of_their_own(ra
         assert run.data.metrics["linprobe_top1"] == pytest.approx(s["linprobe_top1"])
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert client.get_run(official["mlflow_run_id"]).data.params["eval.encoder"] == str(path)
-    assert MlflowClient(f"sqlite:///{random_tmp}/mlflow.db").get_run(
-        random["mlflow_run_id"]).data.params["eval.encoder"] == "random"
+    random_params = MlflowClient(f"sqlite:///{random_tmp}/mlflow.db").get_run(random["mlflow_run_id"]).data.params
+    assert random_params["eval.encoder"] == "random"
+    # no pre-training, so no mask ratio or pre-training length: a sweep's random-init row must not show the base's
+    assert random_params["model.mask_ratio"] == random_params["train.epochs"] == "n/a: random init"
+    assert client.get_run(official["mlflow_run_id"]).data.params["model.mask_ratio"] == "0.75"
 
 
 def test_a_checkpoint_of_another_architecture_is_refused_naming_the_keys(tmp_path, demo_data):

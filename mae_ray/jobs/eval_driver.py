@@ -21,6 +21,10 @@ from mae_ray.jobs import driver
 from mae_ray.jobs.encoders import EncoderSource, in_store, resolve_encoder
 
 WHAT = {"linprobe": "linear probe", "finetune": "fine-tuning"}
+# settings that describe only a pre-training: on an evaluation of a random-init encoder they describe nothing,
+# and a sweep's table would otherwise show the base config's mask ratio on its random-init row
+PRETRAINING_ONLY = ("model.mask_ratio", "model.norm_pix_loss", "model.mask_token_in_encoder", "model.mask_sampling",
+                    "model.decoder_embed_dim", "model.decoder_depth", "model.decoder_num_heads", "train.epochs")
 
 
 def run_eval(job: str, cfg: Config, train_loop: Callable[[WorkerSpec], None], *,
@@ -35,7 +39,9 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[WorkerSpec], None], *,
         found = in_store(source, uri) if source else resolve_encoder(cfg.eval.checkpoint, cfg, uri)
         return driver.Setup(
             f"[{job}] encoder: {found.label}  outputs: {cfg.output_dir}  mlflow: {tracking.redact(uri)}",
-            params={"eval.encoder": found.label}, tags={**found.tags(), "mae_ray.job": job},
+            params={"eval.encoder": found.label,
+                    **({k: "n/a: random init" for k in PRETRAINING_ONLY} if found.state is None else {})},
+            tags={**found.tags(), "mae_ray.job": job},
             parent_run_id=found.parent_run_id,
             worker={"encoder": found.state, "model_kwargs": found.model_kwargs,
                     "num_classes": classes},

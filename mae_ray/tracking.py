@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own default store, in the working directory
 _PARAM_MAX = 6000  # MLflow's limit on a param value's length
+NOT_PRETRAINED = "n/a: random init"  # a random-init evaluation's pre-training params (reproduce skips them)
 # keys whose last part ends like these never become params (mask_token_in_encoder does not: it ends in "encoder")
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_key|access_key|secret_key|credentials?)$", re.I)
 

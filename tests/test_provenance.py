@@ -134,6 +134,27 @@ def test_a_recorded_run_is_reproduced_from_its_mlflow_id_alone(tmp_path, monkeyp
     assert capsys.readouterr().err.startswith(f"error: no run {'0' * 32} in {uri}")
 
 
+def test_a_random_init_evaluation_is_reproduced_though_its_pretraining_params_are_marked_not_applying(tmp_path):
+    # a random-init evaluation logs model.mask_ratio, train.epochs, ... as "n/a: random init" (a sweep's
+    # random-init row must not show the base's mask ratio); reproduce leaves those at their defaults
+    from mae_ray import cli
+    from mae_ray.config import load_config
+    from mae_ray.jobs.encoders import resolve_encoder
+    from mae_ray.jobs.eval_driver import encoder_params
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config(None, ["model.name=mae_vit_micro_patch4", "eval.checkpoint=random", "linprobe.epochs=9",
+                             "model.mask_ratio=0.6", f"output_dir={tmp_path}/run"])
+    params = {**tracking.params_from_config(cfg.flatten()), **encoder_params(resolve_encoder("random", cfg, uri))}
+    assert params["model.mask_ratio"] == params["train.epochs"] == tracking.NOT_PRETRAINED
+    run = tracking.start_run(uri, "e", "random-init", params, {**tracking.run_tags(), "mae_ray.job": "linprobe"})
+    out = tmp_path / "again.yaml"
+    assert cli.main(["reproduce", f"runs:/{run}", "--set", f"mlflow.tracking_uri={uri}", "--out", str(out)]) == 0
+    again = load_config(str(out), [])
+    assert again.eval.checkpoint == "random" and again.linprobe.epochs == 9
+    assert again.model.mask_ratio == load_config(None, []).model.mask_ratio  # the default: it does not apply
+
+
 def test_a_ray_outside_the_tested_range_is_one_warning_line_and_pyproject_says_the_same_range(
         monkeypatch, capsys, tmp_path):
     import re

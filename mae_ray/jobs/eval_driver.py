@@ -27,6 +27,13 @@ PRETRAINING_ONLY = ("model.mask_ratio", "model.norm_pix_loss", "model.mask_token
                     "model.decoder_embed_dim", "model.decoder_depth", "model.decoder_num_heads", "train.epochs")
 
 
+def encoder_params(found: EncoderSource) -> dict[str, str]:
+    """An evaluation run's params beyond its config: the encoder, and for a random-init one, its pre-training
+    settings marked as not applying."""
+    not_used = dict.fromkeys(PRETRAINING_ONLY, tracking.NOT_PRETRAINED) if found.state is None else {}
+    return {"eval.encoder": found.label, **not_used}
+
+
 def run_eval(job: str, cfg: Config, train_loop: Callable[[WorkerSpec], None], *,
              source: EncoderSource | None = None, verbose: bool = False, resume_from: str | None = None
              ) -> dict[str, Any]:
@@ -39,9 +46,7 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[WorkerSpec], None], *,
         found = in_store(source, uri) if source else resolve_encoder(cfg.eval.checkpoint, cfg, uri)
         return driver.Setup(
             f"[{job}] encoder: {found.label}  outputs: {cfg.output_dir}  mlflow: {tracking.redact(uri)}",
-            params={"eval.encoder": found.label,
-                    **({k: "n/a: random init" for k in PRETRAINING_ONLY} if found.state is None else {})},
-            tags={**found.tags(), "mae_ray.job": job},
+            params=encoder_params(found), tags={**found.tags(), "mae_ray.job": job},
             parent_run_id=found.parent_run_id,
             worker={"encoder": found.state, "model_kwargs": found.model_kwargs,
                     "num_classes": classes},

@@ -66,8 +66,8 @@ def config_of(params: dict[str, str], tracking_uri: str) -> tuple[Config, list[s
     known = set(load_config(None, []).flatten())
     items, redacted = [], []
     for key, value in sorted(params.items()):
-        if key not in known or key == "mlflow.tracking_uri":
-            continue
+        if key not in known or key == "mlflow.tracking_uri" or value == tracking.NOT_PRETRAINED:
+            continue  # NOT_PRETRAINED: a random-init evaluation's pre-training settings, which it does not use
         if _REDACTED.search(value):
             redacted.append(key)
             continue

@@ -203,8 +203,8 @@ def share_runs_view(tracking_uri: str, experiment_id: str, key: str, name: str, 
     key must be read on the runs tab: ``#/experiments/<id>?viewStateShareKey=`` loses it in a redirect.)"""
     client = MlflowClient(tracking_uri)
 
-    def column(kind: str, name: str) -> str:  # the UI's canonical column key
-        return f"{kind}.`{name}`"
+    def column(kind: str, key: str) -> str:  # the UI's canonical column key
+        return f"{kind}.`{key}`"
 
     state = {"searchFilter": search_filter, "orderByAsc": False,
              "selectedColumns": [column("params", p) for p in params] + [column("metrics", m) for m in metrics]}

@@ -313,6 +313,21 @@ def test_ui_lines_open_a_local_store_and_never_print_a_servers_credentials():
     assert served[1] == "its trials side by side: https://***@mlflow.example:5000/#/compare-runs?runs=x"
 
 
+def test_a_view_that_cannot_be_saved_leaves_a_plain_runs_link_and_one_warning(tmp_path, capsys):
+    # the sweep's work is done when its links are made: a store that refuses the experiment tag costs the
+    # columns, not the report
+    from mae_ray.jobs import sweep_report
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).search_experiments()  # the store exists; experiment 999 does not
+    paths = sweep_report.ui_paths(uri, "999", "p" * 32, "sweep-s", ["model.mask_ratio"], ["r1"])
+    assert paths["runs_path"].startswith("#/experiments/999/runs?searchFilter=tags.mlflow.parentRunId")
+    assert "viewStateShareKey" not in paths["runs_path"] and paths["compare_path"].startswith("#/compare-runs?")
+    warning = capsys.readouterr().out.strip()
+    assert warning.startswith("[sweep] warning: the runs view was not saved on the experiment (")
+    assert "\n" not in warning  # one line
+
+
 def test_stale_ray_processes_are_stopped_and_reaped_not_left_as_zombies(tmp_path):
     """forget_stale_ray on a record of a killed driver: a process that obeys SIGTERM, one that ignores it
     (SIGKILLed after the grace period), one orphaned like the dead driver's (reaped by PID 1); a pid

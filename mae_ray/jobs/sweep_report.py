@@ -91,9 +91,15 @@ def ui_paths(uri: str, experiment_id: str, parent: str, name: str, axes: list[st
     from mae_ray import tracking
 
     ml = urlencode({"workflowType": "machine_learning"})
-    runs = tracking.share_runs_view(uri, experiment_id, f"sweep-{parent}", name,
-                                    f"tags.mlflow.parentRunId = '{parent}'",
-                                    axes, ("linprobe_top1", "finetune_top1"), order_by="linprobe_top1")
+    children = f"tags.mlflow.parentRunId = '{parent}'"
+    try:
+        runs = tracking.share_runs_view(uri, experiment_id, f"sweep-{parent}", name, children, axes,
+                                        ("linprobe_top1", "finetune_top1"), order_by="linprobe_top1")
+    except Exception as e:  # e.g. no permission to tag the experiment: the same rows, columns left to pick
+        print(f"[sweep] warning: the runs view was not saved on the experiment ({str(e).splitlines()[0]})",
+              flush=True)
+        runs = f"#/experiments/{experiment_id}/runs?" + urlencode(
+            {"searchFilter": children, "orderByKey": "metrics.`linprobe_top1`", "orderByAsc": "false"})
     compare = (f"runs={quote(json.dumps(trial_run_ids, separators=(',', ':')))}"
                f"&experiments={quote(json.dumps([experiment_id]))}&{ml}")
     return {"runs_path": f"{runs}&{ml}", "compare_path": f"#/compare-runs?{compare}"}

@@ -288,10 +288,36 @@ def _linprobe_no_class_count(demo, tmp):
     return linprobe, [f"data.train_shards={folder}"], [f"no num_classes in {folder}/dataset.json", "data.num_classes"]
 
 
+# An epoch shorter than one update (issue 26): the optimiser would never step, and the run would record the
+# accuracy of its initial weights. 64 samples per epoch, 1 worker.
+def _pretrain_epoch_shorter_than_an_update(demo, tmp):
+    return pretrain, ["train.effective_batch=128"], [  # 2 micro-batches of 32, accumulation 4
+        "train: an epoch of 64 samples is 2 micro-batch(es) per worker", "fewer than the 4 of one update",
+        "train.effective_batch <= 64", "data.samples_per_epoch >= 128"]
+
+
+def _pretrain_max_steps_shorter_than_an_update(demo, tmp):
+    return pretrain, ["train.effective_batch=64", "train.max_steps_per_epoch=1"], [
+        "is 1 micro-batch(es) per worker", "train.max_steps_per_epoch >= 2 (it is 1)"]
+
+
+def _linprobe_epoch_shorter_than_an_update(demo, tmp):  # cached features: the whole training set, 1200
+    return linprobe, ["linprobe.cache_features=true", "linprobe.batch_size=64", "linprobe.effective_batch=16384"], [
+        "linprobe: an epoch of 1200 samples is 18 micro-batch(es) per worker", "fewer than the 256 of one update",
+        "linprobe.effective_batch <= 1152"]
+
+
+def _finetune_epoch_shorter_than_an_update(demo, tmp):
+    return finetune, ["finetune.batch_size=16", "finetune.effective_batch=1024", "finetune.samples_per_epoch=512"], [
+        "finetune: an epoch of 512 samples is 32 micro-batch(es) per worker", "finetune.samples_per_epoch >= 1024"]
+
+
 ROWS = [_no_match, _val_partly_missing, _zero_byte_shard, _empty_archive, _not_a_tar, _linprobe_no_match,
         _linprobe_folder_without_shards, _linprobe_no_val, _linprobe_empty_val_shard, _linprobe_checkpoint_missing,
         _linprobe_not_a_checkpoint, _finetune_checkpoint_of_another_architecture,
-        _linprobe_fewer_classes_than_the_shards, _finetune_val_shards_of_a_bigger_dataset, _linprobe_no_class_count]
+        _linprobe_fewer_classes_than_the_shards, _finetune_val_shards_of_a_bigger_dataset, _linprobe_no_class_count,
+        _pretrain_epoch_shorter_than_an_update, _pretrain_max_steps_shorter_than_an_update,
+        _linprobe_epoch_shorter_than_an_update, _finetune_epoch_shorter_than_an_update]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.__name__.strip("_") for row in ROWS])

@@ -79,6 +79,27 @@ def test_accumulating_two_batches_of_b_equals_one_batch_of_2b():
         assert torch.allclose(one[key], two[key], atol=1e-6, rtol=1e-5), key
 
 
+def test_a_trailing_partial_cycle_steps_on_the_mean_of_its_own_samples():
+    """3 micro-batches at accumulation 2: the second update holds one micro-batch and steps on its gradient
+    alone, at full weight (not half, not dropped), as if the epoch were two batches [b0 b1] and [b2]."""
+    imgs = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    imgs[:, 0, 0, 0] = torch.arange(6).float()
+    plan = engine.StepPlan(batches_per_epoch=3, accum_iter=2, epochs=1, warmup_epochs=0)
+    assert plan.updates_per_epoch == 2 and [plan.micro_batches_of_update(i) for i in range(3)] == [2, 2, 1]
+    partial = _one_update([imgs[:2], imgs[2:4], imgs[4:]], accum=2)
+    whole = _one_update([imgs[:4], imgs[4:]], accum=1)
+    first_only = _one_update([imgs[:4]], accum=1)
+    key = "blocks.0.attn.qkv.weight"
+    assert not torch.allclose(partial[key], first_only[key])  # the trailing update stepped
+    for k in whole:
+        assert torch.allclose(partial[k], whole[k], atol=1e-6, rtol=1e-5), k
+
+
+def test_an_epoch_shorter_than_one_update_is_refused():
+    with pytest.raises(ValueError, match="shorter than one update"):
+        engine.StepPlan(batches_per_epoch=3, accum_iter=4, epochs=1, warmup_epochs=0)
+
+
 def test_non_finite_loss_names_the_step():
     class Exploding(torch.nn.Module):
         def __init__(self):

@@ -95,6 +95,29 @@ def num_classes(cfg: Config) -> int:
     return count
 
 
+def check_epoch_updates(cfg: Config, job: str) -> None:
+    """Refuse, before Ray starts, a ``job`` whose epoch is shorter than one optimiser update (``recipe.check_epoch``).
+
+    The epoch's samples: ``data.samples_per_epoch``, else the training shards' dataset.json; a cached-feature
+    probe trains on every training sample. Shards without a count are checked by the workers instead
+    (``engine.StepPlan``), once the loader knows its length.
+    """
+    from mae_ray.data.shards import dataset_size
+    from mae_ray.train import recipe
+
+    if job == "linprobe" and cfg.linprobe.cache_features:
+        samples, key = None, None  # the cache holds every training sample
+    elif job == "finetune" and cfg.finetune.samples_per_epoch:
+        samples, key = cfg.finetune.samples_per_epoch, "finetune.samples_per_epoch"
+    else:
+        samples, key = cfg.data.samples_per_epoch, "data.samples_per_epoch"
+    samples = samples or dataset_size(cfg.data.train_shards)
+    if samples is None:
+        return
+    max_batches = cfg.train.max_steps_per_epoch if job == "pretrain" else None
+    recipe.check_epoch({"pretrain": "train"}.get(job, job), samples, recipe.for_job(cfg, job), max_batches, key)
+
+
 @contextlib.contextmanager
 def ray_session(cfg: Config, verbose: bool):
     """Start (or join) Ray and check the request fits, before any MLflow run is created. Yields whether
@@ -238,6 +261,7 @@ def run_job(cfg: Config, plan: JobPlan, *, verbose: bool = False, resume_from: s
     ``run_id``: an MLflow run the caller created (a sweep trial). ``callbacks``: Ray Train callbacks.
     """
     uri = prepare(cfg, need_val=plan.need_val, write=False)  # first: it puts storage.endpoint_url in force
+    check_epoch_updates(cfg, plan.job)
     if resume_from:
         run_id = checkpoints.load_state(resume_from).get("mlflow_run_id")  # a bad path fails now, not in a worker
     if not (resume_from or continue_existing):

@@ -28,12 +28,13 @@ def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool =
     from mae_ray.jobs import driver, finetune, linprobe
     from mae_ray.jobs.encoders import resolve_encoder
 
+    jobs = [(name, job) for name, job in (("linprobe", linprobe), ("finetune", finetune)) if name not in skip]
+    for name, _ in jobs:  # both refused before the first one runs
+        driver.check_epoch_updates(cfg, name)
     root = os.path.abspath(cfg.output_dir)
     source = source or resolve_encoder(cfg.eval.checkpoint, cfg, tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri))
     summary: dict[str, Any] = {"encoder": source.label, "parent_run_id": source.parent_run_id}
-    for name, job in (("linprobe", linprobe), ("finetune", finetune)):
-        if name in skip:
-            continue
+    for name, job in jobs:
         own = [f"output_dir={os.path.join(root, name)}"]
         if cfg.mlflow.run_name:  # its own run folder under a shared ray.storage_path (a sweep trial's jobs)
             own.append(f"mlflow.run_name={cfg.mlflow.run_name}-{name}")

@@ -177,6 +177,9 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
 
     cfg = from_dict(Config, base)
     uri = driver.prepare(cfg, write=False)  # absolute shard paths and tracking URI, for every trial
+    for job in ("pretrain", "linprobe", "finetune"):  # an epoch shorter than one update: refused now, not per trial
+        if getattr(sweep, job):
+            driver.check_epoch_updates(cfg, job)
     if not sweep.pretrain:  # the one encoder every trial evaluates: a missing or misfit one fails here
         from mae_ray.jobs.encoders import resolve_encoder
 

@@ -24,16 +24,32 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StepPlan:
-    """How many loader batches and optimiser updates an epoch has, and the schedule's lengths."""
+    """How many loader batches and optimiser updates an epoch has, and the schedule's lengths.
+
+    An update is ``accum_iter`` micro-batches; the epoch's last update may hold fewer (the trailing partial
+    cycle), and is stepped on the gradient of the samples it holds: no batch is computed for nothing.
+    An epoch shorter than one whole update is refused: it would change the recipe's effective batch
+    (the driver refuses it before Ray starts, ``recipe.check_epoch``; this is the workers' backstop).
+    """
 
     batches_per_epoch: int
     accum_iter: int
     epochs: int
     warmup_epochs: float
 
+    def __post_init__(self):
+        if self.batches_per_epoch < self.accum_iter:
+            raise ValueError(f"an epoch of {self.batches_per_epoch} micro-batch(es) is shorter than one update "
+                             f"({self.accum_iter} micro-batches): the optimiser would never step")
+
     @property
     def updates_per_epoch(self) -> int:
-        return max(1, self.batches_per_epoch // self.accum_iter)
+        return -(-self.batches_per_epoch // self.accum_iter)  # a trailing partial cycle is an update too
+
+    def micro_batches_of_update(self, batch: int) -> int:
+        """How many micro-batches the update that micro-batch ``batch`` belongs to has (its loss's divisor)."""
+        first = batch - batch % self.accum_iter
+        return min(self.accum_iter, self.batches_per_epoch - first)
 
     @property
     def total_updates(self) -> int:
@@ -77,12 +93,14 @@ def run_epoch(
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
     """The update loop every training job shares: ``plan.batches_per_epoch`` micro-batches, the optimiser
-    stepping every ``plan.accum_iter`` of them, the lr set per update from ``scheduler``.
+    stepping every ``plan.accum_iter`` of them and after the last, the lr set per update from ``scheduler``.
 
-    ``loss_of(batch)`` -> (the micro-batch's loss, its sample count), computed under autocast by the caller.
-    Each loss is divided by ``accum_iter``, so k micro-batches of b give the gradient of one batch of k*b;
-    ``no_sync`` (a DDP module's) skips the gradient all-reduce on all but the last micro-batch of an update.
-    A NaN/inf loss raises NonFiniteLossError naming where.
+    ``loss_of(batch)`` -> (the micro-batch's mean loss, its sample count), computed under autocast by the
+    caller. Each loss is divided by its update's micro-batch count, so k micro-batches of b give the gradient
+    of one batch of k*b; the epoch's trailing partial cycle of m < k micro-batches steps on the mean over its
+    m*b samples (the loaders' micro-batches are all of ``batch_size``). ``no_sync`` (a DDP module's) skips the
+    gradient all-reduce on all but the last micro-batch of an update. A NaN/inf loss raises
+    NonFiniteLossError naming where; a loader that ends early raises rather than drop an update's gradients.
     """
     accum = plan.accum_iter
     loss_sum, seen, batches, waited = 0.0, 0, 0, 0.0
@@ -95,13 +113,13 @@ def run_epoch(
         update = epoch * plan.updates_per_epoch + i // accum
         if i % accum == 0:
             scheduler.step_update(update)
-        boundary = (i + 1) % accum == 0
+        boundary = (i + 1) % accum == 0 or i + 1 == plan.batches_per_epoch
         with contextlib.nullcontext() if boundary or no_sync is None else no_sync():
             loss, count = loss_of(batch)
             value = loss.item()
             if not math.isfinite(value):
                 raise NonFiniteLossError(f"non-finite loss ({value}) at epoch {epoch}, batch {i}, update {update}")
-            precision.scaler.scale(loss / accum).backward()
+            precision.scaler.scale(loss / plan.micro_batches_of_update(i)).backward()
         if boundary:
             precision.scaler.step(optimizer)
             precision.scaler.update()
@@ -112,6 +130,9 @@ def run_epoch(
         if on_step is not None:
             on_step(i, value)
         ready = time.perf_counter()
+    if batches % accum and batches < plan.batches_per_epoch:
+        raise RuntimeError(f"the loader ended after {batches} of the epoch's {plan.batches_per_epoch} batches, in "
+                           "the middle of an update: its gradients would be dropped")
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_sum / max(1, seen), "lr": max(g["lr"] for g in optimizer.param_groups),
             "images_per_s": seen / max(elapsed, 1e-9), "epoch_time_s": elapsed, "batches": batches,

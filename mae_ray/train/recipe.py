@@ -59,6 +59,33 @@ def batching(section: str, batch_size: int, workers: int, effective_batch: int |
     return Batching(batch_size, workers, accum)
 
 
+def check_epoch(section: str, samples: int, batching: Batching, max_batches: int | None = None,
+                samples_key: str | None = "data.samples_per_epoch") -> int:
+    """The micro-batches each worker takes per epoch; a ConfigError when they do not make one update.
+
+    An epoch of ``samples`` is ``samples // (workers x batch_size)`` micro-batches per worker (at most
+    ``max_batches``). Fewer than ``accum_iter`` of them would never step the optimiser: the run would end
+    with its weights at their initialisation and still record an accuracy. A trailing partial cycle
+    (micro-batches beyond the last whole update) is stepped as a smaller update (``engine.run_epoch``).
+    """
+    per_step = batching.batch_size * batching.workers
+    batches = samples // per_step
+    if max_batches is not None:
+        batches = min(batches, max_batches)
+    if batches >= batching.accum_iter:
+        return batches
+    fits = max(per_step, (samples // per_step) * per_step)
+    ways = [f"{section}.effective_batch <= {fits} (a multiple of {batching.batch_size} x {batching.workers})"]
+    if max_batches is not None and max_batches < batching.accum_iter:
+        ways.append(f"train.max_steps_per_epoch >= {batching.accum_iter} (it is {max_batches})")
+    if samples_key:
+        ways.append(f"{samples_key} >= {batching.effective} (more data per epoch)")
+    raise ConfigError(
+        f"{section}: an epoch of {samples} samples is {batches} micro-batch(es) per worker ({batching.describe()}), "
+        f"fewer than the {batching.accum_iter} of one update: the optimiser would never step. "
+        f"Use {' or '.join(ways)}")
+
+
 def for_job(cfg, job: str, workers: int | None = None) -> Batching:
     """The batching of ``job`` (pretrain | linprobe | finetune) under ``cfg``; ``workers`` defaults to the
     configured ``ray.num_workers``."""

@@ -23,6 +23,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TRANSFORM_KINDS = ("pretrain", "linprobe", "finetune", "eval")
 DEFAULT_CROP_RATIO = 0.875  # ImageNet's evaluation crop: resize to size / 0.875, centre crop
+
+
+def default_crop_ratio(img_size: int) -> float:
+    """The release's evaluation rule (its util/datasets.py): ImageNet's 224/256 crop up to 224 px, the full
+    frame above (its ViT-H 448 px fine-tuning row is evaluated on the whole resized image)."""
+    return DEFAULT_CROP_RATIO if img_size <= 224 else 1.0
 # File extensions the loader treats as image payloads (webdataset keeps the original bytes).
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -91,16 +97,16 @@ def _eval_resize_crop(img_size: int, crop_ratio: float) -> list[Transform]:
 
 def eval_transform(data_cfg, img_size: int, *, normalize: bool = True) -> Transform:
     """The evaluation transform of a job's data (``cfg.data``): its crop ratio is ``data.crop_ratio`` when
-    set, else the ``crop_ratio`` of the dataset.json beside the training (else validation) shards, else
-    :data:`DEFAULT_CROP_RATIO`. Linear probe, fine-tuning, kNN and reconstruction pictures all use it."""
+    set, else the ``crop_ratio`` of the dataset.json beside the training (else validation) shards, else the
+    release's rule by size (:func:`default_crop_ratio`). Linear probe, fine-tuning, kNN and reconstruction
+    pictures all use it."""
     from mae_ray.data.shards import manifest_crop_ratio
 
     ratio = data_cfg.crop_ratio
     for spec in (data_cfg.train_shards, data_cfg.val_shards):
         if ratio is None and spec:
             ratio = manifest_crop_ratio(spec)
-    return build_transform("eval", img_size, normalize=normalize,
-                           crop_ratio=DEFAULT_CROP_RATIO if ratio is None else ratio)
+    return build_transform("eval", img_size, normalize=normalize, crop_ratio=ratio)
 
 
 def _finetune_transform(img_size: int) -> v2.Compose:
@@ -125,11 +131,12 @@ def _finetune_transform(img_size: int) -> v2.Compose:
 
 
 def build_transform(kind: str, img_size: int, *, normalize: bool = True,
-                    crop_ratio: float = DEFAULT_CROP_RATIO, augment: str = "crop_random") -> Transform:
+                    crop_ratio: float | None = None, augment: str = "crop_random") -> Transform:
     """Return the transform for one of ``pretrain``, ``linprobe``, ``finetune`` or ``eval``.
 
     ``crop_ratio`` (``eval`` only): resize the shorter side to ``img_size / crop_ratio``, then take the
-    centre ``img_size`` square; the jobs pass their data's ratio through :func:`eval_transform`.
+    centre ``img_size`` square; None: :func:`default_crop_ratio` of ``img_size``. The jobs pass their
+    data's ratio through :func:`eval_transform`.
     ``augment`` (``pretrain`` only): one of :data:`PRETRAIN_AUGMENTS` (Table 1e of the paper).
 
     With ``normalize=False`` the output stays uint8 (4x fewer bytes through the DataLoader's
@@ -145,7 +152,7 @@ def build_transform(kind: str, img_size: int, *, normalize: bool = True,
     elif kind == "linprobe":
         steps = _random_resized_crop(img_size, scale=(0.08, 1.0))
     elif kind == "eval":
-        steps = _eval_resize_crop(img_size, crop_ratio)
+        steps = _eval_resize_crop(img_size, default_crop_ratio(img_size) if crop_ratio is None else crop_ratio)
     else:
         raise ValueError(f"unknown transform kind {kind!r}; expected one of {TRANSFORM_KINDS}")
     return v2.Compose([*steps, normalize_batch] if normalize else steps)

@@ -68,6 +68,26 @@ class CachedFeatures:
             yield self.feats[idx], self.labels[idx]
 
 
+def probe_forwards(encoder, head, ddp_head, pool: str, precision, *, cached: bool, normalize):
+    """The probe's (training, evaluation) forward passes, both under the job's autocast.
+
+    Training runs inside ``precision.autocast()`` (``classify.train_epoch``); evaluation is wrapped in the same
+    here, so the frozen encoder's features - and so what the BatchNorm's running statistics are and what they
+    are applied to - come from one precision: bf16 features in training and fp32 ones in evaluation would
+    shift the normalised inputs of the very head being measured. Cached features are the encoder's output
+    already (``extract_features``, the same for both splits). Training batches arrive as uint8
+    (``normalize``d on the device); evaluation batches are normalised by the eval transform.
+    """
+    def train_forward(x):  # called under precision.autocast() by classify.train_epoch
+        return ddp_head(x if cached else pooled(encoder, normalize(x), pool))
+
+    def eval_forward(x):
+        with precision.autocast():
+            return head(x if cached else pooled(encoder, x, pool))
+
+    return train_forward, eval_forward
+
+
 def train_loop(spec: WorkerSpec) -> None:
     from mae_ray.cluster import launch
     from mae_ray.cluster.worker_loop import EpochLoop
@@ -120,14 +140,8 @@ def train_loop(spec: WorkerSpec) -> None:
                      seed=settings.seed, steps_per_epoch=plan.updates_per_epoch,
                      report_every_epoch=not lp.cache_features)
     ddp_head = launch.prepare_model(head, move_to_device=False)
-    if lp.cache_features:  # inputs are already features
-        train_forward, eval_forward = ddp_head, head
-    else:
-        def train_forward(x):  # uint8 batches, normalised on the device
-            return ddp_head(pooled(encoder, normalize_batch(x), lp.pool))
-
-        def eval_forward(x):
-            return head(pooled(encoder, x, lp.pool))
+    train_forward, eval_forward = probe_forwards(encoder, head, ddp_head, lp.pool, precision,
+                                                 cached=lp.cache_features, normalize=normalize_batch)
     loop.say(f"{batching.describe()}, {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, pool {lp.pool}, "
              f"{'cached features' if lp.cache_features else 'augmented images'}; {loop.describe_start()}")
     criterion = nn.CrossEntropyLoss()

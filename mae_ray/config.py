@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from mae_ray.errors import ConfigError
-from mae_ray.model.presets import MASK_SAMPLINGS, MODEL_DEFAULTS, PRESETS, resolve_model_kwargs
+from mae_ray.model.presets import MASK_SAMPLINGS, MODEL_DEFAULTS, PRESETS, TARGETS, resolve_model_kwargs
 from mae_ray.train import recipe
 
 # Pre-training augmentation, the paper's Table 1e; MAE's is crop_random (RandomResizedCrop 0.2-1 + flip).
@@ -42,6 +42,9 @@ class ModelConfig:
     norm_pix_loss: bool | None = None
     mask_token_in_encoder: bool | None = None
     mask_sampling: str | None = None  # random (MAE) | block (BEiT-style) | grid (keep 1 of 4); Fig. 6
+    target: str | None = None  # pixel (MAE; norm_pix_loss per-patch normalises it) | pca (Table 1d)
+    pca_components: int | None = None  # target=pca: coefficients predicted; None: 1/8 of p*p*3 (the paper's 96/768)
+    pca_fit_images: int = 1000  # target=pca: training images the basis is fitted on, once, before epoch 0
 
     def kwargs(self) -> dict[str, Any]:
         """Resolved ``MaskedAutoencoderViT`` keywords: the preset with this config's overrides."""
@@ -56,7 +59,8 @@ class DataConfig:
     samples_per_epoch: int | None = None  # None: the training set's size
     num_workers: int = 2  # DataLoader processes per Ray worker
     shuffle_buffer: int = 1000
-    # evaluation crop: resize to img_size / crop_ratio, centre crop; None: dataset.json's crop_ratio, else 0.875
+    # evaluation crop: resize to img_size / crop_ratio, centre crop; None: dataset.json's crop_ratio, else the
+    # release's rule: 0.875 up to 224 px, 1.0 (the full frame) above
     crop_ratio: float | None = None
     # where pre-training's JPEGs are decoded and cropped: cpu (the loader processes) | gpu (the training GPU,
     # a batch at a time: data/device_decode.py; the loader processes only read the shards)
@@ -280,6 +284,7 @@ def validate(cfg: Config) -> None:
     if k["mask_sampling"] not in MASK_SAMPLINGS:
         raise ConfigError(f"model.mask_sampling must be one of {', '.join(MASK_SAMPLINGS)}, "
                           f"got {k['mask_sampling']!r}")
+    _validate_target(m, k)
     if k["mask_sampling"] == "grid" and (m.mask_ratio != 0.75 or (k["img_size"] // k["patch_size"]) % 2):
         raise ConfigError("model.mask_sampling=grid keeps one patch of every 2x2: it needs model.mask_ratio=0.75 "
                           "and an even number of patches per side")
@@ -351,6 +356,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ray.cpus_per_worker must be > 0, got {cfg.ray.cpus_per_worker}")
     if not cfg.output_dir:
         raise ConfigError("output_dir must not be empty")
+
+
+def _validate_target(m: ModelConfig, k: dict[str, Any]) -> None:
+    if k["target"] not in TARGETS:
+        raise ConfigError(f"model.target must be one of {', '.join(TARGETS)}, got {k['target']!r}")
+    patch_dim = k["patch_size"] ** 2 * k["in_chans"]
+    if k["pca_components"] is not None and not 1 <= k["pca_components"] <= patch_dim:
+        raise ConfigError(f"model.pca_components must be in [1, {patch_dim}] (a patch's p*p*channels values), "
+                          f"got {k['pca_components']}")
+    if k["target"] == "pca" and k["norm_pix_loss"]:
+        raise ConfigError("model.target=pca regresses PCA coefficients of the pixels; model.norm_pix_loss "
+                          "normalises pixel targets only: set model.norm_pix_loss=false")
+    if m.pca_fit_images < 1:
+        raise ConfigError(f"model.pca_fit_images must be >= 1, got {m.pca_fit_images}")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -23,6 +23,7 @@ from mae_ray.errors import ConfigError
 from mae_ray.jobs import sweep_config as sweeps
 from mae_ray.jobs import sweep_report
 from mae_ray.model.mae import MaskedAutoencoderViT
+from mae_ray.model.pca import fit_pca
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEPS = os.path.join(ROOT, "experiments", "sweeps")
@@ -36,7 +37,7 @@ PAPER = {
                                                              512: (84.9, 73.5), 768: (84.4, 73.1),
                                                              1024: (84.3, 73.1)}),
     "paper_mask_token.yaml": ("model.mask_token_in_encoder", {True: (84.2, 59.6), False: (84.9, 73.5)}),
-    "paper_target.yaml": ("model.norm_pix_loss", {False: (84.9, 73.5), True: (85.4, 73.9)}),
+    "paper_target.yaml": ("case", {"pixels": (84.9, 73.5), "normalised pixels": (85.4, 73.9), "PCA": (84.6, 72.3)}),
     "paper_augmentation.yaml": ("train.augment", {"none": (84.0, 65.7), "crop_fixed": (84.7, 73.1),
                                                   "crop_random": (84.9, 73.5), "crop_random_jitter": (84.3, 71.9)}),
     "paper_mask_sampling.yaml": ("case", {"random 75%": (84.9, 73.5), "block 50%": (83.9, 72.3),
@@ -45,12 +46,14 @@ PAPER = {
     "paper_schedule.yaml": ("train.epochs", {100: (82.3, 57.3), 200: (83.3, 64.4), 400: (84.3, 69.7),
                                              800: (84.9, 73.5), 1600: (85.1, 75.1)}),
     # Figure 9, partial fine-tuning: 0 blocks (the linear probe) 73.5, 1 block 81.0, all (None) 84.9
-    "paper_partial_finetune.yaml": ("finetune.trainable_blocks", {0: (73.5, None), 1: (81.0, None),
+    "paper_partial_finetune.yaml": ("finetune.trainable_blocks", {0: (None, 73.5), 1: (81.0, None),
                                                                   None: (84.9, None)}),
 }
 # Table 1f's cases: what each label sets
 MASK_SAMPLING = {"random 75%": ("random", 0.75), "block 50%": ("block", 0.5), "block 75%": ("block", 0.75),
                  "grid 75%": ("grid", 0.75)}
+# Table 1d's: (model.target, model.norm_pix_loss)
+TARGET = {"pixels": ("pixel", False), "normalised pixels": ("pixel", True), "PCA": ("pca", False)}
 SIZE_KEYS = {"embed_dim": 64, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1,
              "decoder_num_heads": 2, "img_size": 32, "patch_size": 4}
 
@@ -106,11 +109,17 @@ def test_every_point_of_every_sweep_file_trains_one_step(name):
         transform = build_transform("pretrain", 32, augment=cfg.train.augment)
         torch.manual_seed(0)
         imgs = torch.stack([transform(torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)) for _ in range(4)])
+        if model.target == "pca":  # the basis pre-training fits first (jobs/pretrain.fit_pca_basis)
+            fit = fit_pca([model.patchify(imgs)], model.pca_basis.shape[1])
+            model.pca_mean.copy_(fit.mean)
+            model.pca_basis.copy_(fit.basis)
         loss, _, mask = model(imgs, mask_ratio=cfg.model.mask_ratio)
         loss.backward()
         assert torch.isfinite(loss) and mask.sum(1).eq(64 - int(64 * (1 - cfg.model.mask_ratio))).all()
         # the trial really runs the setting its axis names
-        if axis == "case":
+        if axis == "case" and name == "paper_target.yaml":
+            assert (model.target, model.norm_pix_loss) == TARGET[point["case"]]
+        elif axis == "case":
             assert (model.mask_sampling, cfg.model.mask_ratio) == MASK_SAMPLING[point["case"]]
         elif axis.startswith("model."):
             assert getattr(cfg.model, axis.split(".")[1]) == point[axis] == small.get(axis.split(".")[1],
@@ -124,8 +133,15 @@ def fine_tune_one_step(sweep, base, axis: str) -> None:
     from mae_ray.model.mae import build_model
 
     assert axis == "finetune.trainable_blocks" and sweep.finetune and base["eval"]["checkpoint"]
+    # Figure 9 as the paper ran it: its x-axis, 0 blocks the linear probe, each point the best of 3 lengths
+    assert [p[axis] for p in points(sweep)] == [0, 1, 2, 4, 6, 12, 18, None]
+    assert sweep.best_of == {"finetune.epochs": [50, 100, 200]}
+    runs = {sweeps.axis_label(p[axis]): sweeps.trial_jobs(vars(sweep), p) for p in points(sweep)}
+    assert runs == {"0": ("linprobe",), **{k: ("finetune",) for k in runs if k != "0"}}
     encoder = build_model("mae_vit_micro_patch4", depth=24)  # ViT-L's depth, micro width
     for point in points(sweep):
+        if point[axis] == 0:
+            continue  # the linear probe: a frozen encoder (tests/test_evaluation.py)
         cfg = sweeps.trial_config(point, base, sweep.cases)
         vit = finetune.build_classifier(encoder, num_classes=10, drop_path=cfg.finetune.drop_path)
         finetune.freeze_for_partial(vit, cfg.finetune.trainable_blocks)
@@ -177,6 +193,11 @@ def test_the_report_prints_paper_and_measured_side_by_side():
     ({"cases": {"a": {"model.mask_ratio": 0.5}}, "search": {"case": {"grid": ["a"]}}}, "do not also list it"),
     ({"cases": {"g": {"model.mask_sampling": "grid", "model.mask_ratio": 0.5}}, "search": {}},
      "mask_sampling=grid keeps one patch of every 2x2"),
+    ({"jobs": {"0.6": ["linprobe"]}}, "jobs.0.6 is not a value of model.mask_ratio"),
+    ({"jobs": {"0.5": ["probe"]}}, "jobs.0.5: expected a list of linprobe and/or finetune"),
+    ({"best_of": {"train.epochs": [1, 2]}}, "best_of.train.epochs: expected a linprobe"),
+    ({"best_of": {"finetune.epochs": []}}, "best_of.finetune.epochs: expected a non-empty list"),
+    ({"best_of": {"finetune.epochs": [10, -1]}}, "finetune.epochs"),
 ])
 def test_a_wrong_paper_key_or_case_is_one_clear_error(tmp_path, edit, message):
     import yaml

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from test_sweep_files import PAPER, SWEEPS
 
 from mae_ray.jobs import sweep as sweeps
-from mae_ray.jobs.sweep_config import CASE, axis_label, load_sweep
+from mae_ray.jobs.sweep_config import CASE, axis_label, load_sweep, trial_jobs
 
 pytestmark = pytest.mark.ray
 
@@ -63,6 +63,8 @@ def smoke_file(name: str, tmp_path, demo: dict, encoder: str) -> tuple[str, str,
         spec["search"] = {axis: {"grid": values}}
     if axis == CASE:
         spec["paper"] = {k: v for k, v in spec["paper"].items() if k in values}
+    for key, lengths in spec.get("best_of", {}).items():  # Figure 9's 50-200 fine-tuning epochs run as 1 and 4
+        spec["best_of"][key] = [lengths[0] // 50, lengths[-1] // 50]
     path = tmp_path / name
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return str(path), axis, {axis_label(v): v for v in values}
@@ -88,11 +90,14 @@ def test_each_paper_sweep_file_runs_through_tune_with_the_papers_numbers_beside(
 
     rows = {axis_label(r[axis]): r for r in report["rows"]}
     assert set(rows) == set(values) and all(r["status"] == "finished" for r in rows.values()), report["rows"]
-    measured = [m for m in ("linprobe_top1", "finetune_top1") if getattr(sweep, m.split("_")[0])]
     paper = {axis_label(k): v for k, v in sweep.paper.items()}
     client = MlflowClient(base["mlflow"]["tracking_uri"])
     for label, row in rows.items():
-        assert all(isinstance(row.get(m), float) for m in measured), row
+        jobs = trial_jobs(vars(sweep), {axis: values[label]})
+        assert all(isinstance(row.get(f"{job}_top1"), float) for job in jobs), row
+        assert not any(f"{job}_top1" in row for job in ("linprobe", "finetune") if job not in jobs), row
+        if sweep.best_of and "finetune" in jobs:
+            best_of_lengths(client, row, sweep.best_of["finetune.epochs"])
         # the paper's numbers beside the measured ones, for the points the paper gives
         assert {k: row[k] for k in row if k.startswith("paper_")} == {
             f"paper_{k}": float(v) for k, v in paper.get(label, {}).items()}
@@ -103,3 +108,16 @@ def test_each_paper_sweep_file_runs_through_tune_with_the_papers_numbers_beside(
     assert any(paper.get(label) for label in rows)  # every file names the paper's numbers of at least one end
     table = [ln for ln in open(report["markdown"]).read().splitlines() if ln.startswith("| ")]
     assert "paper_" in table[0] and len(table) == 1 + len(rows)  # the header and a row per trial
+
+
+def best_of_lengths(client, row: dict, lengths: list[int]) -> None:
+    """Figure 9's point: a fine-tuning run per length, the best one's top-1 is the trial's (in its row and as
+    the latest value on its MLflow run), each length's beside it."""
+    each = {n: row[f"finetune_top1_epochs_{n}"] for n in lengths}
+    assert row["finetune_top1"] == max(each.values()) and each[row["finetune_best_epochs"]] == row["finetune_top1"]
+    trial = client.get_run(row["mlflow_run_id"])
+    assert trial.data.metrics["finetune_top1"] == row["finetune_top1"]
+    children = client.search_runs([trial.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{row['mlflow_run_id']}'")
+    ran = {int(r.data.params["finetune.epochs"]): r.data.metrics["finetune_top1"] for r in children}
+    assert ran == each, (ran, each)  # one run per length, each with the epochs it was given

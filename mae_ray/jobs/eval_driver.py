@@ -24,7 +24,8 @@ WHAT = {"linprobe": "linear probe", "finetune": "fine-tuning"}
 # settings that describe only a pre-training: on an evaluation of a random-init encoder they describe nothing,
 # and a sweep's table would otherwise show the base config's mask ratio on its random-init row
 PRETRAINING_ONLY = ("model.mask_ratio", "model.norm_pix_loss", "model.mask_token_in_encoder", "model.mask_sampling",
-                    "model.decoder_embed_dim", "model.decoder_depth", "model.decoder_num_heads", "train.epochs")
+                    "model.decoder_embed_dim", "model.decoder_depth", "model.decoder_num_heads", "model.target",
+                    "model.pca_components", "model.pca_fit_images", "train.epochs")
 
 
 def encoder_params(found: EncoderSource) -> dict[str, str]:

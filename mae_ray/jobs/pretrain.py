@@ -67,6 +67,7 @@ def train_loop(spec: WorkerSpec) -> None:
                                "scaler": precision.scaler},
                      seed=cfg.train.seed, steps_per_epoch=plan.updates_per_epoch, extra_state={"config": config_text})
     raw_model = model
+    _pca_target(cfg, raw_model, loop)  # before DDP: every replica starts with the same basis
     model = launch.prepare_model(model)  # DDP over NCCL (GPU) or Gloo (CPU); no-op for 1 worker
     if cfg.train.compile:
         model = torch.compile(model)
@@ -99,6 +100,62 @@ def train_loop(spec: WorkerSpec) -> None:
         if pictures is not None:
             pictures.maybe_log(epoch, epoch == cfg.train.epochs - 1, loop.logger)
     loop.finish()
+
+
+def _pca_target(cfg: Config, model, loop) -> None:
+    """target=pca: the basis, fitted by rank 0 and broadcast to every rank. A resumed run keeps its
+    checkpoint's basis: the decoder learned to predict coefficients in that one."""
+    import torch.distributed as dist
+
+    if model.target != "pca":
+        return
+    if loop.resumed:
+        loop.say("PCA target: the checkpoint's basis (not refitted)")
+        return
+    if loop.rank == 0:
+        fit = fit_pca_basis(cfg, model)
+        model.pca_mean.copy_(fit.mean)
+        model.pca_basis.copy_(fit.basis)
+        (p, k), n = model.pca_basis.shape, fit.patches // model.patch_embed.num_patches
+        about = f"{k} of {p} components, {fit.explained:.1%} of the variance of {fit.patches} patches of {n} images"
+        loop.say(f"PCA target: {about} (seed {cfg.train.seed})")
+        loop.logger.set_tags({"mae_ray.pca_target": about})
+    if dist.is_available() and dist.is_initialized():
+        for buffer in (model.pca_mean, model.pca_basis):
+            dist.broadcast(buffer, src=0)
+
+
+def fit_pca_basis(cfg: Config, model):
+    """The PCA of ``model.pca_fit_images`` training images' patches (``model/pca.PcaFit``), the same bits for
+    the same ``train.seed``: the shards in an order drawn from it, each image as pre-training sees it
+    (train.augment's crop, normalised) with the crops drawn from it, read in this process by the exact-once
+    loader. The run's own RNG is left as it was."""
+    import random
+
+    import torch
+
+    from mae_ray.data.loader import make_eval_loader
+    from mae_ray.data.shards import expand_urls
+    from mae_ray.data.transforms import build_transform
+    from mae_ray.model.pca import fit_pca
+
+    urls = expand_urls(cfg.data.train_shards)
+    random.Random(f"mae-ray/pca/{cfg.train.seed}").shuffle(urls)
+    size = model.patch_embed.img_size[0]
+    loader = make_eval_loader(urls, batch_size=64, img_size=size, num_workers=0,
+                              transform=build_transform("pretrain", size, augment=cfg.train.augment))
+
+    def patches():  # [B, L, p*p*3] batches, cfg.model.pca_fit_images images in all
+        left = cfg.model.pca_fit_images
+        for imgs, _ in loader:
+            yield model.patchify(imgs[:left])
+            left -= min(left, imgs.shape[0])
+            if not left:
+                return
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return fit_pca(patches(), model.pca_basis.shape[1])
 
 
 def on_device(batches, device, img_size: int = 0, decode: bool = False):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -27,7 +28,15 @@ import yaml
 from mae_ray import provenance
 from mae_ray.config import Config, from_dict, load_config
 from mae_ray.errors import ConfigError
-from mae_ray.jobs.sweep_config import SweepConfig, hide_secrets, param_space, trial_config, trial_label
+from mae_ray.jobs.sweep_config import (
+    EVAL_JOBS,
+    SweepConfig,
+    hide_secrets,
+    param_space,
+    trial_config,
+    trial_jobs,
+    trial_label,
+)
 
 NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 
@@ -44,7 +53,7 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from mae_ray import tracking
-    from mae_ray.jobs import evaluate, pretrain
+    from mae_ray.jobs import pretrain
     from mae_ray.jobs.encoders import resolve_encoder
 
     trial_id = tune.get_context().get_trial_id()
@@ -70,8 +79,8 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
         checkpoint = summary["checkpoint"]
     else:
         checkpoint = cfg.eval.checkpoint
-    skip = tuple(j for j in ("linprobe", "finetune") if not sweep[j])
-    if len(skip) < 2:
+    jobs = trial_jobs(sweep, params)
+    if jobs:
         eval_dir = os.path.join(cfg.output_dir, "eval")
         eval_cfg = load_config(None, [f"output_dir={eval_dir}", f"eval.checkpoint={checkpoint}"],
                                base=cfg.to_dict())
@@ -81,14 +90,57 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
             if not sweep["pretrain"]:  # scores go to this trial's run, not to the shared encoder's run
                 source.origin_run_id = source.origin_run_id or source.parent_run_id
                 source.parent_run_id = run_id
-            scores = evaluate.run(eval_cfg, source=source, skip=skip)
-            _name_evaluations(uri, scores, label, trial_id, sweep["name"])
+            named = _Named(uri, label, trial_id, sweep["name"])
+            scores = _evaluate(eval_cfg, source, jobs, sweep.get("best_of") or {}, named, record and f"{record}/eval")
+            if sweep.get("best_of"):  # the trial's run shows the best, after the values each length logged there
+                tracking.log_values(uri, run_id, {k: v for k, v in scores.items() if k in _BEST_KEYS or "_best_" in k})
             _keep(record and f"{record}/eval", scores)
-        final.update({k: v for k, v in scores.items() if k.endswith(("_top1", "_top5"))})
+        final.update({k: v for k, v in scores.items() if k.startswith(EVAL_JOBS) and not k.endswith("_run_id")})
     tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "finished"})
     if not sweep["pretrain"]:  # no pre-training job owns (and ends) this run
         tracking.end_run(uri, run_id, "FINISHED")
     tune.report({k: v for k, v in final.items() if v is not None})
+
+
+_BEST_KEYS = {f"{job}_{what}" for job in EVAL_JOBS for what in ("top1", "top5")}
+
+
+def _evaluate(cfg: Config, source, jobs: tuple[str, ...], best_of: dict[str, list], named: _Named,
+              record: str | None) -> dict[str, Any]:
+    """A trial's evaluations (``jobs``, each through ``evaluate.run``); the one job ``best_of`` names runs once
+    per value of its key, in folders and MLflow runs of their own, and the best value's scores are the trial's
+    (``<job>_top1``), with each value's top-1 beside them (``finetune_top1_epochs_50``, ...) and which won
+    (``finetune_best_epochs``). A restarted trial reuses the values it had finished."""
+    from mae_ray.jobs import evaluate
+
+    (key, values), = best_of.items() if best_of else ((None, ()),)
+    varied = key.split(".")[0] if key else None
+    once = tuple(j for j in jobs if j != varied)
+    scores: dict[str, Any] = {}
+    if once:
+        scores = evaluate.run(cfg, source=source, skip=tuple(j for j in EVAL_JOBS if j not in once))
+        named(scores, "")
+    if varied not in jobs:
+        return scores
+    short, tried = key.rsplit(".", 1)[-1], []
+    for value in values:
+        folder = os.path.join(cfg.output_dir, f"{varied}_{short}_{value}")
+        own = [f"output_dir={folder}", f"{key}={json.dumps(value)}"]
+        if cfg.mlflow.run_name:  # a checkpoint folder of its own under a shared ray.storage_path
+            own.append(f"mlflow.run_name={cfg.mlflow.run_name}-{short}{value}")
+        where = record and f"{record}/{varied}_{short}_{value}"
+        result = _done(folder, where)
+        if result is None:
+            result = evaluate.run(load_config(None, own, base=cfg.to_dict()), source=source,
+                                  skip=tuple(j for j in EVAL_JOBS if j != varied))
+            named(result, f", {short}={value}")
+            _keep(where, result)
+        tried.append((value, result))
+        scores[f"{varied}_top1_{short}_{value}"] = result[f"{varied}_top1"]
+    value, best = max(tried, key=lambda t: t[1][f"{varied}_top1"])
+    scores.update({k: v for k, v in best.items() if k.startswith(varied)})
+    scores[f"{varied}_best_{short}"] = value
+    return scores
 
 
 def _done(folder: str, shared: str | None = None) -> dict[str, Any] | None:
@@ -152,17 +204,26 @@ def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params:
                               tags, parent_run_id=parent_run_id)
 
 
-def _name_evaluations(uri: str, scores: dict[str, Any], label: str, trial_id: str, sweep_name: str) -> None:
-    """The evaluation runs read as ``linprobe · mask_ratio=0.75`` in the UI, each with a description."""
-    from mae_ray import tracking
+@dataclass
+class _Named:
+    """Names a trial's evaluation runs ``linprobe · mask_ratio=0.75`` in the UI, each with a description."""
 
-    what = {"linprobe": "Linear probe (frozen encoder)", "finetune": "End-to-end fine-tuning"}
-    for job, text in what.items():
-        run_id = scores.get(f"{job}_run_id")
-        if run_id:
-            tracking.EpochLogger(uri, run_id).set_tags({
-                "mlflow.runName": tracking.redact(f"{job} · {label}"),
-                NOTE: f"{text} of trial {trial_id}'s encoder ({tracking.redact(label)}), sweep {sweep_name}."})
+    uri: str
+    label: str
+    trial_id: str
+    sweep_name: str
+
+    def __call__(self, scores: dict[str, Any], suffix: str) -> None:
+        from mae_ray import tracking
+
+        what = {"linprobe": "Linear probe (frozen encoder)", "finetune": "End-to-end fine-tuning"}
+        for job, text in what.items():
+            run_id = scores.get(f"{job}_run_id")
+            if run_id:
+                label = tracking.redact(self.label + suffix)
+                tracking.EpochLogger(self.uri, run_id).set_tags({
+                    "mlflow.runName": f"{job} · {label}",
+                    NOTE: f"{text} of trial {self.trial_id}'s encoder ({label}), sweep {self.sweep_name}."})
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -177,8 +238,9 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
 
     cfg = from_dict(Config, base)
     uri = driver.prepare(cfg, write=False)  # absolute shard paths and tracking URI, for every trial
-    for job in ("pretrain", "linprobe", "finetune"):  # an epoch shorter than one update: refused now, not per trial
-        if getattr(sweep, job):
+    listed = {j for jobs in sweep.jobs.values() for j in jobs}
+    for job in ("pretrain", *EVAL_JOBS):  # an epoch shorter than one update: refused now, not per trial
+        if getattr(sweep, job) or job in listed:
             driver.check_epoch_updates(cfg, job)
     if not sweep.pretrain:  # the one encoder every trial evaluates: a missing or misfit one fails here
         from mae_ray.jobs.encoders import resolve_encoder
@@ -219,7 +281,8 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
             fn = tune.with_resources(
                 tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
                                      sweep={"pretrain": sweep.pretrain, "linprobe": sweep.linprobe,
-                                            "finetune": sweep.finetune, "cases": sweep.cases, "shared": shared,
+                                            "finetune": sweep.finetune, "jobs": sweep.jobs, "best_of": sweep.best_of,
+                                            "cases": sweep.cases, "shared": shared,
                                             "name": sweep.name, "command": provenance.command()},
                                      hidden=hidden),
                 _trial_resources(sweep, cfg))

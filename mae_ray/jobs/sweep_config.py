@@ -51,6 +51,13 @@ class SweepConfig:
     # The paper's numbers on this sweep's one axis: value -> {linprobe_top1: .., finetune_top1: ..};
     # the report prints them beside the measured ones.
     paper: dict = field(default_factory=dict)
+    # Which evaluations a value of the one axis runs, where it is not what linprobe/finetune above say:
+    # value -> [linprobe and/or finetune] (Fig. 9: tuning 0 blocks is the linear probe, not the head alone
+    # trained with the fine-tuning recipe).
+    jobs: dict = field(default_factory=dict)
+    # One evaluation setting each trial runs at every value, keeping the best: {dotted key: [values]} (Fig. 9:
+    # fewer tuned blocks need a longer schedule, so each point is the best of several fine-tuning lengths).
+    best_of: dict = field(default_factory=dict)
 
 
 def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, Any]]:
@@ -80,6 +87,8 @@ def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, 
         sample = values[0] if isinstance(values, list) else values
         load_config(None, [f"{key}={json.dumps(sample)}"], base=base.to_dict())  # the key and its type exist
     _check_paper(sweep, path)
+    _check_jobs(sweep, path)
+    _check_best_of(sweep, base, path)
     if not sweep.pretrain:
         _check_evaluation_only(sweep, base, path)
     if sweep.scheduler.type not in ("asha", "none"):
@@ -112,11 +121,7 @@ def _check_paper(sweep: SweepConfig, path: str) -> None:
     """``paper:`` needs one axis, and each of its keys must be a value of that axis (a typo fails here)."""
     if not sweep.paper:
         return
-    if len(sweep.search) != 1:
-        raise ConfigError(f"{path}: 'paper' needs exactly one search axis, got {', '.join(sweep.search) or 'none'}")
-    (key, spec), = sweep.search.items()
-    kind, values = _space_entry(key, spec)
-    known = {axis_label(v) for v in values}
+    key, known = _axis_values(sweep, path, "paper")
     for value, numbers in sweep.paper.items():
         if axis_label(value) not in known:
             raise ConfigError(f"{path}: paper.{value} is not a value of {key} ({', '.join(sorted(known))})")
@@ -125,11 +130,56 @@ def _check_paper(sweep: SweepConfig, path: str) -> None:
                               f"got {numbers!r}")
 
 
+def _axis_values(sweep: SweepConfig, path: str, what: str) -> tuple[str, set[str]]:
+    """The one search axis (``paper`` and ``jobs`` are keyed by its values) and its values' labels."""
+    if len(sweep.search) != 1:
+        raise ConfigError(f"{path}: '{what}' needs exactly one search axis, got {', '.join(sweep.search) or 'none'}")
+    (key, spec), = sweep.search.items()
+    return key, {axis_label(v) for v in _space_entry(key, spec)[1]}
+
+
+def _check_jobs(sweep: SweepConfig, path: str) -> None:
+    if not sweep.jobs:
+        return
+    key, known = _axis_values(sweep, path, "jobs")
+    for value, jobs in sweep.jobs.items():
+        if axis_label(value) not in known:
+            raise ConfigError(f"{path}: jobs.{value} is not a value of {key} ({', '.join(sorted(known))})")
+        if not isinstance(jobs, list) or not jobs or not set(jobs) <= set(EVAL_JOBS):
+            raise ConfigError(f"{path}: jobs.{value}: expected a list of {' and/or '.join(EVAL_JOBS)}, got {jobs!r}")
+
+
+def _check_best_of(sweep: SweepConfig, base: Config, path: str) -> None:
+    if not sweep.best_of:
+        return
+    if len(sweep.best_of) != 1:
+        raise ConfigError(f"{path}: best_of takes one key, got {', '.join(sweep.best_of)}")
+    (key, values), = sweep.best_of.items()
+    if key.split(".")[0] not in EVAL_JOBS or key in sweep.search:
+        raise ConfigError(f"{path}: best_of.{key}: expected a linprobe.* or finetune.* key that is not searched")
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{path}: best_of.{key}: expected a non-empty list of values, got {values!r}")
+    for value in values:
+        load_config(None, [f"{key}={json.dumps(value)}"], base=base.to_dict())
+
+
+EVAL_JOBS = ("linprobe", "finetune")
+
+
+def trial_jobs(sweep: dict[str, Any], params: dict[str, Any]) -> tuple[str, ...]:
+    """The evaluations one trial runs: its axis value's ``jobs`` entry, else the sweep's linprobe/finetune."""
+    listed = {axis_label(k): v for k, v in (sweep.get("jobs") or {}).items()}
+    for value in params.values():
+        if axis_label(value) in listed:
+            return tuple(j for j in EVAL_JOBS if j in listed[axis_label(value)])
+    return tuple(j for j in EVAL_JOBS if sweep[j])
+
+
 def _check_evaluation_only(sweep: SweepConfig, base: Config, path: str) -> None:
     if not base.eval.checkpoint:
         raise ConfigError(f"{path}: pretrain: false evaluates one fixed encoder: set overrides.eval.checkpoint "
                           "(runs:/RUN_ID, a checkpoint folder, an official .pth)")
-    if not (sweep.linprobe or sweep.finetune):
+    if not (sweep.linprobe or sweep.finetune or sweep.jobs):
         raise ConfigError(f"{path}: pretrain, linprobe and finetune are all false: nothing to run")
     for key in varied_keys(sweep):
         if key.startswith("model.") or (key.startswith("train.") and key != "train.seed"):

@@ -154,6 +154,8 @@ def trial_rows(grid, axes: list[str]) -> list[dict[str, Any]]:
                     "mlflow_run_id", "training_iteration"):
             if key in metrics:
                 row[key] = metrics[key]
+        row.update({k: v for k, v in metrics.items()  # a best_of sweep's scores per value and its best value
+                    if k.startswith(("linprobe_", "finetune_")) and k not in row and not k.endswith("_run_id")})
         rows.append(row)
     return sorted(rows, key=lambda r: tuple(str(r.get(a)) for a in axes))
 
@@ -180,7 +182,11 @@ def _columns(rows: list[dict], axes: list[str]) -> list[str]:
              "paper_finetune_top1", "finetune_top5", "knn_top1", "train_loss", "training_iteration", "epochs_run",
              "mlflow_run_id"]
     present = {k for r in rows for k in r}
-    return [c for c in order if c in present]
+    known = [c for c in order if c in present]
+    extra = [k for r in rows for k in r if k.startswith(("linprobe_", "finetune_")) and k not in order]
+    at = next((i for i, c in enumerate(known) if c in ("knn_top1", "train_loss", "training_iteration", "epochs_run",
+                                                       "mlflow_run_id")), len(known))  # beside the accuracies
+    return known[:at] + list(dict.fromkeys(extra)) + known[at:]
 
 
 def to_markdown(rows: list[dict], columns: list[str]) -> str:

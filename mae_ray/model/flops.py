@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from mae_ray.model.presets import MODEL_DEFAULTS
+from mae_ray.model.presets import MODEL_DEFAULTS, default_pca_components
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets.
 # Matched in order against the words of torch.cuda.get_device_name(): more specific names first.
@@ -75,12 +75,15 @@ def forward_flops_breakdown(kwargs: Mapping[str, Any], mask_ratio: float = 0.75)
     length, patch_dim = num_patches(k), k["patch_size"] ** 2 * k["in_chans"]
     t_enc, t_dec = encoder_tokens(k, mask_ratio), length + 1
     dim, ddim = k["embed_dim"], k["decoder_embed_dim"]
+    outputs = patch_dim  # what the decoder predicts per patch: its pixels, or target=pca's coefficients
+    if k["target"] == "pca":
+        outputs = k["pca_components"] or default_pca_components(k["patch_size"], k["in_chans"])
     return {
         "patch_embed": 2 * length * dim * patch_dim,
         "encoder": k["depth"] * _block(t_enc, dim, k["mlp_ratio"]),
         "decoder_embed": 2 * t_enc * dim * ddim,
         "decoder": k["decoder_depth"] * _block(t_dec, ddim, k["mlp_ratio"]),
-        "decoder_pred": 2 * t_dec * ddim * patch_dim,
+        "decoder_pred": 2 * t_dec * ddim * outputs,
     }
 
 

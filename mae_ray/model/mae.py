@@ -1,7 +1,8 @@
 """Masked Autoencoder ViT, as in He et al. 2021 and the authors' PyTorch release (models_mae.py).
 
 The encoder sees only the visible patches (+ cls); a light decoder appends the shared mask token,
-unshuffles, and predicts the pixels of every patch; the loss counts masked patches only.
+unshuffles, and predicts the pixels of every patch (or, ``target="pca"``, its leading PCA coefficients:
+Table 1d); the loss counts masked patches only.
 Parameter names are the release's, so official ``.pth`` files load as they are (see weights.py).
 Blocks, patch embedding and fused SDPA attention come from timm.
 """
@@ -17,7 +18,8 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from mae_ray.model.presets import MASK_SAMPLINGS, resolve_model_kwargs
+from mae_ray.model.pca import project
+from mae_ray.model.presets import MASK_SAMPLINGS, TARGETS, default_pca_components, resolve_model_kwargs
 
 
 # --------------------------------------------------------------------------- position embeddings
@@ -63,6 +65,8 @@ class MaskedAutoencoderViT(nn.Module):
         norm_pix_loss: bool = False,
         mask_token_in_encoder: bool = False,
         mask_sampling: str = "random",
+        target: str = "pixel",
+        pca_components: int | None = None,
     ):
         super().__init__()
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -75,6 +79,21 @@ class MaskedAutoencoderViT(nn.Module):
         if mask_sampling not in MASK_SAMPLINGS:
             raise ValueError(f"mask_sampling must be one of {MASK_SAMPLINGS}, got {mask_sampling!r}")
         self.mask_sampling = mask_sampling
+        # Table 1d: each patch's pixels (per-patch normalised with norm_pix_loss), or its K leading PCA
+        # coefficients (pca) in a basis fitted once on training patches (model/pca.py, jobs/pretrain.py)
+        if target not in TARGETS or (target == "pca" and norm_pix_loss):
+            raise ValueError(f"target must be one of {TARGETS} (pca without norm_pix_loss), got {target!r}")
+        self.target = target
+        pred_dim = patch_size**2 * in_chans
+        if target == "pca":
+            k = default_pca_components(patch_size, in_chans) if pca_components is None else pca_components
+            if not 1 <= k <= pred_dim:
+                raise ValueError(f"pca_components must be in [1, {pred_dim}], got {k}")
+            # buffers: in every checkpoint (a resume keeps them), never in the exported encoder (is_decoder_key);
+            # NaN until fitted, so that a forgotten fit fails at the first step instead of regressing zeros
+            self.register_buffer("pca_mean", torch.full((pred_dim,), float("nan")))  # [P]
+            self.register_buffer("pca_basis", torch.full((pred_dim, k), float("nan")))  # [P, K], orthonormal
+            pred_dim = k
 
         # encoder
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -99,7 +118,7 @@ class MaskedAutoencoderViT(nn.Module):
             ]
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, pred_dim, bias=True)  # p*p*C, or K for pca
 
         self.initialize_weights()
 
@@ -219,12 +238,14 @@ class MaskedAutoencoderViT(nn.Module):
         x = x + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))  # [N, 1 + L, p*p*C]
+        x = self.decoder_pred(self.decoder_norm(x))  # [N, 1 + L, p*p*C] (pca: [N, 1 + L, K])
         return x[:, 1:, :]
 
     def patch_targets(self, imgs: torch.Tensor) -> torch.Tensor:
         """Per-patch regression targets; with norm_pix_loss each patch is normalised by its own stats."""
-        target = self.patchify(imgs)
+        target = self.patchify(imgs)  # [N, L, p*p*C]
+        if self.target == "pca":
+            return project(target, self.pca_mean, self.pca_basis)  # [N, L, K]
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)  # unbiased, as released
@@ -238,7 +259,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
+        pred = self.forward_decoder(latent, ids_restore)  # [N, L, p*p*C] (pca: [N, L, K])
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
 
@@ -302,4 +323,5 @@ def encoder_param_count(model: MaskedAutoencoderViT) -> int:
 
 
 def is_decoder_key(name: str) -> bool:
-    return name.startswith("decoder_") or name == "mask_token"
+    """Decoder side: the decoder, the mask token and what the decoder predicts against (the PCA basis)."""
+    return name.startswith(("decoder_", "pca_")) or name == "mask_token"

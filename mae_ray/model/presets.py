@@ -23,9 +23,22 @@ MODEL_DEFAULTS: dict[str, object] = {
     "norm_pix_loss": False,
     "mask_token_in_encoder": False,
     "mask_sampling": "random",  # random | block | grid (Fig. 6)
+    "target": "pixel",  # pixel | pca (Table 1d): what the decoder predicts of each patch
+    "pca_components": None,  # target=pca: leading coefficients predicted; None: default_pca_components()
 }
 
 MASK_SAMPLINGS = ("random", "block", "grid")
+TARGETS = ("pixel", "pca")
+
+
+def default_pca_components(patch_size: int, in_chans: int) -> int:
+    """One in eight of a patch's dimensions: the paper's 96 of a 16x16x3 patch's 768.
+
+    A share rather than a fixed 96: a 4x4x3 patch has only 48 dimensions, and all of them would make
+    the PCA target a mere rotation of the pixels (the same squared error), not the ablation.
+    """
+    return max(1, patch_size**2 * in_chans // 8)
+
 
 _DECODER_512_8 = {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
 

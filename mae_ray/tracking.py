@@ -231,12 +231,28 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
         sys.stdout.write(redact(printed.getvalue()))
 
 
+# Measured, not computed: a re-run of an epoch (after a restart) gives them new values by nature. Every
+# other per-epoch metric is a function of (checkpoint, seed, epoch): exact resume reproduces it bit for bit.
+TIMED_METRICS = frozenset({"images_per_s", "epoch_time_s", "data_wait_frac", "mfu", "rss_mb"})
+RERUN_METRIC = "epochs_rerun"  # how many epochs this run trained again after a restart (a running count)
+MISMATCH_METRIC = "epochs_rerun_mismatched"  # epochs logged again with other values (timings aside): a count
+MISMATCH_TAG = "mae_ray.rerun_mismatch.epoch_"  # + the epoch: what differed
+
+
 class EpochLogger:
     """Logs per-epoch metrics to one run with step = epoch, each epoch exactly once.
 
     On (re)start it reads which epochs the run already holds, so a worker group restarted from a
     checkpoint neither duplicates an epoch nor loses one (``backfill`` logs epochs that the
     checkpoint's history has but MLflow missed).
+
+    An epoch logged again is checked, never dropped unseen. Trained again (a group restarted from a
+    checkpoint older than its last logged epoch): counted in ``epochs_rerun``, with a line. Its values
+    that are not timings must equal the logged ones (exact resume); where they do not, a warning line,
+    ``epochs_rerun_mismatched`` and a tag naming the epoch and the values. Not an error: the run's state
+    is the checkpoint's either way, and a GPU's non-deterministic kernels (or another GPU model after
+    a restart on another node) can break bit-exactness without making the run wrong; a days-long run
+    is not to be killed over that, only marked. MLflow keeps the first values logged.
     """
 
     def __init__(self, tracking_uri: str, run_id: str, key: str = "train_loss"):
@@ -244,6 +260,8 @@ class EpochLogger:
         self.run_id = run_id
         self.pending: list[Metric] = []
         self.logged = {m.step for m in self._history(key)}
+        self._values: dict[str, dict[int, float]] = {}  # key -> epoch -> value logged, read when first needed
+        self._totals: dict[str, float] = {}  # the running counts, read when first needed
 
     def _history(self, key: str) -> list[Metric]:
         try:
@@ -252,16 +270,57 @@ class EpochLogger:
             log.warning("MLflow unreachable while reading history (%s); continuing", _first_line(e))
             return []
 
-    def backfill(self, history: Iterable[Mapping[str, float]]) -> None:
-        for row in history:
-            self.log_epoch(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
+    def _logged(self, key: str) -> dict[int, float]:
+        """epoch -> the value of ``key`` MLflow holds (read once; an unreachable server is asked again later)."""
+        if key not in self._values:
+            try:
+                self._values[key] = {m.step: m.value for m in self.client.get_metric_history(self.run_id, key)}
+            except Exception as e:
+                log.warning("MLflow unreachable: %s not compared with the logged value (%s)", key, _first_line(e))
+                return {}
+        return self._values[key]
 
-    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+    def backfill(self, history: Iterable[Mapping[str, float]]) -> None:
+        """The checkpoint's history: epochs MLflow lacks are logged; the others are the same measurements
+        (checked, not counted as re-runs)."""
+        for row in history:
+            self.log_epoch(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"}, rerun=False)
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float], *, rerun: bool = True) -> None:
+        """Log ``epoch``; one already logged is compared instead (``rerun``: it was trained again)."""
         if epoch in self.logged:
+            self._again(epoch, metrics, rerun)
             return
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
         self.logged.add(epoch)
+        for k, v in metrics.items():  # what a later log of this epoch is compared with
+            self._values.get(k, {})[epoch] = float(v)
+        self.flush()
+
+    def _again(self, epoch: int, metrics: Mapping[str, float], rerun: bool) -> None:
+        differ = {}
+        for k, v in metrics.items():
+            old = self._logged(k).get(epoch)
+            if k not in TIMED_METRICS and old is not None and not _same(old, float(v)):
+                differ[k] = (old, float(v))
+        if rerun:
+            self._count(RERUN_METRIC, epoch)
+            log.warning("epoch %d trained again after a restart (already in MLflow run %s): %s", epoch,
+                        self.run_id, "values differ" if differ else "same values, timings aside")
+        if differ:
+            shown = "; ".join(f"{k}: logged {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            log.warning("epoch %d %s does not reproduce the values MLflow holds (kept): %s", epoch,
+                        "trained again" if rerun else "in the checkpoint", shown)
+            self._count(MISMATCH_METRIC, epoch)
+            self.set_tags({f"{MISMATCH_TAG}{epoch}": shown[:5000]})
+
+    def _count(self, key: str, epoch: int) -> None:
+        """One more in the running count ``key`` (over every attempt of the run), logged at step ``epoch``."""
+        if key not in self._totals:
+            self._totals[key] = max((m.value for m in self._history(key)), default=0.0)
+        self._totals[key] += 1
+        self.pending.append(Metric(key, self._totals[key], int(time.time() * 1000), epoch))
         self.flush()
 
     def flush(self) -> bool:
@@ -288,6 +347,10 @@ class EpochLogger:
             self.client.log_artifact(self.run_id, path, artifact_path)
         except Exception as e:
             log.warning("MLflow artifact %s not logged (%s)", path, _first_line(e))
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (a != a and b != b)  # NaN logged and NaN again: reproduced
 
 
 def _first_line(e: BaseException) -> str:

@@ -158,21 +158,26 @@ def test_distributed_eval_equals_single_process(local_ray, demo_data, tmp_path):
         single["top5"])
 
 
-# Learning, with margins calibrated once over seeds: a throwaway run of the three fixtures above with
+# Learning, with margins calibrated over seeds: a throwaway run of the three fixtures above with
 # train.seed 0-4 (which changes the pre-training, the random init and the data order), top-1 % on the
-# 300 val images, demo crop ratio 1.0 (2026-11-30):
+# 300 val images, demo crop ratio 1.0 (2026-11-30; the probe then ran 50 epochs, its rows are below):
 #   seed                               0     1     2     3     4
-#   linear probe, MAE encoder       39.3  44.7  36.7  43.0  44.7
-#   linear probe, random init       30.0  30.0  28.0  24.7  31.7   MAE - random: +8.7 .. +18.3
 #   fine-tune, MAE init             23.3  21.3  21.3  22.3  18.0   - chance:     +8.0 .. +13.3
 #   online kNN (cls token, k=20)    29.3  27.3  25.3  24.7  23.3   - chance:    +13.3 .. +19.3
+# The linear probe at this module's budget (LEARN_PRETRAIN, LEARN_PROBE: 500 epochs), re-measured by
+# experiments/probe_margin.py (in-process jobs, same images, updates and lr; docs/results.md, 2026-12-06):
+#   linear probe, MAE encoder       48.0  47.0  47.3  49.0  47.0
+#   linear probe, random init       38.7  42.7  40.3  37.3  43.0   MAE - random: +4.0 .. +11.7
+# (these fixtures themselves, 2 workers, seed 0: MAE 44.7, random init 38.7, +6.0)
 # Each bound is about half the smallest margin measured over its reference (random init, chance).
-# (The probe now runs 500 epochs: seed 0 gives MAE 44.7, random init 38.7, +6.0.)
+PROBE_MARGIN = 2.0  # half of +4.0 (seed 4): 6 of the 300 val images
+
+
 @pytest.mark.ray
 def test_linear_probe_of_the_mae_encoder_beats_random_init(evaluated, random_probe):
     _, summary = evaluated
     _, baseline = random_probe
-    assert summary["linprobe_top1"] > baseline["linprobe_top1"] + 4, (summary["linprobe_top1"], baseline)
+    assert summary["linprobe_top1"] > baseline["linprobe_top1"] + PROBE_MARGIN, (summary["linprobe_top1"], baseline)
 
 
 @pytest.mark.ray

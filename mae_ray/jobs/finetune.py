@@ -75,6 +75,8 @@ def train_loop(spec: WorkerSpec) -> None:
     device = launch.device()
     if device.type == "cuda":
         engine.configure_cuda()
+    else:  # as a Ray worker has (OMP_NUM_THREADS), also in-process: the same sums, the same bits
+        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     torch.manual_seed(settings.seed)
     encoder = EncoderSource(spec.encoder_state(), spec.model_kwargs, None, "").build(
         settings.seed)

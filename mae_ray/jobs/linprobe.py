@@ -102,6 +102,8 @@ def train_loop(spec: WorkerSpec) -> None:
     lp, settings = cfg.linprobe, cfg.run_settings("linprobe")
     rank, world = launch.enter_worker(spec)
     device = launch.device()
+    if device.type != "cuda":  # as a Ray worker has (OMP_NUM_THREADS), also in-process: the same bits
+        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     torch.manual_seed(settings.seed)
     source = EncoderSource(spec.encoder_state(), spec.model_kwargs, None, "")
     encoder = source.build(settings.seed).to(device).eval().requires_grad_(False)

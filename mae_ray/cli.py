@@ -50,7 +50,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from mae_ray.jobs import evaluate
 
     cfg, s = evaluate.run_spec(evaluate.as_spec(args.run), args.config, args.overrides, skip=tuple(args.skip),
-                               verbose=args.verbose)
+                               verbose=args.verbose, trust_recorded=args.trust_recorded)
     shown = "  ".join(f"{k} {v:.2f}" for k, v in s.items() if k.endswith(("_top1", "_top5")))
     print(f"[evaluate] {shown}  (encoder {s['encoder']}); result: {os.path.join(cfg.output_dir, 'result.json')}",
           flush=True)
@@ -92,7 +92,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from mae_ray.jobs import reproduce
 
     store = load_config(args.config, args.overrides).mlflow.tracking_uri  # which store holds the run
-    reproduce.run(args.run, store, args.out, start=args.start)
+    reproduce.run(args.run, store, args.out, start=args.start, trust_recorded=args.trust_recorded)
     return 0
 
 
@@ -101,6 +101,7 @@ def _reproduce_args(p: argparse.ArgumentParser) -> None:
                                "$MLFLOW_TRACKING_URI")
     p.add_argument("--out", help="where to write its config (default reproduce-<id>.yaml)")
     p.add_argument("--start", action="store_true", help="run it again now")
+    _trust_recorded(p)
 
 
 def _resume_from(job: str) -> Callable[[argparse.ArgumentParser], None]:
@@ -115,6 +116,13 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
                                                 "or random")
     p.add_argument("--skip", choices=["linprobe", "finetune"], action="append", default=[],
                    help="leave out one of the two evaluations")
+    _trust_recorded(p)
+
+
+def _trust_recorded(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-recorded", action="store_true",
+                   help="take the record's addresses (tracking URI, S3 endpoint, Ray address), folders and shard "
+                        "specs that run programs (pipe:, gs://, http) too; by default they are yours to set")
 
 
 # name -> (help, extra arguments, handler)

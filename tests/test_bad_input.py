@@ -57,7 +57,8 @@ def overrides(demo: dict, tmp: Path, *extra: str) -> list[str]:
         f"data.train_shards={demo['train']}", f"data.val_shards={demo['val']}",
         "data.num_workers=1", "data.samples_per_epoch=64", "train.batch_size=32", "train.epochs=1",
         "train.warmup_epochs=0", "train.visualize_every=0", "linprobe.epochs=1", "linprobe.warmup_epochs=0",
-        "finetune.epochs=1", "finetune.warmup_epochs=0", "ray.num_workers=1", "ray.cpus_per_worker=1",
+        "finetune.epochs=1", "finetune.warmup_epochs=0", "linprobe.batch_size=32", "finetune.batch_size=32",
+        "ray.num_workers=1", "ray.cpus_per_worker=1",
         "eval.checkpoint=random", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", "mlflow.experiment=bad-input",
         f"output_dir={tmp}/out", *extra,
     ]
@@ -301,6 +302,11 @@ def _pretrain_max_steps_shorter_than_an_update(demo, tmp):
         "is 1 micro-batch(es) per worker", "train.max_steps_per_epoch >= 2 (it is 1)"]
 
 
+def _pretrain_epoch_shorter_than_a_micro_batch(demo, tmp):
+    return pretrain, ["train.batch_size=128"], [
+        "train: an epoch of 64 samples is less than one micro-batch per worker", "train.batch_size <= 64"]
+
+
 def _linprobe_epoch_shorter_than_an_update(demo, tmp):  # cached features: the whole training set, 1200
     return linprobe, ["linprobe.cache_features=true", "linprobe.batch_size=64", "linprobe.effective_batch=16384"], [
         "linprobe: an epoch of 1200 samples is 18 micro-batch(es) per worker", "fewer than the 256 of one update",
@@ -317,6 +323,7 @@ ROWS = [_no_match, _val_partly_missing, _zero_byte_shard, _empty_archive, _not_a
         _linprobe_not_a_checkpoint, _finetune_checkpoint_of_another_architecture,
         _linprobe_fewer_classes_than_the_shards, _finetune_val_shards_of_a_bigger_dataset, _linprobe_no_class_count,
         _pretrain_epoch_shorter_than_an_update, _pretrain_max_steps_shorter_than_an_update,
+        _pretrain_epoch_shorter_than_a_micro_batch,
         _linprobe_epoch_shorter_than_an_update, _finetune_epoch_shorter_than_an_update]
 
 

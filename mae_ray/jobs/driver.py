@@ -105,6 +105,8 @@ def check_epoch_updates(cfg: Config, job: str) -> None:
     from mae_ray.data.shards import dataset_size
     from mae_ray.train import recipe
 
+    if not cfg.data.train_shards:
+        return  # prepare() says so
     if job == "linprobe" and cfg.linprobe.cache_features:
         samples, key = None, None  # the cache holds every training sample
     elif job == "finetune" and cfg.finetune.samples_per_epoch:

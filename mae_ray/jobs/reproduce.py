@@ -20,13 +20,16 @@ import yaml
 from mae_ray import provenance, tracking
 from mae_ray.config import Config, load_config
 from mae_ray.errors import ConfigError
+from mae_ray.jobs.recorded import from_record
 
 JOBS = ("pretrain", "linprobe", "finetune")  # runs with a config of their own; mae_ray.job tag, none = pretrain
 _REDACTED = re.compile(r"\*\*\*")
 _NOT_COMPARED = {"command", "ray_nodes", "git_commit", "git_dirty"}  # said separately, or not environment
 
 
-def run(run_spec: str, tracking_uri: str | None, out: str | None, start: bool = False) -> dict[str, Any]:
+def run(run_spec: str, tracking_uri: str | None, out: str | None, start: bool = False,
+        trust_recorded: bool = False) -> dict[str, Any]:
+    """``trust_recorded``: take the run's addresses, folders and shard specs too (``recorded.from_record``)."""
     from mlflow import MlflowClient
 
     run_id = run_spec.removeprefix("runs:/").strip("/").split("/")[0]
@@ -46,6 +49,9 @@ def run(run_spec: str, tracking_uri: str | None, out: str | None, start: bool = 
             print(f"warning: {line}")
         return {"job": job, "command": env.get("command"), "warnings": warnings}
     cfg, unknown = config_of(params, tracking_uri=uri)
+    cfg, dropped = from_record(cfg, {"mlflow.tracking_uri"}, trust_recorded)  # the store it came from
+    for line in dropped:
+        print(f"[reproduce] {line}")
     path = os.path.abspath(out or f"reproduce-{run_id[:8]}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
@@ -55,7 +61,8 @@ def run(run_spec: str, tracking_uri: str | None, out: str | None, start: bool = 
         warnings.append(f"{key} was redacted when recorded: set it in {os.path.basename(path)}")
     for line in warnings:
         print(f"warning: {line}")
-    if start:
+    if start:  # what will run, whole: the record chose none of what was dropped above
+        print(f"[reproduce] starting {' '.join(command)} with:\n{tracking.redact(cfg.to_yaml())}", flush=True)
         subprocess.run([sys.executable, "-m", "mae_ray", *command[1:]], check=False)
     return {"job": job, "config": path, "command": command, "warnings": warnings}
 

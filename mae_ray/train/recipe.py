@@ -74,6 +74,10 @@ def check_epoch(section: str, samples: int, batching: Batching, max_batches: int
         batches = min(batches, max_batches)
     if batches >= batching.accum_iter:
         return batches
+    if samples < per_step:  # not even one micro-batch per worker
+        raise ConfigError(f"{section}: an epoch of {samples} samples is less than one micro-batch per worker "
+                          f"({batching.describe()}): use {section}.batch_size <= {max(1, samples // batching.workers)}"
+                          f"{f' or {samples_key} >= {per_step}' if samples_key else ''}")
     fits = max(per_step, (samples // per_step) * per_step)
     ways = [f"{section}.effective_batch <= {fits} (a multiple of {batching.batch_size} x {batching.workers})"]
     if max_batches is not None and max_batches < batching.accum_iter:

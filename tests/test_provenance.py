@@ -123,7 +123,9 @@ def test_a_recorded_run_is_reproduced_from_its_mlflow_id_alone(tmp_path, monkeyp
     expected = cfg.to_dict()
     expected["data"]["val_shards"] = again.data.val_shards  # redacted when recorded: the default, with a warning
     expected["mlflow"].update(run_name=None, tracking_uri=uri)  # the run's name is not a param
+    expected["output_dir"] = "outputs/run"  # a folder is not the record's to choose (tests/test_recorded.py)
     assert again.to_dict() == expected
+    assert f"[reproduce] not taken from the record: output_dir = {tmp_path}/run" in printed
     assert f"to run it again: mae-ray pretrain --config {out}" in printed
     assert "started with: mae-ray pretrain --config c.yaml" in printed
     assert f"warning: torch: 1.0.0 when recorded, {importlib.metadata.version('torch')} here" in printed

@@ -14,6 +14,7 @@ import shlex
 import sys
 from collections.abc import Callable
 
+from mae_ray import redaction
 from mae_ray.errors import ConfigError, UserError
 
 
@@ -183,7 +184,7 @@ def guarded(fn: Callable[[], int]) -> int:
     try:
         return fn()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redaction.redact(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -191,6 +192,7 @@ def guarded(fn: Callable[[], int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    redaction.install()  # first: every line this process prints, its tracebacks and log lines included
     top = parser()
     args = top.parse_args(sys.argv[1:] if argv is None else argv)  # a usage mistake: argparse's line, exit 2
     if args.command is None:
@@ -204,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     untested = ray_outside_tested_range()
     if untested:
         print(untested, file=sys.stderr)
-    return guarded(lambda: args.handler(args))
+    try:
+        return guarded(lambda: args.handler(args))
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # a last line without its newline, redacted
+            stream.flush()
 
 
 if __name__ == "__main__":

@@ -65,6 +65,13 @@ class DataConfig:
     # where pre-training's JPEGs are decoded and cropped: cpu (the loader processes) | gpu (the training GPU,
     # a batch at a time: data/device_decode.py; the loader processes only read the shards)
     decode: str = "cpu"
+    # bounds on what a shard may hand a loader (a shared bucket is not trusted): an image over this many
+    # pixels (PIL's own default cap, ~89 M) or a member over this many bytes is skipped and counted, unread
+    max_image_pixels: int = 89_478_485
+    max_member_bytes: int = 64 * 2**20
+    # a remote shard (http(s)://, s3://) that cannot be opened is tried this many times in all, then the job
+    # ends naming it
+    shard_tries: int = 3
 
 
 @dataclass
@@ -304,7 +311,8 @@ def validate(cfg: Config) -> None:
         "model.patch_size": k["patch_size"], "model.img_size": k["img_size"],
         "train.epochs": cfg.train.epochs, "train.batch_size": cfg.train.batch_size,
         "train.accum_iter": cfg.train.accum_iter, "train.checkpoint_every": cfg.train.checkpoint_every,
-        "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer, "data.max_image_pixels": cfg.data.max_image_pixels,
+        "data.max_member_bytes": cfg.data.max_member_bytes, "data.shard_tries": cfg.data.shard_tries,
     }
     for key, value in positive.items():
         if value < 1:

@@ -5,9 +5,15 @@ Every other exception is a bug in mae-ray and keeps its traceback.
 
 from __future__ import annotations
 
+from mae_ray.redaction import redact
+
 
 class UserError(Exception):
-    """Something the user can fix; its message is the whole report."""
+    """Something the user can fix; its message is the whole report, redacted when made: it names shards,
+    buckets and servers, and is printed, logged, and carried through Ray from the worker that raised it."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(a) for a in args))
 
 
 class ConfigError(UserError, ValueError):

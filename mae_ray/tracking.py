@@ -21,6 +21,8 @@ from urllib.parse import urlparse
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from mae_ray.redaction import redact  # the one redaction (re-exported: tracking.redact)
+
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own default store, in the working directory
@@ -47,19 +49,6 @@ def resolve_tracking_uri(uri: str | None = None, cwd: str | None = None) -> str:
     if "://" not in uri and not uri.startswith("databricks"):
         return "file://" + os.path.abspath(os.path.join(cwd, uri))
     return uri
-
-
-# query parameters that carry credentials: S3/GCS pre-signed URLs, Azure SAS, bearer tokens in URLs
-_SECRET_QUERY = re.compile(r"([?&](?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|"
-                           r"X-Goog-Credential|sig|signature|token|access_token|api_key|key)=)[^&\s'\"]+", re.I)
-
-
-def redact(value: Any) -> Any:
-    """Drop credentials from URLs in ``value`` (a string, also a whole YAML text):
-    ``scheme://user:pass@host`` -> ``scheme://***@host``, ``?X-Amz-Signature=...`` -> ``?X-Amz-Signature=***``."""
-    if not isinstance(value, str):
-        return value
-    return _SECRET_QUERY.sub(r"\1***", re.sub(r"://[^/@\s]+@", "://***@", value))
 
 
 def params_from_config(flat: Mapping[str, Any]) -> dict[str, str]:
@@ -231,6 +220,31 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
         sys.stdout.write(redact(printed.getvalue()))
 
 
+def log_values_or_warn(tracking_uri: str, run_id: str, metrics: Mapping[str, float]) -> str | None:
+    """:func:`log_values` at the end of a job, where an MLflow outage must not cost the job its report:
+    MLflow's client has retried; what still failed is printed as one warning line and returned."""
+    try:
+        log_values(tracking_uri, run_id, metrics)
+    except Exception as e:
+        return _warn(f"{', '.join(metrics)} not recorded in MLflow run {run_id} ({_first_line(e)})")
+    return None
+
+
+def end_run_or_warn(tracking_uri: str, run_id: str, status: str) -> str | None:
+    """:func:`end_run`, with an outage a warning as in :func:`log_values_or_warn` (the run stays RUNNING)."""
+    try:
+        end_run(tracking_uri, run_id, status)
+    except Exception as e:
+        return _warn(f"MLflow run {run_id} not marked {status} ({_first_line(e)})")
+    return None
+
+
+def _warn(text: str) -> str:
+    line = redact(f"{text}; the job's result.json has its results")
+    print(f"[mlflow] warning: {line}", flush=True)
+    return line
+
+
 # Measured, not computed: a re-run of an epoch (after a restart) gives them new values by nature. Every
 # other per-epoch metric is a function of (checkpoint, seed, epoch): exact resume reproduces it bit for bit.
 TIMED_METRICS = frozenset({"images_per_s", "epoch_time_s", "data_wait_frac", "mfu", "rss_mb"})
@@ -354,5 +368,6 @@ def _same(a: float, b: float) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
+    """An MLflow error in one line, redacted: MLflow quotes the whole URL, ``user:password`` included."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return redact(text.splitlines()[0]) if text else type(e).__name__

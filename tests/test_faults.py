@@ -211,10 +211,14 @@ def wait_for(path: Path, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
-def test_mlflow_server_down_for_two_epochs_loses_nothing(local_ray, demo_data, tmp_path):
+SECRET = "planted-outage-pass-77c1"  # in the tracking URI: MLflow quotes it in every connection error
+
+
+def test_mlflow_server_down_for_two_epochs_loses_nothing(local_ray, demo_data, tmp_path, capfd):
     (tmp_path / "mlflow").mkdir()
     server = MlflowServer(tmp_path / "mlflow")
-    uri = server.start()
+    server.start()
+    uri = server.uri.replace("http://", f"http://user:{SECRET}@")  # the server ignores it; MLflow sends it
     cfg = tiny_config(demo_data, tmp_path, f"mlflow.tracking_uri={uri}", "ray.num_workers=1", "train.epochs=6")
     storage = tmp_path / "run" / "ray" / "run"
     outage: dict[str, float] = {}
@@ -242,6 +246,53 @@ def test_mlflow_server_down_for_two_epochs_loses_nothing(local_ray, demo_data, t
         server.stop()
     state = load_state(summary["checkpoint"])  # the checkpoint is intact
     assert state["epoch"] == 5 and [int(r["epoch"]) for r in state["history"]] == list(range(6))
+    console = "".join(capfd.readouterr())  # the driver's, and the worker's lines Ray forwarded
+    assert "MLflow logging failed" in console and SECRET not in console
+
+
+def test_mlflow_down_at_the_very_end_still_leaves_result_json_and_a_resume_completes_the_record(
+        local_ray, demo_data, tmp_path, monkeypatch, capfd):
+    """The server stops just before the run's last MLflow call: result.json is written all the same, the
+    missing call is a warning (console and result.json, redacted); a resume of the finished run trains
+    nothing, marks it FINISHED, and a second resume is a no-op that leaves it FINISHED."""
+    from mae_ray.jobs import driver
+
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow")
+    server.start()
+    uri = server.uri.replace("http://", f"http://user:{SECRET}@")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the outage is known at once, not after minutes
+    cfg = tiny_config(demo_data, tmp_path, f"mlflow.tracking_uri={uri}", "ray.num_workers=0", "data.num_workers=0",
+                      "train.epochs=2")
+    write_result = driver.write_result
+
+    def write_then_stop_the_server(output_dir, summary):
+        path = write_result(output_dir, summary)
+        server.stop()  # right after the report, before the run's last MLflow calls
+        return path
+
+    try:
+        monkeypatch.setattr(driver, "write_result", write_then_stop_the_server)
+        summary = pretrain.run(cfg)
+        monkeypatch.setattr(driver, "write_result", write_result)
+        console = "".join(capfd.readouterr())
+        result = (tmp_path / "run" / "result.json").read_text()
+        assert summary["mlflow_incomplete"] == [f"MLflow run {summary['mlflow_run_id']} not marked FINISHED "
+                                                f"({summary['mlflow_incomplete'][0].split('(', 1)[1]}"]
+        assert "[mlflow] warning: MLflow run" in console and "mlflow_incomplete" in result
+        assert SECRET not in console and SECRET not in result
+        server.start()
+        client = MlflowClient(server.uri)
+        assert client.get_run(summary["mlflow_run_id"]).info.status == "RUNNING"
+        history = steps(server.uri, summary["mlflow_run_id"])
+        for _ in range(2):  # the first completes the record, the second finds nothing to do
+            again = pretrain.run(cfg, resume_from=summary["checkpoint"])
+            assert again["mlflow_run_id"] == summary["mlflow_run_id"] and "mlflow_incomplete" not in again
+            assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+            assert steps(server.uri, summary["mlflow_run_id"]) == history == [0, 1]  # no epoch trained again
+            assert load_state(again["checkpoint"])["history"] == load_state(summary["checkpoint"])["history"]
+    finally:
+        server.stop()
 
 
 def test_a_half_written_checkpoint_is_never_taken_for_a_whole_one(tmp_path):

@@ -40,8 +40,10 @@ class _Counting(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def foreign():
-    """A host the record names: it counts every request it gets."""
+def foreign(monkeypatch):
+    """A host the record names: it counts every request it gets. MLflow asks it once, without its minutes of
+    retries, so that a broken filter fails this test at once instead of stalling it."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     _Counting.hits = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -118,6 +120,7 @@ def test_evaluate_run_takes_no_command_and_no_host_from_the_record(demo_data, tm
     assert not (tmp_path / "ran").exists() and hits == []  # nothing ran, nothing reached the foreign host
 
 
+@pytest.mark.timeout(180)  # a broken filter would start the record's job, which waits on its Ray address forever
 def test_reproduce_start_runs_nothing_the_record_chose(demo_data, tmp_path, foreign, capsys):
     foreign_uri, hits = foreign
     uri, run_id = plant_run(tmp_path, demo_data, foreign_uri)

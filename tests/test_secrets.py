@@ -1,7 +1,11 @@
 """No secret leaves the jobs. Credentials planted in the environment, in the shard URLs (which need them:
 the shards are served only with them) and in the MLflow URL; a one-trial sweep (pre-training, then the
-trial's linear probe) and a linear probe of the trial's MLflow run, on Ray, against a real
-``mlflow server``; then everything they stored is read back and searched.
+trial's linear probe) and an ``evaluate`` of the trial's MLflow run (linear probe and fine-tuning), on
+Ray, against a real ``mlflow server``; then everything they stored is read back and searched.
+
+The failure paths (a shard server that refuses, wrong S3 credentials, MLflow down mid-run and at the
+end, the CLI's own error lines) are in test_untrusted.py and test_faults.py; a ``ray job submit`` job
+in test_job_submit.py.
 
 Searched: every MLflow run's name, params, tags and metric keys, every artifact (downloaded; zip members
 of torch files and parquet tables decoded too), the server's own stores, every file and file name the
@@ -30,7 +34,7 @@ from mlflow.entities import ViewType
 
 from mae_ray import tracking
 from mae_ray.config import load_config
-from mae_ray.jobs import linprobe
+from mae_ray.jobs import evaluate
 from mae_ray.jobs import sweep as sweeps
 from mae_ray.jobs.sweep_config import load_sweep
 
@@ -161,9 +165,10 @@ def ran(planted, mlflow_server, local_ray, demo_data, tmp_path_factory):
         # the documented way to name the server: $MLFLOW_TRACKING_URI; the encoder comes from MLflow
         planted.setenv("MLFLOW_TRACKING_URI", uri)
         (trial,) = [r for r in report["rows"] if r["status"] == "finished"]
-        probe = linprobe.run(load_config(inputs / "base.yaml", [
+        probe = evaluate.run(load_config(inputs / "base.yaml", [
             "mlflow.tracking_uri=null", f"eval.checkpoint=runs:/{trial['mlflow_run_id']}",
-            "mlflow.experiment=secrets", f"output_dir={out}/linprobe"]))
+            "mlflow.experiment=secrets", f"output_dir={out}/eval", "finetune.epochs=1", "finetune.batch_size=16",
+            "finetune.warmup_epochs=0"]))
     finally:
         sys.stdout, sys.stderr = tee_out.stream, tee_err.stream
         shards.stop()
@@ -225,11 +230,12 @@ def test_jobs_used_the_secrets_and_finished(ran):
     client = ran["client"]
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], run_view_type=ViewType.ALL)
     # each result is the one its MLflow run recorded (the jobs really ran against the credentialed server)
-    probe = client.get_run(ran["probe"]["mlflow_run_id"]).data.metrics["linprobe_top1"]
-    assert ran["probe"]["linprobe_top1"] == pytest.approx(probe)
+    for job in ("linprobe", "finetune"):
+        logged = client.get_run(ran["probe"][f"{job}_run_id"]).data.metrics[f"{job}_top1"]
+        assert ran["probe"][f"{job}_top1"] == pytest.approx(logged)
     assert any(r.data.metrics.get("linprobe_top1") == pytest.approx(trial["linprobe_top1"]) for r in runs)
-    # the sweep, its trial and the trial's probe; the probe of the trial's run
-    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    # the sweep, its trial and the trial's probe; the probe and the fine-tuning of the trial's run
+    assert len(runs) == 5 and {r.info.status for r in runs} == {"FINISHED"}
     params = client.get_run(trial["mlflow_run_id"]).data.params
     assert params["data.train_shards"].startswith("http://***@127.0.0.1")  # still there, redacted
     assert params["data.val_shards"].endswith("?token=***") and trial["data.val_shards"] == params["data.val_shards"]
@@ -274,8 +280,9 @@ def test_nothing_secret_in_the_files_the_jobs_wrote(ran):
     assert not leaks, _show(leaks)
     # the exception: each job's own config.yaml, what the user gave, beside its result.json (and only there)
     (trial,) = [r["trial"] for r in ran["report"]["rows"] if r["status"] == "finished"]
-    assert [str(p.relative_to(out)) for p in copies] == ["linprobe/config.yaml", f"sweeps/s/trials/{trial}/config.yaml",
-                                                         f"sweeps/s/trials/{trial}/eval/linprobe/config.yaml"]
+    assert [str(p.relative_to(out)) for p in copies] == [
+        "eval/finetune/config.yaml", "eval/linprobe/config.yaml", f"sweeps/s/trials/{trial}/config.yaml",
+        f"sweeps/s/trials/{trial}/eval/linprobe/config.yaml"]
     assert all(TRAIN_TOKEN in p.read_text() for p in copies)
 
 
@@ -313,7 +320,7 @@ def test_nothing_secret_in_ray_train_run_records(ran):
     from ray.train.v2._internal.state.state_actor import get_state_actor
 
     runs = ray.get(get_state_actor().get_train_runs.remote())
-    assert len(runs) == 3  # the trial's pre-training and linear probe, the linear probe of its run
+    assert len(runs) == 4  # the trial's pre-training and linear probe, the probe and fine-tuning of its run
     leaks = {f"train run {run.name} ({run.id})": _found(run.model_dump_json()) for run in runs.values()}
     leaks = {k: v for k, v in leaks.items() if v}
     assert not leaks, _show(leaks)

@@ -273,6 +273,13 @@ def checkpoint_folders(folder: str, with_state: bool = True) -> list[str]:
             and (not with_state or os.path.isfile(os.path.join(folder, p, STATE_FILE)))]
 
 
+def newest_stored() -> Checkpoint | None:
+    """The newest checkpoint of the run in this process: what Ray Train's result names when a resumed run had
+    nothing left to train (a finished run resumed)."""
+    stored = sorted(_stored_checkpoints(), key=lambda c: c.path)
+    return stored[-1] if stored else None
+
+
 def _stored_checkpoints() -> list[Checkpoint]:
     where = _run_storage()
     if where is None:

@@ -17,7 +17,8 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from mae_ray import storage
+from mae_ray import redaction, storage
+from mae_ray.data.shards import use_limits
 from mae_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,10 @@ def _run_in_process(train_fn: Callable[[Any], None], worker_spec: Any, spec: Tra
     _IN_PROCESS.append(run)
     try:
         train_fn(worker_spec)
+        if run.checkpoint is None:  # nothing was left to train: the newest stored one, as Ray Train's result
+            from mae_ray.cluster.checkpoints import newest_stored  # (it imports this module)
+
+            run.checkpoint = newest_stored()
     finally:
         _IN_PROCESS.pop()
     return InProcessResult(metrics=run.metrics, checkpoint=run.checkpoint)
@@ -216,8 +221,8 @@ def worker_error(e: BaseException) -> str:
     lines = [ln for ln in str(inner).splitlines() if ln.strip()]
     for ln in reversed(lines):  # Ray puts the remote traceback first and the exception line last
         if "Error" in ln and ":" in ln:
-            return ln.strip()
-    return lines[-1].strip() if lines else type(inner).__name__
+            return redaction.redact(ln.strip())
+    return redaction.redact(lines[-1].strip()) if lines else type(inner).__name__
 
 
 def storage_uri(path: str) -> str:
@@ -238,9 +243,12 @@ def quiet_worker(verbose: bool) -> None:
 def enter_worker(spec) -> tuple[int, int]:
     """What every Ray Train worker does first (``spec``: its ``WorkerSpec``): Ray's per-report INFO line
     quietened, the config's object-storage endpoint in force for it and its loader processes (a worker on
-    another node did not inherit the driver's environment). Returns (rank, world size)."""
+    another node did not inherit the driver's environment) and the data bounds likewise, its console
+    redacted. Returns (rank, world size)."""
+    redaction.install()
     quiet_worker(spec.verbose)
     storage.use_endpoint(spec.config.storage.endpoint_url)
+    use_limits(spec.config.data)  # data.max_image_pixels, max_member_bytes, shard_tries: for its loaders too
     return world()
 
 

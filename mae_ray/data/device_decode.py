@@ -23,6 +23,7 @@ from torchvision.transforms import RandomResizedCrop as _RRC
 from torchvision.transforms.v2 import functional as F
 
 from mae_ray.data.transforms import normalize_batch
+from mae_ray.errors import DataError
 
 SCALE, RATIO = (0.2, 1.0), (3.0 / 4.0, 4.0 / 3.0)  # MAE's crop_random (transforms._pretrain_augment)
 
@@ -33,13 +34,34 @@ def crop_params(image: torch.Tensor) -> tuple[int, int, int, int, bool]:
     return top, left, height, width, bool(torch.rand(1) < 0.5)
 
 
-def pretrain_batch(encoded: list[torch.Tensor], device: torch.device, img_size: int) -> torch.Tensor:
-    """JPEG bytes (1-D uint8 tensors) -> the normalised pre-training batch ``[B, 3, S, S]`` on ``device``."""
-    images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)  # one call for the batch
+def pretrain_batch(encoded: list[torch.Tensor], device: torch.device, img_size: int,
+                   skips: list[int] | None = None) -> torch.Tensor:
+    """JPEG bytes (1-D uint8 tensors) -> the normalised pre-training batch ``[B', 3, S, S]`` on ``device``.
+
+    One decoder call for the batch; if it fails (a corrupt JPEG with a valid signature), each image on its
+    own, the undecodable ones left out and counted in ``skips[0]`` as the CPU path counts its own."""
+    images = _decode(encoded, device, skips)
     out = torch.empty(len(images), 3, img_size, img_size, dtype=torch.uint8, device=device)
     for k, image in enumerate(images):  # [3, H, W] uint8 each
         top, left, height, width, flip = crop_params(image)
         crop = F.resized_crop(image, top, left, height, width, [img_size, img_size],
                               interpolation=InterpolationMode.BICUBIC, antialias=True)
         out[k] = crop.flip(-1) if flip else crop
-    return normalize_batch(out)  # [B, 3, S, S] float32
+    return normalize_batch(out)  # [B', 3, S, S] float32
+
+
+def _decode(encoded: list[torch.Tensor], device: torch.device, skips: list[int] | None) -> list[torch.Tensor]:
+    try:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)  # one call for the batch
+    except RuntimeError:
+        pass
+    images = []
+    for data in encoded:
+        try:
+            images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            if skips is not None:
+                skips[0] += 1
+    if not images:
+        raise DataError(f"none of the {len(encoded)} JPEGs of a batch could be decoded (data.decode=gpu)")
+    return images

@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from webdataset.filters import batched, shuffle
 
 from mae_ray.data.shards import IMAGE_EXTENSIONS, RawSample, expand_urls, read_shard, shard_counts
-from mae_ray.data.transforms import Transform, build_transform, decode_rgb
+from mae_ray.data.transforms import Transform, build_transform, check_pixels, decode_rgb
 from mae_ray.errors import DataError
+from mae_ray.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class _Skips:
         self.count += 1
         self._streak += 1
         if self.count <= _LOGGED_SKIPS:
-            log.warning("skipping sample %s: %r", sample.key, exn)
+            log.warning("%s", redact(f"skipping sample {sample.key}: {exn!r}"))
         if self._max_streak is not None and self._streak >= self._max_streak:
             raise DataError(f"{self._streak} consecutive unreadable samples, last {sample.key}: {exn!r}")
 
@@ -66,6 +67,8 @@ def _decode_raw(sample: RawSample, raw: bool = False) -> tuple[torch.Tensor, int
     """(CHW uint8 image, label); ``raw``: the image's encoded JPEG bytes as a 1-D uint8 tensor instead."""
     if sample.broken:
         raise DataError(f"the shard broke here: {sample.error}")
+    if sample.rejected:
+        raise DataError(sample.rejected)
     image_ext = next((ext for ext in sample.files if ext in IMAGE_EXTENSIONS), None)
     if image_ext is None:
         raise DataError(f"no image member among {sorted(sample.files)}")
@@ -76,6 +79,7 @@ def _decode_raw(sample: RawSample, raw: bool = False) -> tuple[torch.Tensor, int
         return decode_rgb(data), int(sample.files["cls"])
     if data[:3] != b"\xff\xd8\xff":  # decoded on the GPU (data.decode=gpu), which reads JPEG only
         raise DataError(f"{image_ext} member is not a JPEG (data.decode=gpu decodes JPEG only)")
+    check_pixels(data)  # the header's size, here: the device decodes a whole batch in one call
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), int(sample.files["cls"])
 
 

@@ -25,10 +25,11 @@ import json
 import os
 import shlex
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import braceexpand
 
@@ -136,18 +137,51 @@ def _listed(url: str) -> bool:
 # --------------------------------------------------------------------------- dataset.json
 
 
+MAX_SHARD_SAMPLES = 10_000_000  # beyond any real tar shard (ImageNet-1k at 1,000 shards: ~1,300 each)
+MAX_CLASSES = 1_000_000  # ImageNet-22k has 21,841
+
+
 def read_manifest(directory: str) -> dict:
-    """The dataset.json of ``directory`` (a folder or an ``s3://`` prefix) as a dict; {} when missing or
-    unreadable."""
+    """The dataset.json of ``directory`` (a folder or an ``s3://`` prefix) as a dict; {} when there is none.
+
+    It steers the run (samples per epoch, classifier size), and a bucket is shared: counts or a class
+    number that no dataset has (negative, not whole, absurdly large) are one clear DataError, not an
+    endless epoch or a classifier of a billion outputs."""
+    remote = storage.is_object_uri(directory)
+    path = f"{directory}/{MANIFEST_NAME}" if remote else os.path.join(directory, MANIFEST_NAME)
     try:
-        if storage.is_object_uri(directory):
-            manifest = json.loads(storage.read_bytes(f"{directory}/{MANIFEST_NAME}"))
+        if remote:
+            text = storage.read_bytes(path)
         else:
-            with open(os.path.join(directory, MANIFEST_NAME)) as f:
-                manifest = json.load(f)
-    except (OSError, ValueError):
+            with open(path, "rb") as f:
+                text = f.read()
+    except OSError:
         return {}
-    return manifest if isinstance(manifest, dict) else {}
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        raise DataError(f"{path} is not JSON: fix or remove it (data_tools/make_shards writes it)") from None
+    if not isinstance(manifest, dict):
+        return {}
+    _check_manifest(path, manifest)
+    return manifest
+
+
+def _check_manifest(path: str, manifest: dict) -> None:
+    def whole(value, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    shards = manifest.get("shards", {})
+    bad = [(name, n) for name, n in (shards.items() if isinstance(shards, dict) else [("shards", shards)])
+           if not whole(n, 0, MAX_SHARD_SAMPLES)]
+    if bad:
+        name, n = bad[0]
+        raise DataError(f"{path} lists {n!r} samples for {name} ({len(bad)} such): not a count of a real shard "
+                        f"(0..{MAX_SHARD_SAMPLES:,}); the file is damaged or not a dataset.json")
+    classes = manifest.get("num_classes")
+    if classes is not None and not whole(classes, 1, MAX_CLASSES):
+        raise DataError(f"{path} says num_classes {classes!r}: not a class count (1..{MAX_CLASSES:,}); the file "
+                        "is damaged or not a dataset.json")
 
 
 def _manifest_beside(url: str) -> dict:
@@ -280,6 +314,17 @@ def check_local_shards(urls: list[str]) -> None:
             raise DataError(f"shard {url} holds no samples (an empty tar archive)")
 
 
+def check_remote_shard(urls: list[str]) -> None:
+    """The first shard of a remote set (http(s)://, s3://) opened and its first block read, with
+    ``data.shard_tries`` tries: a server that refuses, or credentials that do not open it, end the job
+    here with one line, before Ray starts. ``pipe:`` commands are not run for a check."""
+    url = urls[0]
+    if is_local(url) or url.startswith("pipe:"):
+        return
+    with _open(url) as stream:
+        stream.read(512)
+
+
 # --------------------------------------------------------------------------- reading samples
 
 
@@ -290,10 +335,33 @@ class RawSample:
     files: dict[str, bytes] = field(default_factory=dict)  # lower-case extension -> bytes
     url: str = ""  # the shard it came from, for messages
     error: str | None = None  # the shard broke while this sample was read: its data cannot be trusted
+    rejected: str | None = None  # a member over data.max_member_bytes, left unread: skipped like a corrupt one
 
     @property
     def broken(self) -> bool:
         return self.error is not None
+
+
+# --------------------------------------------------------------------------- bounds
+# data.max_image_pixels / max_member_bytes / shard_tries, exported by use_limits() (as storage.use_endpoint
+# exports the endpoint) so that a Ray worker's loader processes, forked or spawned, read the job's values
+LIMITS_ENV = {"max_image_pixels": "MAE_RAY_MAX_IMAGE_PIXELS", "max_member_bytes": "MAE_RAY_MAX_MEMBER_BYTES",
+              "shard_tries": "MAE_RAY_SHARD_TRIES"}
+_TRY_TIMEOUT_S = 60.0  # one attempt to open a remote shard (connect, and the wait for its first bytes)
+
+
+def use_limits(data) -> None:
+    """Put a job's ``data`` config bounds in force for this process and the ones it starts."""
+    for key, env in LIMITS_ENV.items():
+        os.environ[env] = str(int(getattr(data, key)))
+
+
+def limit(key: str) -> int:
+    """The bound ``key`` in force (``use_limits``), else the config's default."""
+    from mae_ray.config import DataConfig
+
+    value = os.environ.get(LIMITS_ENV[key])
+    return int(value) if value else int(getattr(DataConfig, key))
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -315,14 +383,42 @@ class _StrictTarInfo(tarfile.TarInfo):
 
 
 def _open(url: str) -> IO[bytes]:
-    # Local files bypass gopen so that WDS_SECURE=1 (which blocks local gopen) does not matter.
-    if is_local(url):
+    """The shard's byte stream. A remote one (bucket, http) that cannot be opened is tried again, up to
+    ``data.shard_tries`` in all with a growing pause, then a ``DataError`` names it: never an endless
+    silent loop. ``pipe:`` commands (and gs://) go to webdataset's gopen, which runs them."""
+    if is_local(url):  # not through gopen: WDS_SECURE=1 (which blocks local gopen) does not matter
         return open(url, "rb")
-    if storage.is_object_uri(url):
-        return storage.open_input(url)
-    from webdataset.gopen import gopen
+    if url.startswith("pipe:"):
+        from webdataset.gopen import gopen
 
-    return gopen(url, "rb")
+        return gopen(url, "rb")
+    opener = storage.open_input if storage.is_object_uri(url) else _open_http
+    tries = limit("shard_tries")
+    for attempt in range(1, tries + 1):
+        try:
+            return opener(url)
+        except Exception as exn:  # noqa: BLE001 - every failure to reach the shard counts as a try
+            if attempt == tries:
+                raise DataError(f"shard {url} could not be read ({tries} tries; data.shard_tries): "
+                                f"{type(exn).__name__}: {str(exn).strip().splitlines()[0] if str(exn).strip() else ''}"
+                                ) from None
+            time.sleep(min(2.0 ** (attempt - 1), 10.0))
+    raise AssertionError("unreachable")
+
+
+def _open_http(url: str) -> IO[bytes]:
+    """An http(s) shard, streamed (not webdataset's gopen: it runs curl with 30 retries per request). The
+    URL's ``user:password`` becomes a basic-auth header; an error status raises."""
+    import base64
+    import urllib.request
+
+    parts = urlsplit(url)
+    headers = {}
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+    return urllib.request.urlopen(urllib.request.Request(parts.geturl(), headers=headers), timeout=_TRY_TIMEOUT_S)
 
 
 def read_shard(url: str, members: frozenset[str] | None = TRAINING_MEMBERS) -> Iterator[RawSample]:
@@ -337,8 +433,13 @@ def read_shard(url: str, members: frozenset[str] | None = TRAINING_MEMBERS) -> I
 
     current: RawSample | None = None
     index = 0
+    max_bytes = limit("max_member_bytes")
+    # a remote shard that cannot be reached at all ends the job (DataError), after its tries; a local one
+    # that cannot be opened is a shard that broke at its first sample, as before
+    remote = None if is_local(url) else _open(url)
     try:
-        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
+        with (remote if remote is not None else _open(url)) as stream, \
+                tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 key, ext = base_plus_ext(member.name)
                 if not member.isreg() or key is None:
@@ -349,7 +450,10 @@ def read_shard(url: str, members: frozenset[str] | None = TRAINING_MEMBERS) -> I
                 if current is None:
                     current = RawSample(key, index, url=url)
                 ext = ext.lower()
-                if members is None or ext in members:
+                if (members is None or ext in members) and member.size > max_bytes:
+                    current.rejected = (f"member {ext} is {member.size} bytes, over data.max_member_bytes "
+                                        f"{max_bytes}: skipped unread")
+                elif members is None or ext in members:
                     current.files[ext] = tar.extractfile(member).read()
                 tar.members = []  # stream mode keeps every header otherwise
     except Exception as exn:  # noqa: BLE001 - any read failure ends this shard, reported with the sample

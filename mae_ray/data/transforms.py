@@ -35,13 +35,36 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 _BICUBIC = v2.InterpolationMode.BICUBIC
 
 
+# Our own cap (data.max_image_pixels) is checked from the header before any decoder runs, on the CPU and
+# the GPU paths alike; PIL's (a warning, then an error at twice its default) would second-guess it.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def check_pixels(data: bytes) -> None:
+    """Refuse an image whose header declares more than ``data.max_image_pixels`` pixels (a decompression
+    bomb: a few KB that decode to gigabytes) before it is decoded. A header PIL cannot parse is left to the
+    decoder, which fails on it if it is not an image."""
+    from mae_ray.data.shards import limit
+
+    try:
+        with Image.open(io.BytesIO(data)) as pil:  # parses the header only
+            width, height = pil.size
+    except Exception:  # noqa: BLE001 - not ours to judge: the decoder decides
+        return
+    cap = limit("max_image_pixels")
+    if width * height > cap:
+        raise ValueError(f"image of {width}x{height} = {width * height} pixels, over data.max_image_pixels {cap}: "
+                         "skipped undecoded")
+
+
 def decode_rgb(data: bytes) -> torch.Tensor:
-    """Decode image bytes to a CHW uint8 RGB tensor.
+    """Decode image bytes to a CHW uint8 RGB tensor (after :func:`check_pixels`).
 
     torchvision's libjpeg-turbo/libpng decoders handle JPEG (incl. grayscale and CMYK), PNG
     (palette, alpha, 16-bit), WEBP and GIF; anything else (BMP, TIFF...) goes through PIL.
     Raises on undecodable data; the loader counts that sample as skipped.
     """
+    check_pixels(data)
     try:
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:

@@ -9,7 +9,6 @@ side is ``cluster/worker_loop.EpochLoop``; the Ray calls themselves are in ``clu
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from mae_ray.cluster import checkpoints, faults, launch
 from mae_ray.cluster.worker_spec import WorkerSpec
 from mae_ray.config import Config
 from mae_ray.errors import DataError, UserError
+from mae_ray.jobs import files
 
 
 def absolute_local(spec: str) -> str:
@@ -37,10 +37,12 @@ def prepare(cfg: Config, *, need_val: bool = False, write: bool = True) -> str:
     before Ray starts. ``write=False`` leaves the writing to :func:`write_config`, for jobs with more
     to check first: a refused job leaves no output folder behind and an earlier run's files untouched.
     """
-    from mae_ray import storage
-    from mae_ray.data.shards import check_local_shards, expand_urls
+    from mae_ray import redaction, storage
+    from mae_ray.data.shards import check_local_shards, check_remote_shard, expand_urls, use_limits
 
+    redaction.install()  # the console of a job started from Python too, not only from the CLI
     storage.use_endpoint(cfg.storage.endpoint_url)  # before the first shard listing, and inherited by Ray
+    use_limits(cfg.data)  # the data bounds likewise
     if storage.is_object_uri(cfg.ray.storage_path or ""):
         storage.check_writable(cfg.ray.storage_path)  # a missing bucket fails here, not in Ray's controller
 
@@ -53,6 +55,7 @@ def prepare(cfg: Config, *, need_val: bool = False, write: bool = True) -> str:
     for spec in (cfg.data.train_shards, cfg.data.val_shards):  # val_shards, when set, serve pre-training too
         if spec:
             check_local_shards(expand_urls(spec))
+            check_remote_shard(expand_urls(spec))
     cfg.output_dir = os.path.abspath(cfg.output_dir)
     if write:
         write_config(cfg)
@@ -60,12 +63,8 @@ def prepare(cfg: Config, *, need_val: bool = False, write: bool = True) -> str:
 
 
 def write_config(cfg: Config) -> str:
-    """``<output_dir>/config.yaml`` (the folder created if need be); returns its path."""
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    path = os.path.join(cfg.output_dir, "config.yaml")
-    with open(path, "w") as f:
-        f.write(cfg.to_yaml())
-    return path
+    """``<output_dir>/config.yaml`` (the folder created if need be), written whole; returns its path."""
+    return files.write_text(os.path.join(cfg.output_dir, "config.yaml"), cfg.to_yaml())
 
 
 def num_classes(cfg: Config) -> int:
@@ -170,7 +169,7 @@ def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: 
     try:
         result = launch.run_trainer(train_fn, worker, spec)
     except Exception as e:
-        tracking.end_run(uri, run_id, "FAILED")
+        tracking.end_run_or_warn(uri, run_id, "FAILED")  # an MLflow outage must not hide the job's own error
         message = launch.worker_error(e)
         if isinstance(getattr(e, "controller_failure", None), OSError):  # Ray's own writes to storage failed
             folder = f"{storage}/{name}"
@@ -178,7 +177,7 @@ def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: 
                        f"last good checkpoint: {_newest_checkpoint(folder, cfg.storage.upload_retry_s)}")
         raise UserError(f"{what} failed: {message}") from None
     if result.checkpoint is None:
-        tracking.end_run(uri, run_id, "FAILED")
+        tracking.end_run_or_warn(uri, run_id, "FAILED")
         raise UserError(f"{what} finished without a checkpoint")
     return result
 
@@ -213,12 +212,8 @@ def log_data(uri: str, run_id: str, cfg: Config) -> None:
 
 
 def write_result(output_dir: str, summary: dict[str, Any]) -> str:
-    """``result.json``, written whole or not at all."""
-    path = os.path.join(output_dir, "result.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(path + ".tmp", path)
-    return path
+    """``result.json``, written whole or not at all, secrets redacted."""
+    return files.write_json(os.path.join(output_dir, "result.json"), summary)
 
 
 def numeric(metrics: dict[str, Any] | None) -> dict[str, float]:
@@ -247,8 +242,9 @@ class JobPlan:
     name: str  # the run's name, and so its checkpoint folder
     # (cfg, uri) -> Setup: the job's own checks, the dearest last; nothing written yet, Ray not started
     setup: Callable[[Config, str], Setup]
-    # (Ray Train result, run id, uri, setup) -> the job's part of result.json; may log to MLflow
-    summarize: Callable[[Any, str, str, Setup], dict[str, Any]]
+    # (Ray Train result, run id, uri, setup) -> (the job's part of result.json, {run id: final metrics} for
+    # the lifecycle to log); may log artifacts itself (guarded: an MLflow outage is a warning)
+    summarize: Callable[[Any, str, str, Setup], tuple[dict[str, Any], dict[str, dict[str, float]]]]
     need_val: bool = False
 
 
@@ -263,6 +259,13 @@ def run_job(cfg: Config, plan: JobPlan, *, verbose: bool = False, resume_from: s
     ``run_id``: an MLflow run the caller created (a sweep trial). ``callbacks``: Ray Train callbacks.
     """
     uri = prepare(cfg, need_val=plan.need_val, write=False)  # first: it puts storage.endpoint_url in force
+    with files.claim(cfg.output_dir, plan.what):  # a second job on this folder: refused, one line
+        return _run_claimed(cfg, plan, uri, verbose=verbose, resume_from=resume_from,
+                            continue_existing=continue_existing, run_id=run_id, callbacks=callbacks)
+
+
+def _run_claimed(cfg: Config, plan: JobPlan, uri: str, *, verbose: bool, resume_from: str | None,
+                 continue_existing: bool, run_id: str | None, callbacks: list | None) -> dict[str, Any]:
     check_epoch_updates(cfg, plan.job)
     if resume_from:
         run_id = checkpoints.load_state(resume_from).get("mlflow_run_id")  # a bad path fails now, not in a worker
@@ -282,11 +285,16 @@ def run_job(cfg: Config, plan: JobPlan, *, verbose: bool = False, resume_from: s
         result = fit(plan.train_loop, cfg, name=plan.name, uri=uri, run_id=run_id, verbose=verbose, what=plan.what,
                      callbacks=callbacks, resume_from=resume_from, **setup.worker)
     try:
-        summary = plan.summarize(result, run_id, uri, setup)
+        summary, final = plan.summarize(result, run_id, uri, setup)
     except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
+        tracking.end_run_or_warn(uri, run_id, "FAILED")
         raise
-    tracking.end_run(uri, run_id, "FINISHED")
     summary.update(mlflow_run_id=run_id, wall_time_s=round(time.time() - start, 1))
-    write_result(cfg.output_dir, summary)
+    write_result(cfg.output_dir, summary)  # first: the report never waits on MLflow
+    # the run's last MLflow calls (MLflow's client retries each), then a warning naming what is missing
+    missing = [w for w in (*(tracking.log_values_or_warn(uri, rid, values) for rid, values in final.items()),
+                           tracking.end_run_or_warn(uri, run_id, "FINISHED")) if w]
+    if missing:
+        summary["mlflow_incomplete"] = missing
+        write_result(cfg.output_dir, summary)
     return summary

@@ -132,18 +132,19 @@ def _from_mlflow(spec: str, cfg: Config, tracking_uri: str) -> EncoderSource:
     import mlflow
 
     run_id = spec[len("runs:/"):].strip("/").split("/")[0]
-    try:
-        folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="encoder",
-                                                     tracking_uri=tracking_uri, dst_path=tempfile.mkdtemp())
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"cannot fetch the encoder of MLflow run {run_id}: {first}") from None
-    saved = None
-    config_file = os.path.join(folder, "config.yaml")
-    if os.path.isfile(config_file):
-        with open(config_file) as f:
-            saved = from_dict(Config, yaml.safe_load(f))
-    state = read_state_dict(os.path.join(folder, "encoder.pth"))
+    with tempfile.TemporaryDirectory(prefix="mae_ray_encoder_") as tmp:  # read whole, then removed
+        try:
+            folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="encoder",
+                                                         tracking_uri=tracking_uri, dst_path=tmp)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"cannot fetch the encoder of MLflow run {run_id}: {first}") from None
+        saved = None
+        config_file = os.path.join(folder, "config.yaml")
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                saved = from_dict(Config, yaml.safe_load(f))
+        state = read_state_dict(os.path.join(folder, "encoder.pth"))
     return EncoderSource(_encoder_only(state), _with_eval_size(saved or cfg, cfg), run_id, spec, saved)
 
 

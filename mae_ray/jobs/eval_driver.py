@@ -53,16 +53,14 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[WorkerSpec], None], *,
                     "num_classes": classes},
             extra={"source": found})
 
-    def summarize(result, run_id: str, uri: str, setup: driver.Setup) -> dict[str, Any]:
+    def summarize(result, run_id: str, uri: str, setup: driver.Setup):
         found = setup.extra["source"]
         metrics = driver.numeric(result.metrics)
         final = {f"{job}_top1": metrics["val_top1"], f"{job}_top5": metrics["val_top5"]}
-        tracking.log_values(uri, run_id, final)
-        if found.parent_run_id:
-            tracking.log_values(uri, found.parent_run_id, final)
+        logged = {run_id: final, **({found.parent_run_id: final} if found.parent_run_id else {})}
         return {**final, "encoder": found.label, "parent_run_id": found.parent_run_id,
                 "encoder_run_id": found.origin_run_id, "checkpoint": checkpoints.location(result.checkpoint),
-                "num_classes": setup.worker["num_classes"], "metrics": metrics}
+                "num_classes": setup.worker["num_classes"], "metrics": metrics}, logged
 
     plan = driver.JobPlan(job, WHAT[job], train_loop, name, setup, summarize, need_val=True)
     return driver.run_job(cfg, plan, verbose=verbose, resume_from=resume_from)

@@ -25,7 +25,7 @@ def as_spec(run: str) -> str:
 def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool = False) -> dict[str, Any]:
     """Linear probe then fine-tune ``cfg.eval.checkpoint`` (or ``source``); returns the combined summary."""
     from mae_ray import tracking
-    from mae_ray.jobs import driver, finetune, linprobe
+    from mae_ray.jobs import driver, files, finetune, linprobe
     from mae_ray.jobs.encoders import resolve_encoder
 
     jobs = [(name, job) for name, job in (("linprobe", linprobe), ("finetune", finetune)) if name not in skip]
@@ -34,16 +34,16 @@ def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool =
     root = os.path.abspath(cfg.output_dir)
     source = source or resolve_encoder(cfg.eval.checkpoint, cfg, tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri))
     summary: dict[str, Any] = {"encoder": source.label, "parent_run_id": source.parent_run_id}
-    for name, job in jobs:
-        own = [f"output_dir={os.path.join(root, name)}"]
-        if cfg.mlflow.run_name:  # its own run folder under a shared ray.storage_path (a sweep trial's jobs)
-            own.append(f"mlflow.run_name={cfg.mlflow.run_name}-{name}")
-        sub = load_config(None, own, base=cfg.to_dict())
-        result = job.run(sub, source=source, verbose=verbose)
-        summary.update({k: v for k, v in result.items() if k.startswith(name)})
-        summary[f"{name}_run_id"] = result["mlflow_run_id"]
-    os.makedirs(root, exist_ok=True)
-    driver.write_result(root, summary)
+    with files.claim(root, "evaluation"):
+        for name, job in jobs:
+            own = [f"output_dir={os.path.join(root, name)}"]
+            if cfg.mlflow.run_name:  # its own run folder under a shared ray.storage_path (a sweep trial's jobs)
+                own.append(f"mlflow.run_name={cfg.mlflow.run_name}-{name}")
+            sub = load_config(None, own, base=cfg.to_dict())
+            result = job.run(sub, source=source, verbose=verbose)
+            summary.update({k: v for k, v in result.items() if k.startswith(name)})
+            summary[f"{name}_run_id"] = result["mlflow_run_id"]
+        driver.write_result(root, summary)
     return summary
 
 

@@ -83,15 +83,17 @@ def train_loop(spec: WorkerSpec) -> None:
 
     for epoch in loop.remaining():  # each epoch's masks seeded from (seed, epoch, rank): exact on resume
         loader.set_epoch(epoch)
+        device_skips = [0]  # images the device decoder could not read (data.decode=gpu), this epoch
         try:
+            batches = loop.batches(loader, epoch, plan.batches_per_epoch)
             metrics = engine.train_one_epoch(
-                model, on_device(loop.batches(loader, epoch, plan.batches_per_epoch), device, size, on_gpu), optimizer,
+                model, on_device(batches, device, size, on_gpu, device_skips), optimizer,
                 scheduler, precision,
                 epoch=epoch, plan=plan, mask_ratio=cfg.model.mask_ratio, device=device,
             )
         except engine.NonFiniteLossError as e:
             raise engine.NonFiniteLossError(f"{e}; last good checkpoint: {loop.last_good or 'none'}") from None
-        metrics = _reduce_over_ranks(metrics, loader.skipped, device)
+        metrics = _reduce_over_ranks(metrics, loader.skipped + device_skips[0], device)
         if peak:  # model FLOPs utilisation, as nanoGPT prints it (GPU only: CPUs have no fixed peak)
             metrics["mfu"] = metrics["images_per_s"] * flops_per_image / (peak * world_size)
         if monitor.due(epoch):
@@ -158,15 +160,15 @@ def fit_pca_basis(cfg: Config, model):
         return fit_pca(patches(), model.pca_basis.shape[1])
 
 
-def on_device(batches, device, img_size: int = 0, decode: bool = False):
+def on_device(batches, device, img_size: int = 0, decode: bool = False, skips: list[int] | None = None):
     """uint8 image batches -> float32 normalised on ``device`` (where the model runs); with ``decode``, batches
-    of encoded JPEGs decoded and cropped there (``data.decode=gpu``)."""
+    of encoded JPEGs decoded and cropped there (``data.decode=gpu``), undecodable ones counted in ``skips``."""
     from mae_ray.data.device_decode import pretrain_batch
     from mae_ray.data.transforms import normalize_batch
 
     for imgs, labels in batches:
         if decode:
-            yield pretrain_batch(imgs, device, img_size), labels
+            yield pretrain_batch(imgs, device, img_size, skips), labels
         else:
             yield normalize_batch(imgs.to(device, non_blocking=True)), labels
 
@@ -246,13 +248,13 @@ def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False, p
         return driver.Setup(f"[pretrain] outputs: {cfg.output_dir}  checkpoints: {driver.storage_for(cfg, name)}  "
                             f"mlflow: {tracking.redact(uri)}", parent_run_id=parent_run_id)
 
-    def summarize(result, run_id: str, uri: str, _setup) -> dict[str, Any]:
+    def summarize(result, run_id: str, uri: str, _setup):
         ckpt = result.checkpoint
         checkpoints.log_final_to_mlflow(ckpt, tracking.EpochLogger(uri, run_id))
         where = checkpoints.location(ckpt)  # s3://... for a bucket, as --resume-from and eval.checkpoint take it
         return {"checkpoint": where, "encoder": f"{where}/encoder.pth",
                 "encoder_safetensors": f"{where}/encoder.safetensors",
-                "mlflow_tracking_uri": tracking.redact(uri), "metrics": driver.numeric(result.metrics)}
+                "mlflow_tracking_uri": tracking.redact(uri), "metrics": driver.numeric(result.metrics)}, {}
 
     plan = driver.JobPlan("pretrain", "pre-training", train_loop, name, setup, summarize)
     return driver.run_job(cfg, plan, verbose=verbose, resume_from=resume_from, continue_existing=continue_existing,

@@ -20,6 +20,7 @@ import yaml
 from mae_ray import provenance, tracking
 from mae_ray.config import Config, load_config
 from mae_ray.errors import ConfigError
+from mae_ray.jobs import files
 from mae_ray.jobs.recorded import from_record
 
 JOBS = ("pretrain", "linprobe", "finetune")  # runs with a config of their own; mae_ray.job tag, none = pretrain
@@ -53,8 +54,7 @@ def run(run_spec: str, tracking_uri: str | None, out: str | None, start: bool = 
     for line in dropped:
         print(f"[reproduce] {line}")
     path = os.path.abspath(out or f"reproduce-{run_id[:8]}.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    files.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     command = ["mae-ray", job, "--config", path]
     print(f"  its config: {path}\n  to run it again: {' '.join(command)}")
     for key in unknown:

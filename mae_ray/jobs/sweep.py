@@ -25,9 +25,11 @@ from typing import Any
 
 import yaml
 
-from mae_ray import provenance
+from mae_ray import provenance, redaction
 from mae_ray.config import Config, from_dict, load_config
 from mae_ray.errors import ConfigError
+from mae_ray.jobs import files
+from mae_ray.jobs.files import read_json, write_json
 from mae_ray.jobs.sweep_config import (
     EVAL_JOBS,
     SweepConfig,
@@ -56,6 +58,7 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
     from mae_ray.jobs import pretrain
     from mae_ray.jobs.encoders import resolve_encoder
 
+    redaction.install()  # a trial actor's console, like a Ray Train worker's
     trial_id = tune.get_context().get_trial_id()
     os.environ[provenance.COMMAND_ENV] = sweep.get("command", "")  # the sweep's, on whichever node this runs
     real = {k: (hidden or {}).get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in params.items()}
@@ -153,32 +156,6 @@ def _keep(shared: str | None, summary: dict[str, Any]) -> None:
         write_json(f"{shared}/result.json", summary)
 
 
-def read_json(path: str) -> dict[str, Any] | None:
-    """A small JSON record on disk or in a bucket; None when there is none."""
-    from mae_ray import storage
-
-    if storage.is_object_uri(path):
-        return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path: str, data: dict[str, Any]) -> None:
-    """Written whole or not at all (a rename on disk; one PUT in a bucket)."""
-    from mae_ray import storage
-
-    text = json.dumps(data, indent=2)
-    if storage.is_object_uri(path):
-        storage.write_bytes(path, text.encode())
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params: dict[str, Any], label: str,
                sweep: dict[str, Any]) -> str:
     """The trial's MLflow run: found again after a restore (so never duplicated), else created."""
@@ -258,56 +235,58 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
         raise ConfigError(f"--resume: no sweep to resume at {where}")
     if not resume and state:
         raise ConfigError(f"{where} already holds a sweep: pass --resume to continue it, or another name")
-    os.makedirs(sweep_dir, exist_ok=True)
-    started = False
-    try:
-        with driver.ray_session(cfg, verbose) as started:  # Ray stops on leaving, if this process started it
-            sweep_report.forget_stale_ray(sweep_dir)
+    # a second sweep, or a second --resume, beside a live one: refused here, before the reaping of stale Ray
+    with files.claim(sweep_dir, f"sweep {sweep.name}"):
+        started = False
+        try:
+            with driver.ray_session(cfg, verbose) as started:  # Ray stops on leaving, if this process started it
+                sweep_report.forget_stale_ray(sweep_dir)
+                if started:
+                    sweep_report.remember_ray(sweep_dir)
+                concurrent = _concurrency(sweep, cfg)
+                if resume:
+                    parent = state["parent_run_id"]
+                else:
+                    parent = _start_parent(uri, cfg, sweep)
+                    state = {"parent_run_id": parent, "uri": tracking.redact(uri)}  # what --resume needs
+                    for folder in (sweep_dir, shared):
+                        if folder:
+                            write_json(f"{folder}/sweep.json", state)
+                    _log_sweep_files(uri, parent, sweep_file, base, sweep_dir)
+                print(f"[sweep] {sweep.name}: up to {concurrent} trial(s) at a time; folder {sweep_dir}; "
+                      f"mlflow parent run {parent}", flush=True)
+                shown_space, hidden = hide_secrets(sweep.search)
+                fn = tune.with_resources(
+                    tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
+                                         sweep={"pretrain": sweep.pretrain, "linprobe": sweep.linprobe,
+                                                "finetune": sweep.finetune, "jobs": sweep.jobs,
+                                                "best_of": sweep.best_of,
+                                                "cases": sweep.cases, "shared": shared,
+                                                "name": sweep.name, "command": provenance.command()},
+                                         hidden=hidden),
+                    _trial_resources(sweep, cfg))
+                if resume and tune.Tuner.can_restore(tune_path):
+                    # a trial the dead driver left running shows as errored: restart it (trials are idempotent)
+                    tuner = tune.Tuner.restore(tune_path, trainable=fn, resume_unfinished=True, restart_errored=True)
+                else:
+                    tuner = tune.Tuner(
+                        fn, param_space=param_space(shown_space),
+                        tune_config=tune.TuneConfig(num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
+                                                    scheduler=_scheduler(sweep)),
+                        run_config=tune.RunConfig(name="tune", storage_path=shared or sweep_dir,
+                                                  verbose=1 if verbose else 0,
+                                                  callbacks=[sweep_report.progress_callback(
+                                                      sweep.linprobe or sweep.finetune, concurrent)]),
+                    )
+                # the random-init baseline runs beside the trials (a Ray task holding a trial's share), not after them
+                baseline = _start_baseline(sweep, cfg, base, sweep_dir, shared, uri, parent, verbose)
+                with _credentials_not_copied_by_tune():
+                    grid = tuner.fit()
+                baseline = ray.get(baseline) if baseline is not None else None
+                return sweep_report.finish(grid, sweep, sweep_dir, uri, parent, baseline, epochs=cfg.train.epochs)
+        finally:
             if started:
-                sweep_report.remember_ray(sweep_dir)
-            concurrent = _concurrency(sweep, cfg)
-            if resume:
-                parent = state["parent_run_id"]
-            else:
-                parent = _start_parent(uri, cfg, sweep)
-                state = {"parent_run_id": parent, "uri": tracking.redact(uri)}  # what --resume needs
-                for folder in (sweep_dir, shared):
-                    if folder:
-                        write_json(f"{folder}/sweep.json", state)
-                _log_sweep_files(uri, parent, sweep_file, base, sweep_dir)
-            print(f"[sweep] {sweep.name}: up to {concurrent} trial(s) at a time; folder {sweep_dir}; "
-                  f"mlflow parent run {parent}", flush=True)
-            shown_space, hidden = hide_secrets(sweep.search)
-            fn = tune.with_resources(
-                tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
-                                     sweep={"pretrain": sweep.pretrain, "linprobe": sweep.linprobe,
-                                            "finetune": sweep.finetune, "jobs": sweep.jobs, "best_of": sweep.best_of,
-                                            "cases": sweep.cases, "shared": shared,
-                                            "name": sweep.name, "command": provenance.command()},
-                                     hidden=hidden),
-                _trial_resources(sweep, cfg))
-            if resume and tune.Tuner.can_restore(tune_path):
-                # a trial the dead driver left running shows as errored: restart it (trials are idempotent)
-                tuner = tune.Tuner.restore(tune_path, trainable=fn, resume_unfinished=True, restart_errored=True)
-            else:
-                tuner = tune.Tuner(
-                    fn, param_space=param_space(shown_space),
-                    tune_config=tune.TuneConfig(num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
-                                                scheduler=_scheduler(sweep)),
-                    run_config=tune.RunConfig(name="tune", storage_path=shared or sweep_dir,
-                                              verbose=1 if verbose else 0,
-                                              callbacks=[sweep_report.progress_callback(
-                                                  sweep.linprobe or sweep.finetune, concurrent)]),
-                )
-            # the random-init baseline runs beside the trials (a Ray task holding a trial's share), not after them
-            baseline = _start_baseline(sweep, cfg, base, sweep_dir, shared, uri, parent, verbose)
-            with _credentials_not_copied_by_tune():
-                grid = tuner.fit()
-            baseline = ray.get(baseline) if baseline is not None else None
-            return sweep_report.finish(grid, sweep, sweep_dir, uri, parent, baseline, epochs=cfg.train.epochs)
-    finally:
-        if started:
-            sweep_report.forget_ray(sweep_dir)
+                sweep_report.forget_ray(sweep_dir)
 
 
 def _start_parent(uri: str, cfg: Config, sweep: SweepConfig) -> str:
@@ -334,9 +313,8 @@ def _log_sweep_files(uri: str, parent: str, sweep_file: str, base: dict[str, Any
         with open(copy, "w") as f:
             f.write(sweep_text)
         logger.log_artifact(copy, "sweep")
-    path = os.path.join(sweep_dir, "base_config.yaml")
-    with open(path, "w") as f:
-        f.write(tracking.redact(yaml.safe_dump(base, sort_keys=False)))
+    path = files.write_text(os.path.join(sweep_dir, "base_config.yaml"),
+                            tracking.redact(yaml.safe_dump(base, sort_keys=False)))
     logger.log_artifact(path, "sweep")
 
 

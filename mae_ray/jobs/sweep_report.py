@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mae_ray.jobs import files  # noqa: E402
+
 RAY_PIDS = "ray_processes.json"
 ACCURACIES = ("linprobe_top1", "finetune_top1", "knn_top1")
 
@@ -53,9 +55,7 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
     pruned = early_stops(rows, epochs) if sweep.pretrain and sweep.scheduler.type != "none" else None
     if pruned is not None:  # what the scheduler stopped, and the pre-training it saved
         markdown += "\n" + pruned["summary"].removeprefix("[sweep] ").capitalize() + "\n"
-    md_path = os.path.join(sweep_dir, "sweep_results.md")
-    with open(md_path, "w") as f:
-        f.write(markdown)
+    md_path = files.write_text(os.path.join(sweep_dir, "sweep_results.md"), markdown)
     plots = plot_axes(rows, list(sweep.search), sweep_dir, paper=bool(sweep.paper))
     logger = tracking.EpochLogger(uri, parent)
     for path in (parquet, md_path, *plots):

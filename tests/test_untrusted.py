@@ -272,3 +272,39 @@ def test_an_encoder_fetched_from_mlflow_leaves_no_temporary_folder(tmp_path, mon
     cfg = load_config(None, ["model.name=mae_vit_micro_patch4", "model.img_size=32"])
     found = resolve_encoder(f"runs:/{run.info.run_id}", cfg, uri)
     assert found.state and list(scratch.iterdir()) == []
+
+
+@pytest.mark.usefixtures("no_ray")
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_sweep_or_its_resume_beside_a_live_one_is_refused_before_anything_is_reaped(demo_data, tmp_path, resume):
+    """The second sweep (or ``--resume``) would otherwise reach ``forget_stale_ray``, which stops the Ray
+    processes a live sweep started."""
+    import yaml
+
+    from mae_ray.jobs import sweep as sweeps
+    from mae_ray.jobs.sweep_config import load_sweep
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({
+        "model": {"name": "mae_vit_micro_patch4", "img_size": 32},
+        "data": {"train_shards": demo_data["train"], "val_shards": demo_data["val"], "num_classes": 10,
+                 "samples_per_epoch": 64},
+        "train": {"epochs": 1, "batch_size": 16}, "linprobe": {"batch_size": 16}, "finetune": {"batch_size": 16},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}}))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "base": "base.yaml", "name": "s", "output_dir": str(tmp_path / "sweeps"),
+        "search": {"model.mask_ratio": {"grid": [0.75]}}, "scheduler": {"type": "none"}, "finetune": False,
+        "random_baseline": False}))
+    folder = tmp_path / "sweeps" / "s"
+    if resume:  # a live sweep's record
+        files.write_json(str(folder / "sweep.json"), {"parent_run_id": "0" * 32, "uri": "sqlite:///x"})
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from mae_ray.jobs import files\n"
+                               f"with files.claim({str(folder)!r}, 'sweep s'):\n"
+                               "    print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        spec, base = load_sweep(str(tmp_path / "sweep.yaml"), [])
+        with pytest.raises(UserError, match=rf"{folder} is in use by pid {holder.pid} \(sweep s, since "):
+            sweeps.run(spec, base, str(tmp_path / "sweep.yaml"), resume=resume)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()

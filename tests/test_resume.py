@@ -100,7 +100,9 @@ def stop_then_resume(job, cfg, tmp: Path, monkeypatch, name: str) -> tuple[dict,
     return resumed, store
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+# 2 workers only: one worker's exact continuation after a mid-epoch kill is test_faults.py's (against an
+# uninterrupted in-process run), and --resume-from takes the same path whatever the group size
+@pytest.mark.parametrize("workers", [2])
 def test_pretraining_resumes_bit_identically(local_ray, demo_data, tmp_path, monkeypatch, workers):
     def config(tmp, *extra):
         return tiny_config(demo_data, tmp, f"train.epochs={EPOCHS}", f"ray.num_workers={workers}", *extra)

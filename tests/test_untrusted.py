@@ -26,7 +26,7 @@ from PIL import Image
 from test_bad_input import a_demo_jpeg, as_args, no_ray, overrides, refused  # noqa: F401 (no_ray: a fixture)
 
 from mae_ray import redaction, tracking
-from mae_ray.data import shards
+from mae_ray.data import sources
 from mae_ray.data.device_decode import pretrain_batch
 from mae_ray.data.loader import make_eval_loader, make_train_loader
 from mae_ray.errors import DataError, UserError
@@ -132,7 +132,7 @@ def test_a_refusing_shard_server_ends_the_job_with_one_redacted_line(demo_data, 
 
 
 def test_a_shard_that_fails_inside_a_worker_is_tried_a_bounded_number_of_times(refusing, monkeypatch):
-    monkeypatch.setenv(shards.LIMITS_ENV["shard_tries"], "3")
+    monkeypatch.setenv(sources.LIMITS_ENV["shard_tries"], "3")
     url = f"http://u:{SECRET}@127.0.0.1:{refusing.port}/t-0.tar"
     loader = make_train_loader([url], batch_size=2, num_workers=0, samples_per_epoch=8, img_size=32)
     with pytest.raises(DataError, match=r"could not be read \(3 tries") as caught:
@@ -202,7 +202,7 @@ def _bomb_jpeg(jpeg: bytes, side: int) -> bytes:
 
 
 def test_bombs_and_huge_members_are_skipped_and_counted_on_the_cpu_path(demo_data, tmp_path, monkeypatch):
-    monkeypatch.setenv(shards.LIMITS_ENV["max_member_bytes"], "100000")
+    monkeypatch.setenv(sources.LIMITS_ENV["max_member_bytes"], "100000")
     jpeg = a_demo_jpeg(demo_data)
     noise = io.BytesIO()  # a real image, only too big: it would decode fine
     Image.fromarray(torch.randint(0, 256, (400, 400, 3), dtype=torch.uint8).numpy()).save(noise, "JPEG", quality=95)

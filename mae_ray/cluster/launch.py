@@ -18,7 +18,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from mae_ray import redaction, storage
-from mae_ray.data.shards import use_limits
+from mae_ray.data.sources import use_limits
 from mae_ray.errors import UserError
 
 log = logging.getLogger(__name__)

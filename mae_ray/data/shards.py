@@ -25,22 +25,20 @@ import json
 import os
 import shlex
 import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import braceexpand
 
 from mae_ray import storage
+from mae_ray.data.sources import REMOTE_PREFIXES, is_local, limit, open_shard
 from mae_ray.errors import DataError
 
 MANIFEST_NAME = "dataset.json"
 # Image members a reader accepts (lower case); make_shards writes jpg, png, ... (its EXT_ALIASES).
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm"})
 TRAINING_MEMBERS = IMAGE_EXTENSIONS | {"cls"}  # what the loader reads; everything else stays unread
-_REMOTE_PREFIXES = ("pipe:", "http://", "https://")
 
 
 # --------------------------------------------------------------------------- URLs
@@ -67,7 +65,7 @@ def _expand_one(pattern: str) -> list[str]:
         return _expand_bucket(pattern)
     if pattern.startswith("gs://"):
         return [_cloud_pipe(url) for url in braceexpand.braceexpand(pattern)]
-    if pattern.startswith(_REMOTE_PREFIXES):
+    if pattern.startswith(REMOTE_PREFIXES):
         return list(braceexpand.braceexpand(pattern))
     path = os.path.expanduser(pattern.removeprefix("file://"))
     if os.path.isdir(path):
@@ -123,10 +121,6 @@ def _cloud_pipe(url: str) -> str:
 
 def _parent(url: str) -> str:
     return url.rsplit("/", 1)[0] if storage.is_object_uri(url) else os.path.dirname(os.path.abspath(url))
-
-
-def is_local(url: str) -> bool:
-    return not url.startswith(_REMOTE_PREFIXES) and not storage.is_object_uri(url)
 
 
 def _listed(url: str) -> bool:
@@ -314,17 +308,6 @@ def check_local_shards(urls: list[str]) -> None:
             raise DataError(f"shard {url} holds no samples (an empty tar archive)")
 
 
-def check_remote_shard(urls: list[str]) -> None:
-    """The first shard of a remote set (http(s)://, s3://) opened and its first block read, with
-    ``data.shard_tries`` tries: a server that refuses, or credentials that do not open it, end the job
-    here with one line, before Ray starts. ``pipe:`` commands are not run for a check."""
-    url = urls[0]
-    if is_local(url) or url.startswith("pipe:"):
-        return
-    with _open(url) as stream:
-        stream.read(512)
-
-
 # --------------------------------------------------------------------------- reading samples
 
 
@@ -340,28 +323,6 @@ class RawSample:
     @property
     def broken(self) -> bool:
         return self.error is not None
-
-
-# --------------------------------------------------------------------------- bounds
-# data.max_image_pixels / max_member_bytes / shard_tries, exported by use_limits() (as storage.use_endpoint
-# exports the endpoint) so that a Ray worker's loader processes, forked or spawned, read the job's values
-LIMITS_ENV = {"max_image_pixels": "MAE_RAY_MAX_IMAGE_PIXELS", "max_member_bytes": "MAE_RAY_MAX_MEMBER_BYTES",
-              "shard_tries": "MAE_RAY_SHARD_TRIES"}
-_TRY_TIMEOUT_S = 60.0  # one attempt to open a remote shard (connect, and the wait for its first bytes)
-
-
-def use_limits(data) -> None:
-    """Put a job's ``data`` config bounds in force for this process and the ones it starts."""
-    for key, env in LIMITS_ENV.items():
-        os.environ[env] = str(int(getattr(data, key)))
-
-
-def limit(key: str) -> int:
-    """The bound ``key`` in force (``use_limits``), else the config's default."""
-    from mae_ray.config import DataConfig
-
-    value = os.environ.get(LIMITS_ENV[key])
-    return int(value) if value else int(getattr(DataConfig, key))
 
 
 class _StrictTarInfo(tarfile.TarInfo):
@@ -382,45 +343,6 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise tarfile.ReadError(f"truncated or damaged tar header at byte {tarfile_.offset}: {exn}") from None
 
 
-def _open(url: str) -> IO[bytes]:
-    """The shard's byte stream. A remote one (bucket, http) that cannot be opened is tried again, up to
-    ``data.shard_tries`` in all with a growing pause, then a ``DataError`` names it: never an endless
-    silent loop. ``pipe:`` commands (and gs://) go to webdataset's gopen, which runs them."""
-    if is_local(url):  # not through gopen: WDS_SECURE=1 (which blocks local gopen) does not matter
-        return open(url, "rb")
-    if url.startswith("pipe:"):
-        from webdataset.gopen import gopen
-
-        return gopen(url, "rb")
-    opener = storage.open_input if storage.is_object_uri(url) else _open_http
-    tries = limit("shard_tries")
-    for attempt in range(1, tries + 1):
-        try:
-            return opener(url)
-        except Exception as exn:  # noqa: BLE001 - every failure to reach the shard counts as a try
-            if attempt == tries:
-                raise DataError(f"shard {url} could not be read ({tries} tries; data.shard_tries): "
-                                f"{type(exn).__name__}: {str(exn).strip().splitlines()[0] if str(exn).strip() else ''}"
-                                ) from None
-            time.sleep(min(2.0 ** (attempt - 1), 10.0))
-    raise AssertionError("unreachable")
-
-
-def _open_http(url: str) -> IO[bytes]:
-    """An http(s) shard, streamed (not webdataset's gopen: it runs curl with 30 retries per request). The
-    URL's ``user:password`` becomes a basic-auth header; an error status raises."""
-    import base64
-    import urllib.request
-
-    parts = urlsplit(url)
-    headers = {}
-    if parts.username is not None:
-        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
-        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
-    return urllib.request.urlopen(urllib.request.Request(parts.geturl(), headers=headers), timeout=_TRY_TIMEOUT_S)
-
-
 def read_shard(url: str, members: frozenset[str] | None = TRAINING_MEMBERS) -> Iterator[RawSample]:
     """Yield the samples of one shard in tar order, with the payloads of ``members`` (extensions; None:
     every member). Other members are skipped unread.
@@ -436,9 +358,9 @@ def read_shard(url: str, members: frozenset[str] | None = TRAINING_MEMBERS) -> I
     max_bytes = limit("max_member_bytes")
     # a remote shard that cannot be reached at all ends the job (DataError), after its tries; a local one
     # that cannot be opened is a shard that broke at its first sample, as before
-    remote = None if is_local(url) else _open(url)
+    remote = None if is_local(url) else open_shard(url)
     try:
-        with (remote if remote is not None else _open(url)) as stream, \
+        with (remote if remote is not None else open_shard(url)) as stream, \
                 tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 key, ext = base_plus_ext(member.name)

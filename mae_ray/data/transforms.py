@@ -44,7 +44,7 @@ def check_pixels(data: bytes) -> None:
     """Refuse an image whose header declares more than ``data.max_image_pixels`` pixels (a decompression
     bomb: a few KB that decode to gigabytes) before it is decoded. A header PIL cannot parse is left to the
     decoder, which fails on it if it is not an image."""
-    from mae_ray.data.shards import limit
+    from mae_ray.data.sources import limit
 
     try:
         with Image.open(io.BytesIO(data)) as pil:  # parses the header only

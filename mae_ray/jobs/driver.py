@@ -38,7 +38,8 @@ def prepare(cfg: Config, *, need_val: bool = False, write: bool = True) -> str:
     to check first: a refused job leaves no output folder behind and an earlier run's files untouched.
     """
     from mae_ray import redaction, storage
-    from mae_ray.data.shards import check_local_shards, check_remote_shard, expand_urls, use_limits
+    from mae_ray.data.shards import check_local_shards, expand_urls
+    from mae_ray.data.sources import check_remote_shard, use_limits
 
     redaction.install()  # the console of a job started from Python too, not only from the CLI
     storage.use_endpoint(cfg.storage.endpoint_url)  # before the first shard listing, and inherited by Ray

@@ -84,23 +84,29 @@ def claim(folder: str, what: str) -> Iterator[None]:
     path = os.path.join(folder, LOCK_NAME)
     fd = _lock(path, folder)
     command = shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, redact(f"pid {os.getpid()} ({what}, since {time.strftime('%H:%M:%S')}: {command})").encode(), 0)
+    # The holder's name goes in through a descriptor closed at once: the lock's own is read-only, so a held
+    # folder has no file open for writing (an admin's `mount -o remount,ro` is not refused as busy).
+    with open(path, "w") as holder:
+        holder.write(redact(f"pid {os.getpid()} ({what}, since {time.strftime('%H:%M:%S')}: {command})"))
     _held[folder] = fd
     try:
         yield
     finally:
         del _held[folder]
-        os.unlink(path)  # still held: a job waiting on this file finds it gone and takes a fresh one (_lock)
-        os.close(fd)  # releases the lock
-        if created and not os.listdir(folder):
-            os.rmdir(folder)  # a job refused by its checks leaves no folder behind
+        try:  # the folder may have gone read-only or vanished under us: the job's own error is the one to show
+            os.unlink(path)  # still held: a job waiting on this file finds it gone and takes a fresh one (_lock)
+            if created and not os.listdir(folder):
+                os.rmdir(folder)  # a job refused by its checks leaves no folder behind
+        except OSError:
+            pass  # an unlocked lock file left behind is taken by the next job as it is
+        finally:
+            os.close(fd)  # releases the lock
 
 
 def _lock(path: str, folder: str) -> int:
     """An fd of ``path`` holding its exclusive lock; the holder named in a ``UserError`` if another has it."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

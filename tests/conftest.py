@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -12,15 +13,11 @@ import pytest
 os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Any Ray a test's subprocess starts (a CLI job, a sweep driver) keeps its sessions and its
-# ray_current_cluster file under a folder of this run, not in /tmp/ray beside a user's Ray.
+# ray_current_cluster file under a folder of this process, not in /tmp/ray beside a user's Ray. Set, not
+# defaulted: each pytest-xdist worker inherits its controller's environment and needs a folder of its own.
 _SESSION_RAY_ROOT = tempfile.mkdtemp(prefix="mae-ray-s", dir="/tmp")
-os.environ.setdefault("RAY_TMPDIR", _SESSION_RAY_ROOT)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _private_ray_root():
-    yield
-    shutil.rmtree(_SESSION_RAY_ROOT, ignore_errors=True)
+os.environ["RAY_TMPDIR"] = _SESSION_RAY_ROOT
+atexit.register(shutil.rmtree, _SESSION_RAY_ROOT, ignore_errors=True)  # after every module's Ray has stopped
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Why does MAE initialisation fine-tune worse than random init on the demo data? (issue 14, item 7)
 
     python experiments/finetune_diagnosis.py --encoder CHECKPOINT_DIR [--encoder ...] [--epochs 2]
-        [--heads release,keep_norm] [--config experiments/configs/demo_cpu.yaml] [--data-dir data/demo]
+        [--heads release,keep_norm] [--config demo_cpu] [--data-dir data/demo]
 
 In this process (no Ray, one worker: the recipe's effective batch on one process), fine-tunes each encoder
 and random init with the demo config's recipe (``mae_ray/jobs/finetune.py``'s classifier, transforms,
@@ -99,7 +99,7 @@ def fine_tune(cfg, encoder, head: str, epochs: int, classes: int) -> list[float]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python experiments/finetune_diagnosis.py", description=__doc__.split("\n")[0])
     p.add_argument("--encoder", action="append", default=[], help="a pre-training checkpoint folder (repeatable)")
-    p.add_argument("--config", default=os.path.join(HERE, "configs", "demo_cpu.yaml"))
+    p.add_argument("--config", default=os.path.join(HERE, "..", "mae_ray", "shipped", "configs", "demo_cpu.yaml"))
     p.add_argument("--data-dir", default="data/demo")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--heads", default="release,keep_norm,bn")

@@ -2,7 +2,7 @@
 linear probe and for fine-tuning, over pre-training length and fine-tuning length (issue 14, item 7).
 
     python experiments/gain_curve.py [--pretrain-epochs 2,5,10,20] [--finetune-epochs 2,6]
-        [--config experiments/configs/demo_cpu.yaml] [--data-dir data/demo] [--output-dir DIR] [--set KEY=VALUE ...]
+        [--config demo_cpu] [--data-dir data/demo] [--output-dir DIR] [--set KEY=VALUE ...]
 
 On one local Ray instance and the config's MLflow store, with the demo config's recipe unchanged:
 

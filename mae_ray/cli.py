@@ -59,14 +59,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from mae_ray import tracking
+    from mae_ray import shipped, tracking
     from mae_ray.jobs import sweep, sweep_report
     from mae_ray.jobs.sweep_config import load_sweep
 
     if not args.config:
-        raise ConfigError("--config SWEEP.yaml is required (see experiments/sweeps/)")
-    spec, base = load_sweep(args.config, args.overrides)
-    report = sweep.run(spec, base, os.path.abspath(args.config), resume=args.resume, verbose=args.verbose)
+        raise ConfigError("--config is required: a sweep file, or a shipped sweep's name (e.g. --config quickstart)")
+    path = os.path.abspath(shipped.resolve(args.config, "sweeps"))
+    spec, base = load_sweep(path, args.overrides)
+    report = sweep.run(spec, base, path, resume=args.resume, verbose=args.verbose)
     for line in sweep_report.ui_lines(tracking.resolve_tracking_uri(base["mlflow"]["tracking_uri"]), report):
         print(f"[sweep] {line}")
     return 0
@@ -155,7 +156,8 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, (help_, extra, handler) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--config", help="YAML run config (see experiments/configs/; a sweep file for sweep)")
+        p.add_argument("--config", help="YAML run config, or a shipped one's name (e.g. mae_vit_base_800ep); "
+                                        "for sweep, a sweep file or a shipped sweep's name (e.g. quickstart)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key, e.g. --set model.mask_ratio=0.6 (repeatable)")
         p.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own logs")

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from mae_ray import shipped
 from mae_ray.errors import ConfigError
 from mae_ray.model.presets import MASK_SAMPLINGS, MODEL_DEFAULTS, PRESETS, TARGETS, resolve_model_kwargs
 from mae_ray.train import recipe
@@ -230,7 +231,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     """YAML file (or ``base``, a config as a dict) + ``key=value`` overrides -> a validated Config."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        data = _read_yaml(os.fspath(path))
+        data = _read_yaml(shipped.resolve(os.fspath(path), "configs"))
     for item in overrides or []:
         key, value = _parse_override(item)
         _set_dotted(data, key, value)
@@ -382,8 +383,6 @@ def _validate_target(m: ModelConfig, k: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- helpers
 def _read_yaml(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)

@@ -74,7 +74,8 @@ def test_bad_overrides_get_a_clear_message(override, message):
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(ConfigError, match="run config not found: .*nope.yaml .*shipped run config of that name: "
+                                          "demo_cpu, "):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match=r"not valid YAML \(line \d"):
         load_config(write(tmp_path, "model:\n  name: [unclosed\n"))

@@ -224,7 +224,7 @@ def test_documented_cli_submit_with_working_dir(head, demo_data, tmp_path):
     (`mlruns/`, `outputs/`, `data/`; RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 would undo that). The relative
     --config path resolves only inside the uploaded copy, the job's working directory."""
     cmd = [RAY, "job", "submit", "--address", head.url, "--working-dir", ".", "--",
-           "python", "-m", "mae_ray", "pretrain", "--config", "experiments/configs/demo_cpu.yaml"]
+           "python", "-m", "mae_ray", "pretrain", "--config", "mae_ray/shipped/configs/demo_cpu.yaml"]
     for item in _overrides(demo_data, tmp_path):
         cmd += ["--set", item]
     t0 = time.time()

@@ -27,8 +27,8 @@ from mae_ray.model.mae import build_model
 from mae_ray.train import optim, recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.yaml")))
-SWEEPS = sorted(glob.glob(os.path.join(ROOT, "experiments", "sweeps", "paper_*.yaml")))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "mae_ray", "shipped", "configs", "*.yaml")))
+SWEEPS = sorted(glob.glob(os.path.join(ROOT, "mae_ray", "shipped", "sweeps", "paper_*.yaml")))
 B, L, H = MODELS = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
 SECTION = {"pretrain": "train", "linprobe": "linprobe", "finetune": "finetune"}
 EVALUATIONS = ("linprobe", "finetune")

@@ -1,4 +1,4 @@
-"""The shipped sweep files (experiments/sweeps/): one per ablation of the paper's Table 1 and Figures 5 and 7,
+"""The shipped sweep files (mae_ray/shipped/sweeps/): one per ablation of the paper's Table 1 and Figures 5 and 7,
 each with the paper's numbers beside its axis, and every point of every file a config that trains.
 
 In-process, no Ray runtime (a few seconds): the trials are the ones Tune's own variant generator makes of
@@ -26,7 +26,7 @@ from mae_ray.model.mae import MaskedAutoencoderViT
 from mae_ray.model.pca import fit_pca
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEPS = os.path.join(ROOT, "experiments", "sweeps")
+SWEEPS = os.path.join(ROOT, "mae_ray", "shipped", "sweeps")
 
 # Transcribed from /work/shared/reference/mae-paper.md, "Results to compare against" (ViT-L, 800 epochs):
 # axis value -> (fine-tune, linear probe). Figure 5 gives numbers only at 10 % (linear) and 75 %.

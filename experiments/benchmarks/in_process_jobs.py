@@ -32,7 +32,7 @@ def jobs(shards: dict, tmp: str, mode: str, samples: int, tag: str) -> dict[str,
     common = [f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}", "data.num_workers=1",
               f"data.samples_per_epoch={samples}", f"ray.num_workers={workers}", "ray.cpus_per_worker=1",
               f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", "mlflow.experiment=bench"]
-    config = os.path.join(ROOT, "experiments", "configs", "demo_cpu.yaml")
+    config = os.path.join(ROOT, "mae_ray", "shipped", "configs", "demo_cpu.yaml")
     times = {}
     start = time.perf_counter()
     pre = pretrain.run(load_config(config, [*common, "train.epochs=2", "train.checkpoint_every=1",

@@ -16,20 +16,15 @@ import time
 
 from mae_ray.errors import UserError
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "experiments")
-DEFAULT_SWEEP = os.path.join(EXPERIMENTS, "sweeps", "quickstart.yaml")
-
 
 def prepare(config: str | None, data_dir: str, overrides: list[str], storage_uri: str | None = None,
             endpoint_url: str | None = None):
     """The quickstart's sweep and base config, its demo data built (and, with ``storage_uri``, in the bucket)."""
     from data_tools.demo_data import build_demo_dataset
-    from mae_ray import storage
+    from mae_ray import shipped, storage
     from mae_ray.jobs.sweep_config import load_sweep
 
-    config = os.path.abspath(config or DEFAULT_SWEEP)
-    if not os.path.isfile(config):  # installed without the repository's experiments/ folder
-        raise UserError(f"sweep config not found at {config}; pass --config")
+    config = os.path.abspath(shipped.resolve(config or "quickstart", "sweeps"))
     extra = []
     if storage_uri:
         storage.use_endpoint(endpoint_url)

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from mae_ray import shipped
 from mae_ray.config import Config, from_dict, load_config
 from mae_ray.errors import ConfigError
 
@@ -64,6 +65,7 @@ def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, 
     """The sweep config and the trials' base run config (as a dict), both validated before Ray starts."""
     from mae_ray.config import _flatten, _parse_override, _read_yaml, _set_dotted
 
+    path = shipped.resolve(path, "sweeps")
     data = _read_yaml(path)
     for item in overrides:
         key, value = _parse_override(item)
@@ -76,6 +78,8 @@ def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, 
     if not sweep.base:
         raise ConfigError(f"{path}: 'base' must name the run config the trials start from")
     base_path = sweep.base if os.path.isabs(sweep.base) else os.path.join(os.path.dirname(path), sweep.base)
+    if not os.path.isfile(base_path) and os.sep not in sweep.base:
+        base_path = sweep.base  # the name of a shipped run config
     flat_overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in _flatten(sweep.overrides)]
     base = load_config(base_path, flat_overrides)
     for key, spec in sweep.search.items():

@@ -8,7 +8,7 @@ On one local Ray instance (started once, shared by every job) and with MLflow's 
 ``$MLFLOW_TRACKING_URI`` says otherwise):
 
 1. builds the demo dataset if absent (``data_tools.demo_data``; 10 shape classes, 32 px);
-2. pre-trains the demo MAE (``mae_ray.jobs.pretrain``, config ``experiments/configs/demo_cpu.yaml``);
+2. pre-trains the demo MAE (``mae_ray.jobs.pretrain``, config ``mae_ray/shipped/configs/demo_cpu.yaml``);
 3. linear-probes (``mae_ray.jobs.linprobe``, cached features) the MAE encoder and the same architecture at
    its random initialisation, once per ``--pools`` entry (``mean``: average of the patch tokens,
    ``cls``: the class token, the paper's choice);
@@ -39,13 +39,13 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:  # run as a script from anywhere in the checkout
     sys.path.insert(0, REPO)
 
-DEFAULT_CONFIG = os.path.join(HERE, "configs", "demo_cpu.yaml")
+DEFAULT_CONFIG = os.path.join(HERE, "..", "mae_ray", "shipped", "configs", "demo_cpu.yaml")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python experiments/demo_eval.py",
                                 description=__doc__.split("\n")[0] if __doc__ else None)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="run config (default: experiments/configs/demo_cpu.yaml)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="run config (default: the shipped demo_cpu)")
     p.add_argument("--data-dir", default="data/demo", help="demo dataset folder (built there if absent)")
     p.add_argument("--output-dir", default=None,
                    help="job outputs and checkpoints (default: outputs/demo_eval/<date-time>)")
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from mae_ray import tracking
     from mae_ray.cluster import launch
     from mae_ray.config import load_config
-    from mae_ray.jobs import driver, finetune, linprobe, pretrain
+    from mae_ray.jobs import finetune, lifecycle, linprobe, pretrain
     from mae_ray.jobs.encoders import resolve_encoder
 
     t_start = time.time()
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                              "top1": r["linprobe_top1"], "top5": r["linprobe_top5"],
                              "wall_time_s": timings[f"linprobe-{short}-{pool}"], "mlflow_run_id": r["mlflow_run_id"]})
         t0 = time.time()
-        r = raw_pixel_probe(job_cfg("linprobe-raw-pixels"), driver.num_classes(base), uri, world)
+        r = raw_pixel_probe(job_cfg("linprobe-raw-pixels"), lifecycle.num_classes(base), uri, world)
         timings["linprobe-raw-pixels"] = time.time() - t0
         print(f"[demo] linprobe-raw-pixels: top-1 {r['linprobe_top1']:.2f}  top-5 {r['linprobe_top5']:.2f}  "
               f"({fmt_s(timings['linprobe-raw-pixels'])})", flush=True)

@@ -255,7 +255,7 @@ def test_mlflow_down_at_the_very_end_still_leaves_result_json_and_a_resume_compl
     """The server stops just before the run's last MLflow call: result.json is written all the same, the
     missing call is a warning (console and result.json, redacted); a resume of the finished run trains
     nothing, marks it FINISHED, and a second resume is a no-op that leaves it FINISHED."""
-    from mae_ray.jobs import driver
+    from mae_ray.jobs import lifecycle
 
     (tmp_path / "mlflow").mkdir()
     server = MlflowServer(tmp_path / "mlflow")
@@ -264,7 +264,7 @@ def test_mlflow_down_at_the_very_end_still_leaves_result_json_and_a_resume_compl
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the outage is known at once, not after minutes
     cfg = tiny_config(demo_data, tmp_path, f"mlflow.tracking_uri={uri}", "ray.num_workers=0", "data.num_workers=0",
                       "train.epochs=2")
-    write_result = driver.write_result
+    write_result = lifecycle.write_result
 
     def write_then_stop_the_server(output_dir, summary):
         path = write_result(output_dir, summary)
@@ -272,9 +272,9 @@ def test_mlflow_down_at_the_very_end_still_leaves_result_json_and_a_resume_compl
         return path
 
     try:
-        monkeypatch.setattr(driver, "write_result", write_then_stop_the_server)
+        monkeypatch.setattr(lifecycle, "write_result", write_then_stop_the_server)
         summary = pretrain.run(cfg)
-        monkeypatch.setattr(driver, "write_result", write_result)
+        monkeypatch.setattr(lifecycle, "write_result", write_result)
         console = "".join(capfd.readouterr())
         result = (tmp_path / "run" / "result.json").read_text()
         assert summary["mlflow_incomplete"] == [f"MLflow run {summary['mlflow_run_id']} not marked FINISHED "

@@ -142,7 +142,7 @@ def test_a_random_init_evaluation_is_reproduced_though_its_pretraining_params_ar
     from mae_ray import cli
     from mae_ray.config import load_config
     from mae_ray.jobs.encoders import resolve_encoder
-    from mae_ray.jobs.eval_driver import encoder_params
+    from mae_ray.jobs.eval_job import encoder_params
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config(None, ["model.name=mae_vit_micro_patch4", "eval.checkpoint=random", "linprobe.epochs=9",

@@ -66,7 +66,7 @@ def test_bucket_patterns_expand_and_a_missing_object_is_named(bucket):
 def test_the_config_names_the_endpoint_and_the_environment_is_the_fallback(bucket, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     cfg = load_config(None, [f"storage.endpoint_url={bucket.endpoint}"])
-    storage.use_endpoint(cfg.storage.endpoint_url)  # what driver.prepare and every Ray worker do first
+    storage.use_endpoint(cfg.storage.endpoint_url)  # what lifecycle.prepare and every Ray worker do first
     assert dataset_size(bucket.urls["val"]) == 300
     with pytest.raises(ConfigError, match="storage.endpoint_url must be the http"):
         load_config(None, ["storage.endpoint_url=127.0.0.1:9000"])

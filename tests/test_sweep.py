@@ -329,11 +329,11 @@ def test_a_view_that_cannot_be_saved_leaves_a_plain_runs_link_and_one_warning(tm
 
 
 def test_stale_ray_processes_are_stopped_and_reaped_not_left_as_zombies(tmp_path):
-    """forget_stale_ray on a record of a killed driver: a process that obeys SIGTERM, one that ignores it
+    """ray_processes.stop_stale on a record of a killed driver: a process that obeys SIGTERM, one that ignores it
     (SIGKILLed after the grace period), one orphaned like the dead driver's (reaped by PID 1); a pid
     now used by another process is left alone. Afterwards each stopped pid is out of the process table:
     /proc/PID/status gone, not State Z."""
-    from mae_ray.jobs import sweep_report
+    from mae_ray.cluster import ray_processes
 
     ready = "import signal, sys, time; {}; print('ready', flush=True); time.sleep(600)"
     obeys = subprocess.Popen([sys.executable, "-c", ready.format("pass")], stdout=subprocess.PIPE, text=True)
@@ -349,15 +349,15 @@ def test_stale_ray_processes_are_stopped_and_reaped_not_left_as_zombies(tmp_path
         mine = [obeys.pid, ignores.pid, orphan]
         started = {str(p): psutil.Process(p).create_time() for p in mine}
         started[str(other.pid)] = psutil.Process(other.pid).create_time() - 100  # the pid was someone else's
-        (tmp_path / sweep_report.RAY_PIDS).write_text(json.dumps(
+        (tmp_path / ray_processes.RAY_PIDS).write_text(json.dumps(
             {"session_dir": "/tmp/ray/session_x", "pids": [*mine, other.pid], "started": started}))
 
-        stopped = sweep_report.forget_stale_ray(str(tmp_path), grace_s=2)
+        stopped = ray_processes.stop_stale(str(tmp_path), grace_s=2)
 
         assert sorted(stopped) == sorted(mine)
         assert {p: proc_state(p) for p in mine} == {p: None for p in mine}  # reaped, not zombies
         assert proc_state(other.pid) in ("S", "R")  # not ours: untouched
-        assert not (tmp_path / sweep_report.RAY_PIDS).exists()
+        assert not (tmp_path / ray_processes.RAY_PIDS).exists()
     finally:
         for pid in (obeys.pid, ignores.pid, other.pid, orphan):
             with contextlib.suppress(ProcessLookupError):

@@ -121,3 +121,25 @@ def best_of_lengths(client, row: dict, lengths: list[int]) -> None:
                                   filter_string=f"tags.mlflow.parentRunId = '{row['mlflow_run_id']}'")
     ran = {int(r.data.params["finetune.epochs"]): r.data.metrics["finetune_top1"] for r in children}
     assert ran == each, (ran, each)  # one run per length, each with the epochs it was given
+
+
+@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt, "KILLED"), (OSError, "FAILED")], ids=["ctrl-c", "error"])
+def test_a_sweep_stopped_after_its_parent_run_exists_ends_that_run(local_ray, demo_data, tmp_path, monkeypatch,
+                                                                   stop, status):
+    """The parent run has a FAILED path (KILLED on Ctrl-C), not only the report's FINISHED: Tune's fit stops
+    with an error here, after the parent run was opened, before any trial."""
+    from ray import tune
+
+    path, _, _ = smoke_file("paper_mask_ratio.yaml", tmp_path, demo_data, encoder="")
+    sweep, base = load_sweep(path, [])
+
+    def stopped(self):
+        raise stop("stopped mid-sweep")
+
+    monkeypatch.setattr(tune.Tuner, "fit", stopped)
+    with pytest.raises(stop):
+        sweeps.run(sweep, base, path)
+    client = MlflowClient(base["mlflow"]["tracking_uri"])
+    [parent] = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
+                                  filter_string="tags.`mae_ray.job` = 'sweep'")
+    assert parent.info.status == status

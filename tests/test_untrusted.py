@@ -277,7 +277,7 @@ def test_an_encoder_fetched_from_mlflow_leaves_no_temporary_folder(tmp_path, mon
 @pytest.mark.usefixtures("no_ray")
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_sweep_or_its_resume_beside_a_live_one_is_refused_before_anything_is_reaped(demo_data, tmp_path, resume):
-    """The second sweep (or ``--resume``) would otherwise reach ``forget_stale_ray``, which stops the Ray
+    """The second sweep (or ``--resume``) would otherwise reach ``ray_processes.stop_stale``, which stops the Ray
     processes a live sweep started."""
     import yaml
 

@@ -40,22 +40,31 @@ from ray.train import Checkpoint
 from mae_ray import storage
 from mae_ray.cluster import launch
 from mae_ray.errors import CheckpointError
+from mae_ray.model import weights
 
 log = logging.getLogger(__name__)
 
+# Every file name of the format is here, and only here: the jobs, the evaluations and runs:/ go through them.
 STATE_FILE = "state.pt"
 CHECKPOINT_PREFIX = "epoch_"
+ENCODER_FILE = "encoder.pth"  # the release's {"model": ...} layout, encoder only
+ENCODER_SAFETENSORS = "encoder.safetensors"  # the same weights for timm
+CONFIG_FILE = "config.yaml"  # the pre-training run's config
+FINETUNED_FILE = "model.pth"  # the fine-tuned ViT, the release's layout
+HEAD_FILE = "head.pt"  # the linear probe's head
 FINAL_FILES = {
-    "pretrain": ("encoder.pth", "encoder.safetensors", "config.yaml"),
-    "finetune": ("model.pth",),
-    "linprobe": ("head.pt",),
+    "pretrain": (ENCODER_FILE, ENCODER_SAFETENSORS, CONFIG_FILE),
+    "finetune": (FINETUNED_FILE,),
+    "linprobe": (HEAD_FILE,),
 }
-# file of a finished pre-training checkpoint -> the MLflow artifact folder it goes to
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")  # a file, not a checkpoint folder, when a name ends so
 # Waits between the tries of a checkpoint upload to object storage, doubling up to the last, for as long as
 # storage.upload_retry_s allows: a brief outage, a throttled burst or a dropped connection passes.
 UPLOAD_RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
-MLFLOW_ARTIFACTS = {"config.yaml": "encoder", "encoder.pth": "encoder", "encoder.safetensors": "encoder",
-                    STATE_FILE: "checkpoint"}
+# file of a finished pre-training checkpoint -> the MLflow artifact folder it goes to (runs:/ID reads them back)
+MLFLOW_ENCODER, MLFLOW_CHECKPOINT = "encoder", "checkpoint"
+MLFLOW_ARTIFACTS = {CONFIG_FILE: MLFLOW_ENCODER, ENCODER_FILE: MLFLOW_ENCODER, ENCODER_SAFETENSORS: MLFLOW_ENCODER,
+                    STATE_FILE: MLFLOW_CHECKPOINT}
 
 
 class TrainingState(TypedDict, total=False):
@@ -99,11 +108,57 @@ def pretraining_parts(obj: Any) -> tuple[str, dict[str, torch.Tensor], str | Non
     return None
 
 
+def final_paths(where: str) -> dict[str, str]:
+    """Where a finished pre-training checkpoint at ``where`` keeps its encoder, for ``result.json``."""
+    return {"checkpoint": where, "encoder": f"{where}/{ENCODER_FILE}",
+            "encoder_safetensors": f"{where}/{ENCODER_SAFETENSORS}"}
+
+
 def log_final_to_mlflow(checkpoint: Checkpoint, logger) -> None:
     """Pre-training's last checkpoint to its MLflow run (``MLFLOW_ARTIFACTS``; ``logger``: an EpochLogger)."""
     with checkpoint.as_directory() as path:
         for file, folder in MLFLOW_ARTIFACTS.items():
             logger.log_artifact(os.path.join(path, file), folder)
+
+
+def encoder_from_mlflow(run_id: str, tracking_uri: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(encoder weights, the run's config YAML or None) that pre-training run ``run_id`` logged to MLflow
+    (:func:`log_final_to_mlflow`), downloaded to a temporary folder that is removed again."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="mae_ray_encoder_") as tmp:
+        try:
+            folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=MLFLOW_ENCODER,
+                                                         tracking_uri=tracking_uri, dst_path=tmp)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"cannot fetch the encoder of MLflow run {run_id}: {first}") from None
+        config = os.path.join(folder, CONFIG_FILE)
+        text = open(config).read() if os.path.isfile(config) else None
+        return weights.read_state_dict(os.path.join(folder, ENCODER_FILE)), text
+
+
+def read_weights_source(spec: str) -> Any:
+    """What a checkpoint folder's state file, a ``.pt``/``.pth`` or a ``.safetensors`` file holds, on disk or
+    in a bucket (``s3://``): tensors and plain values, nothing unpickled (``weights_only``)."""
+    name = spec.rstrip("/")
+    if storage.is_object_uri(name):
+        uri = name if name.endswith(WEIGHT_SUFFIXES) else f"{name}/{STATE_FILE}"
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint not found: {spec}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {uri}: {e}") from None
+        if uri.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            return load_safetensors(data)
+        return _torch_load(io.BytesIO(data), uri)
+    file = os.path.join(spec, STATE_FILE) if os.path.isdir(spec) else spec
+    if not os.path.isfile(file):
+        raise CheckpointError(f"checkpoint not found: {spec}")
+    return weights.read_state_dict(file) if file.endswith(".safetensors") else _torch_load(file)
 
 
 # --------------------------------------------------------------------------- worker side: write, find, load
@@ -327,5 +382,4 @@ def _torch_load(file, name: str | None = None) -> TrainingState:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        text = str(e).strip().splitlines()
-        raise CheckpointError(f"cannot read {name or file}: {text[0] if text else type(e).__name__}") from None
+        raise CheckpointError(weights.unreadable_checkpoint(name or file, e)) from None

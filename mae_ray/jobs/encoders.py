@@ -12,19 +12,16 @@ embeddings are interpolated (weights.load_mae_weights).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import yaml
 
-from mae_ray import storage
+from mae_ray.cluster import checkpoints
 from mae_ray.config import Config, from_dict
-from mae_ray.errors import CheckpointError, ConfigError
+from mae_ray.errors import ConfigError
 from mae_ray.model.mae import MaskedAutoencoderViT, is_decoder_key
-from mae_ray.model.weights import load_mae_weights, read_state_dict, unreadable_checkpoint
+from mae_ray.model.weights import load_mae_weights, state_dict_of
 from mae_ray.tracking import redact, run_exists
 
 _TAG_MAX = 5000  # MLflow's limit on a tag value's length (8000 on recent servers, 5000 on older ones)
@@ -87,64 +84,21 @@ def in_store(source: EncoderSource, tracking_uri: str) -> EncoderSource:
 
 
 def _from_path(path: str, cfg: Config) -> EncoderSource:
-    if storage.is_object_uri(path):
-        return _from_bucket(path, cfg)
-    file = os.path.join(path, "state.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if file.endswith(".safetensors"):
-        return EncoderSource(_encoder_only(read_state_dict(file)), cfg.model.kwargs(), None, path)
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(unreadable_checkpoint(file, e)) from None
-    from mae_ray.cluster import checkpoints
-
+    """A checkpoint folder, ``.pth`` or ``.safetensors``, on disk or in a bucket (the driver reads it once, the
+    workers get the weights through Ray's object store)."""
+    obj = checkpoints.read_weights_source(path)
     parts = checkpoints.pretraining_parts(obj)
     if parts is not None:  # a mae-ray pre-training checkpoint: its own architecture and MLflow run
         config_text, model_state, run_id = parts
         saved = from_dict(Config, yaml.safe_load(config_text))
         return EncoderSource(_encoder_only(model_state), _with_eval_size(saved, cfg), run_id, path, saved)
-    return EncoderSource(_encoder_only(read_state_dict(file)), cfg.model.kwargs(), None, path)
-
-
-def _from_bucket(uri: str, cfg: Config) -> EncoderSource:
-    """A checkpoint folder, ``.pth`` or ``.safetensors`` in a bucket: fetched to a temporary file (the driver
-    reads it once, the workers get the weights through Ray's object store), then read as a local one."""
-    uri = uri.rstrip("/")
-    name = uri.rsplit("/", 1)[-1]
-    key = uri if name.endswith((".pt", ".pth", ".safetensors")) else f"{uri}/state.pt"
-    with tempfile.TemporaryDirectory(prefix="mae_ray_encoder_") as tmp:
-        local = os.path.join(tmp, key.rsplit("/", 1)[-1])
-        try:
-            with storage.open_input(key) as src, open(local, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint not found: {uri}") from None
-        except OSError as e:
-            raise CheckpointError(f"cannot read {key}: {e}") from None
-        source = _from_path(local, cfg)
-    source.label = uri
-    return source
+    return EncoderSource(_encoder_only(state_dict_of(obj, path)), cfg.model.kwargs(), None, path)
 
 
 def _from_mlflow(spec: str, cfg: Config, tracking_uri: str) -> EncoderSource:
-    import mlflow
-
     run_id = spec[len("runs:/"):].strip("/").split("/")[0]
-    with tempfile.TemporaryDirectory(prefix="mae_ray_encoder_") as tmp:  # read whole, then removed
-        try:
-            folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="encoder",
-                                                         tracking_uri=tracking_uri, dst_path=tmp)
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"cannot fetch the encoder of MLflow run {run_id}: {first}") from None
-        saved = None
-        config_file = os.path.join(folder, "config.yaml")
-        if os.path.isfile(config_file):
-            with open(config_file) as f:
-                saved = from_dict(Config, yaml.safe_load(f))
-        state = read_state_dict(os.path.join(folder, "encoder.pth"))
+    state, config_text = checkpoints.encoder_from_mlflow(run_id, tracking_uri)
+    saved = from_dict(Config, yaml.safe_load(config_text)) if config_text is not None else None
     return EncoderSource(_encoder_only(state), _with_eval_size(saved or cfg, cfg), run_id, spec, saved)
 
 

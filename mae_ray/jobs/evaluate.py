@@ -25,12 +25,12 @@ def as_spec(run: str) -> str:
 def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool = False) -> dict[str, Any]:
     """Linear probe then fine-tune ``cfg.eval.checkpoint`` (or ``source``); returns the combined summary."""
     from mae_ray import tracking
-    from mae_ray.jobs import driver, files, finetune, linprobe
+    from mae_ray.jobs import files, finetune, lifecycle, linprobe
     from mae_ray.jobs.encoders import resolve_encoder
 
     jobs = [(name, job) for name, job in (("linprobe", linprobe), ("finetune", finetune)) if name not in skip]
     for name, _ in jobs:  # both refused before the first one runs
-        driver.check_epoch_updates(cfg, name)
+        lifecycle.check_epoch_updates(cfg, name)
     root = os.path.abspath(cfg.output_dir)
     source = source or resolve_encoder(cfg.eval.checkpoint, cfg, tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri))
     summary: dict[str, Any] = {"encoder": source.label, "parent_run_id": source.parent_run_id}
@@ -43,7 +43,7 @@ def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool =
             result = job.run(sub, source=source, verbose=verbose)
             summary.update({k: v for k, v in result.items() if k.startswith(name)})
             summary[f"{name}_run_id"] = result["mlflow_run_id"]
-        driver.write_result(root, summary)
+        lifecycle.write_result(root, summary)
     return summary
 
 

@@ -62,7 +62,7 @@ def train_loop(spec: WorkerSpec) -> None:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    from mae_ray.cluster import launch
+    from mae_ray.cluster import checkpoints, launch
     from mae_ray.cluster.worker_loop import EpochLoop
     from mae_ray.data.loader import make_eval_loader, make_train_loader
     from mae_ray.data.transforms import eval_transform
@@ -116,7 +116,7 @@ def train_loop(spec: WorkerSpec) -> None:
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
     loop.say(f"{batching.describe()}, {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, "
              f"{trainable / 1e6:.2f} M trainable parameters; {loop.describe_start()}")
-    final_files = {"model.pth": lambda p: torch.save({"model": vit.state_dict()}, p)}  # the release's layout
+    final_files = {checkpoints.FINETUNED_FILE: lambda p: torch.save({"model": vit.state_dict()}, p)}  # release layout
     for epoch in loop.remaining():  # drop path, mixup draws: seeded per (seed, epoch, rank)
         loader.set_epoch(epoch)
         model.train()
@@ -133,6 +133,6 @@ def train_loop(spec: WorkerSpec) -> None:
 
 def run(cfg: Config, *, source=None, verbose: bool = False, resume_from: str | None = None) -> dict[str, Any]:
     """Fine-tune the encoder ``cfg.eval.checkpoint`` (or ``source``); returns what result.json holds."""
-    from mae_ray.jobs.eval_driver import run_eval
+    from mae_ray.jobs.eval_job import run_eval
 
     return run_eval("finetune", cfg, train_loop, source=source, verbose=verbose, resume_from=resume_from)

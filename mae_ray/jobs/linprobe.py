@@ -89,7 +89,7 @@ def probe_forwards(encoder, head, ddp_head, pool: str, precision, *, cached: boo
 
 
 def train_loop(spec: WorkerSpec) -> None:
-    from mae_ray.cluster import launch
+    from mae_ray.cluster import checkpoints, launch
     from mae_ray.cluster.worker_loop import EpochLoop
     from mae_ray.data.loader import make_eval_loader, make_train_loader
     from mae_ray.data.transforms import build_transform, eval_transform, normalize_batch
@@ -156,12 +156,12 @@ def train_loop(spec: WorkerSpec) -> None:
         head.eval()
         scores = classify.evaluate(eval_forward, val_loader, device)
         metrics.update(val_top1=scores["top1"], val_top5=scores["top5"])
-        loop.end_epoch(epoch, metrics, {"head.pt": lambda p: torch.save(head.state_dict(), p)})
+        loop.end_epoch(epoch, metrics, {checkpoints.HEAD_FILE: lambda p: torch.save(head.state_dict(), p)})
     loop.finish()
 
 
 def run(cfg: Config, *, source=None, verbose: bool = False, resume_from: str | None = None) -> dict[str, Any]:
     """Linear-probe the encoder ``cfg.eval.checkpoint`` (or ``source``); returns what result.json holds."""
-    from mae_ray.jobs.eval_driver import run_eval
+    from mae_ray.jobs.eval_job import run_eval
 
     return run_eval("linprobe", cfg, train_loop, source=source, verbose=verbose, resume_from=resume_from)

@@ -21,7 +21,7 @@ def train_loop(spec: WorkerSpec) -> None:
     import torch
 
     from mae_ray import tracking
-    from mae_ray.cluster import launch
+    from mae_ray.cluster import checkpoints, launch
     from mae_ray.cluster.worker_loop import EpochLoop
     from mae_ray.data.loader import make_train_loader
     from mae_ray.data.transforms import build_transform
@@ -76,9 +76,9 @@ def train_loop(spec: WorkerSpec) -> None:
     monitor = KnnMonitor(cfg, rank, world_size, device, raw_model.patch_embed.img_size[0])
     flops_per_image, peak = train_flops_per_image(cfg.model.kwargs(), cfg.model.mask_ratio), peak_flops(device)
     final_files = {
-        "encoder.pth": lambda p: save_encoder(raw_model, p),
-        "encoder.safetensors": lambda p: save_encoder(raw_model, p),
-        "config.yaml": lambda p: _write_text(p, config_text),
+        checkpoints.ENCODER_FILE: lambda p: save_encoder(raw_model, p),
+        checkpoints.ENCODER_SAFETENSORS: lambda p: save_encoder(raw_model, p),  # the format from the suffix
+        checkpoints.CONFIG_FILE: lambda p: _write_text(p, config_text),
     }
 
     for epoch in loop.remaining():  # each epoch's masks seeded from (seed, epoch, rank): exact on resume
@@ -235,27 +235,27 @@ def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False, p
         continue_existing: bool = False, run_id: str | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Pre-train with ``cfg`` and return what result.json holds. Raises UserError for user mistakes.
 
-    The steps and their order are ``driver.run_job``'s (see there for ``resume_from``, ``continue_existing``,
+    The steps and their order are ``lifecycle.run_job``'s (see there for ``resume_from``, ``continue_existing``,
     ``run_id``, ``callbacks``); ``parent_run_id``: the MLflow run this one is a child of.
     """
     from mae_ray import tracking
     from mae_ray.cluster import checkpoints
-    from mae_ray.jobs import driver
+    from mae_ray.jobs import lifecycle
 
     name = cfg.mlflow.run_name or os.path.basename(os.path.abspath(cfg.output_dir).rstrip("/"))
 
-    def setup(cfg: Config, uri: str) -> driver.Setup:
-        return driver.Setup(f"[pretrain] outputs: {cfg.output_dir}  checkpoints: {driver.storage_for(cfg, name)}  "
-                            f"mlflow: {tracking.redact(uri)}", parent_run_id=parent_run_id)
+    def setup(cfg: Config, uri: str) -> lifecycle.Setup:
+        where = lifecycle.storage_for(cfg, name)
+        return lifecycle.Setup(f"[pretrain] outputs: {cfg.output_dir}  checkpoints: {where}  "
+                               f"mlflow: {tracking.redact(uri)}", parent_run_id=parent_run_id)
 
     def summarize(result, run_id: str, uri: str, _setup):
         ckpt = result.checkpoint
         checkpoints.log_final_to_mlflow(ckpt, tracking.EpochLogger(uri, run_id))
         where = checkpoints.location(ckpt)  # s3://... for a bucket, as --resume-from and eval.checkpoint take it
-        return {"checkpoint": where, "encoder": f"{where}/encoder.pth",
-                "encoder_safetensors": f"{where}/encoder.safetensors",
-                "mlflow_tracking_uri": tracking.redact(uri), "metrics": driver.numeric(result.metrics)}, {}
+        return {**checkpoints.final_paths(where), "mlflow_tracking_uri": tracking.redact(uri),
+                "metrics": lifecycle.numeric(result.metrics)}, {}
 
-    plan = driver.JobPlan("pretrain", "pre-training", train_loop, name, setup, summarize)
-    return driver.run_job(cfg, plan, verbose=verbose, resume_from=resume_from, continue_existing=continue_existing,
+    plan = lifecycle.JobPlan("pretrain", "pre-training", train_loop, name, setup, summarize)
+    return lifecycle.run_job(cfg, plan, verbose=verbose, resume_from=resume_from, continue_existing=continue_existing,
                           run_id=run_id, callbacks=callbacks)

@@ -28,7 +28,7 @@ import yaml
 from mae_ray import provenance, redaction
 from mae_ray.config import Config, from_dict, load_config
 from mae_ray.errors import ConfigError
-from mae_ray.jobs import files
+from mae_ray.jobs import files, lifecycle
 from mae_ray.jobs.files import read_json, write_json
 from mae_ray.jobs.sweep_config import (
     EVAL_JOBS,
@@ -101,7 +101,7 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
         final.update({k: v for k, v in scores.items() if k.startswith(EVAL_JOBS) and not k.endswith("_run_id")})
     tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "finished"})
     if not sweep["pretrain"]:  # no pre-training job owns (and ends) this run
-        tracking.end_run(uri, run_id, "FINISHED")
+        lifecycle.close_run(uri, run_id, "FINISHED")
     tune.report({k: v for k, v in final.items() if v is not None})
 
 
@@ -177,8 +177,8 @@ def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params:
     else:
         tags.update({"mae_ray.job": "evaluation-trial", "mae_ray.encoder_source": tracking.redact(cfg.eval.checkpoint),
                      NOTE: f"Trial {trial_id} of sweep {sweep['name']}: evaluation of one fixed encoder, {varied}."})
-    return tracking.start_run(uri, cfg.mlflow.experiment, varied, tracking.params_from_config(cfg.flatten()),
-                              tags, parent_run_id=parent_run_id)
+    return lifecycle.open_run(uri, cfg.mlflow.experiment, varied, tracking.params_from_config(cfg.flatten()), tags,
+                              parent_run_id=parent_run_id)
 
 
 @dataclass
@@ -210,15 +210,15 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
     from ray import tune
 
     from mae_ray import tracking
-    from mae_ray.cluster import launch
-    from mae_ray.jobs import driver, sweep_report
+    from mae_ray.cluster import launch, ray_processes
+    from mae_ray.jobs import sweep_report
 
     cfg = from_dict(Config, base)
-    uri = driver.prepare(cfg, write=False)  # absolute shard paths and tracking URI, for every trial
+    uri = lifecycle.prepare(cfg, write=False)  # absolute shard paths and tracking URI, for every trial
     listed = {j for jobs in sweep.jobs.values() for j in jobs}
     for job in ("pretrain", *EVAL_JOBS):  # an epoch shorter than one update: refused now, not per trial
         if getattr(sweep, job) or job in listed:
-            driver.check_epoch_updates(cfg, job)
+            lifecycle.check_epoch_updates(cfg, job)
     if not sweep.pretrain:  # the one encoder every trial evaluates: a missing or misfit one fails here
         from mae_ray.jobs.encoders import resolve_encoder
 
@@ -239,10 +239,10 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
     with files.claim(sweep_dir, f"sweep {sweep.name}"):
         started = False
         try:
-            with driver.ray_session(cfg, verbose) as started:  # Ray stops on leaving, if this process started it
-                sweep_report.forget_stale_ray(sweep_dir)
+            with lifecycle.ray_session(cfg, verbose) as started:  # Ray stops on leaving, if this process started it
+                ray_processes.stop_stale(sweep_dir)
                 if started:
-                    sweep_report.remember_ray(sweep_dir)
+                    ray_processes.remember(sweep_dir)
                 concurrent = _concurrency(sweep, cfg)
                 if resume:
                     parent = state["parent_run_id"]
@@ -255,38 +255,43 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
                     _log_sweep_files(uri, parent, sweep_file, base, sweep_dir)
                 print(f"[sweep] {sweep.name}: up to {concurrent} trial(s) at a time; folder {sweep_dir}; "
                       f"mlflow parent run {parent}", flush=True)
-                shown_space, hidden = hide_secrets(sweep.search)
-                fn = tune.with_resources(
-                    tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
-                                         sweep={"pretrain": sweep.pretrain, "linprobe": sweep.linprobe,
-                                                "finetune": sweep.finetune, "jobs": sweep.jobs,
-                                                "best_of": sweep.best_of,
-                                                "cases": sweep.cases, "shared": shared,
-                                                "name": sweep.name, "command": provenance.command()},
-                                         hidden=hidden),
-                    _trial_resources(sweep, cfg))
-                if resume and tune.Tuner.can_restore(tune_path):
-                    # a trial the dead driver left running shows as errored: restart it (trials are idempotent)
-                    tuner = tune.Tuner.restore(tune_path, trainable=fn, resume_unfinished=True, restart_errored=True)
-                else:
-                    tuner = tune.Tuner(
-                        fn, param_space=param_space(shown_space),
-                        tune_config=tune.TuneConfig(num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
-                                                    scheduler=_scheduler(sweep)),
-                        run_config=tune.RunConfig(name="tune", storage_path=shared or sweep_dir,
-                                                  verbose=1 if verbose else 0,
-                                                  callbacks=[sweep_report.progress_callback(
-                                                      sweep.linprobe or sweep.finetune, concurrent)]),
-                    )
-                # the random-init baseline runs beside the trials (a Ray task holding a trial's share), not after them
-                baseline = _start_baseline(sweep, cfg, base, sweep_dir, shared, uri, parent, verbose)
-                with _credentials_not_copied_by_tune():
-                    grid = tuner.fit()
-                baseline = ray.get(baseline) if baseline is not None else None
-                return sweep_report.finish(grid, sweep, sweep_dir, uri, parent, baseline, epochs=cfg.train.epochs)
+                try:  # the parent run ends FINISHED in the report, else here: FAILED, or KILLED on Ctrl-C
+                    shown_space, hidden = hide_secrets(sweep.search)
+                    fn = tune.with_resources(
+                        tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
+                                             sweep={"pretrain": sweep.pretrain, "linprobe": sweep.linprobe,
+                                                    "finetune": sweep.finetune, "jobs": sweep.jobs,
+                                                    "best_of": sweep.best_of,
+                                                    "cases": sweep.cases, "shared": shared,
+                                                    "name": sweep.name, "command": provenance.command()},
+                                             hidden=hidden),
+                        _trial_resources(sweep, cfg))
+                    if resume and tune.Tuner.can_restore(tune_path):
+                        # a trial the dead driver left running shows as errored: restart it (trials are idempotent)
+                        tuner = tune.Tuner.restore(tune_path, trainable=fn, resume_unfinished=True,
+                                                   restart_errored=True)
+                    else:
+                        tuner = tune.Tuner(
+                            fn, param_space=param_space(shown_space),
+                            tune_config=tune.TuneConfig(num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
+                                                        scheduler=_scheduler(sweep)),
+                            run_config=tune.RunConfig(name="tune", storage_path=shared or sweep_dir,
+                                                      verbose=1 if verbose else 0,
+                                                      callbacks=[sweep_report.progress_callback(
+                                                          sweep.linprobe or sweep.finetune, concurrent)]),
+                        )
+                    # the random-init baseline runs beside the trials (a Ray task holding a trial's share), not after
+                    baseline = _start_baseline(sweep, cfg, base, sweep_dir, shared, uri, parent, verbose)
+                    with _credentials_not_copied_by_tune():
+                        grid = tuner.fit()
+                    baseline = ray.get(baseline) if baseline is not None else None
+                    return sweep_report.finish(grid, sweep, sweep_dir, uri, parent, baseline, epochs=cfg.train.epochs)
+                except BaseException as e:
+                    lifecycle.close_run(uri, parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                    raise
         finally:
             if started:
-                sweep_report.forget_ray(sweep_dir)
+                ray_processes.forget(sweep_dir)
 
 
 def _start_parent(uri: str, cfg: Config, sweep: SweepConfig) -> str:
@@ -294,7 +299,7 @@ def _start_parent(uri: str, cfg: Config, sweep: SweepConfig) -> str:
 
     note = (f"Sweep {sweep.name} over {', '.join(sweep.search) or 'nothing'}: one child run per trial, named by what "
             "it varies, with its linprobe_top1 / finetune_top1. report/ holds the table and the plots.")
-    return tracking.start_run(uri, cfg.mlflow.experiment, f"sweep-{sweep.name}", _sweep_params(sweep),
+    return lifecycle.open_run(uri, cfg.mlflow.experiment, f"sweep-{sweep.name}", _sweep_params(sweep),
                               {**tracking.run_tags(), "mae_ray.job": "sweep", NOTE: tracking.redact(note)})
 
 

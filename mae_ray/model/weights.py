@@ -33,6 +33,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for pickled objects, RuntimeError for non-torch files
         raise CheckpointError(unreadable_checkpoint(path, e)) from None
+    return state_dict_of(obj, path)
+
+
+def state_dict_of(obj: object, path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded weights file (``{"model": ...}`` or a bare state_dict); ``path`` for the error."""
     state = obj.get("model", obj) if isinstance(obj, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no state_dict (expected a dict of tensors, or one under 'model')")

@@ -17,7 +17,7 @@ from mae_ray import tracking
 from mae_ray.cluster import checkpoints
 from mae_ray.cluster.worker_spec import WorkerSpec
 from mae_ray.config import Config
-from mae_ray.jobs import driver
+from mae_ray.jobs import lifecycle
 from mae_ray.jobs.encoders import EncoderSource, in_store, resolve_encoder
 
 WHAT = {"linprobe": "linear probe", "finetune": "fine-tuning"}
@@ -41,26 +41,23 @@ def run_eval(job: str, cfg: Config, train_loop: Callable[[WorkerSpec], None], *,
     """``resume_from``: a checkpoint of a stopped run of this job, continued in the same MLflow run."""
     name = cfg.mlflow.run_name or f"{job}-{os.path.basename(os.path.abspath(cfg.output_dir).rstrip('/'))}"
 
-    def setup(cfg: Config, uri: str) -> driver.Setup:
-        classes = driver.num_classes(cfg)
+    def setup(cfg: Config, uri: str) -> lifecycle.Setup:
+        classes = lifecycle.num_classes(cfg)
         # the dearest check (builds the model); the parent run only if it is in this store (encoders.in_store)
         found = in_store(source, uri) if source else resolve_encoder(cfg.eval.checkpoint, cfg, uri)
-        return driver.Setup(
+        return lifecycle.Setup(
             f"[{job}] encoder: {found.label}  outputs: {cfg.output_dir}  mlflow: {tracking.redact(uri)}",
             params=encoder_params(found), tags={**found.tags(), "mae_ray.job": job},
-            parent_run_id=found.parent_run_id,
-            worker={"encoder": found.state, "model_kwargs": found.model_kwargs,
-                    "num_classes": classes},
-            extra={"source": found})
+            parent_run_id=found.parent_run_id, evaluation=lifecycle.Evaluation(found, classes))
 
-    def summarize(result, run_id: str, uri: str, setup: driver.Setup):
-        found = setup.extra["source"]
-        metrics = driver.numeric(result.metrics)
+    def summarize(result, run_id: str, uri: str, setup: lifecycle.Setup):
+        found = setup.evaluation.source
+        metrics = lifecycle.numeric(result.metrics)
         final = {f"{job}_top1": metrics["val_top1"], f"{job}_top5": metrics["val_top5"]}
         logged = {run_id: final, **({found.parent_run_id: final} if found.parent_run_id else {})}
         return {**final, "encoder": found.label, "parent_run_id": found.parent_run_id,
                 "encoder_run_id": found.origin_run_id, "checkpoint": checkpoints.location(result.checkpoint),
-                "num_classes": setup.worker["num_classes"], "metrics": metrics}, logged
+                "num_classes": setup.evaluation.num_classes, "metrics": metrics}, logged
 
-    plan = driver.JobPlan(job, WHAT[job], train_loop, name, setup, summarize, need_val=True)
-    return driver.run_job(cfg, plan, verbose=verbose, resume_from=resume_from)
+    plan = lifecycle.JobPlan(job, WHAT[job], train_loop, name, setup, summarize, need_val=True)
+    return lifecycle.run_job(cfg, plan, verbose=verbose, resume_from=resume_from)

@@ -1,5 +1,9 @@
 """The driver side every training job shares: one run lifecycle (:func:`run_job`) and its steps.
 
+The one owner of MLflow run status: every run mae-ray makes - a job's, a sweep's parent, a trial's - is opened
+by :func:`open_run` and given its status (FINISHED, FAILED, KILLED) by :func:`close_run`, here and nowhere else
+(``tests/test_layout.py`` checks it).
+
 ``run_job`` owns the order - checks, Ray session, config file, MLflow run, Ray Train fit, the run's
 status, result.json - and a job (pre-training, linear probe, fine-tuning) supplies only what is its own
 in a :class:`JobPlan`: its worker loop, its extra checks and run metadata, and its summary. The worker
@@ -21,6 +25,19 @@ from mae_ray.cluster.worker_spec import WorkerSpec
 from mae_ray.config import Config
 from mae_ray.errors import DataError, UserError
 from mae_ray.jobs import files
+from mae_ray.jobs.encoders import EncoderSource
+
+
+def open_run(uri: str, experiment: str, name: str, params: dict[str, Any], tags: dict[str, str],
+             parent_run_id: str | None = None) -> str:
+    """A new MLflow run (RUNNING): a job's, a sweep's parent or a trial's; returns its id."""
+    return tracking.start_run(uri, experiment, name, params, tags, parent_run_id=parent_run_id)
+
+
+def close_run(uri: str, run_id: str, status: str) -> str | None:
+    """Set a run's final status (FINISHED, FAILED, KILLED); an MLflow outage is one warning (returned), never an
+    exception that would hide the job's own result or error."""
+    return tracking.end_run_or_warn(uri, run_id, status)
 
 
 def absolute_local(spec: str) -> str:
@@ -150,18 +167,20 @@ def refuse_existing(cfg: Config, name: str) -> None:
 
 
 def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: str, run_id: str, verbose: bool,
-        what: str, callbacks: list | None = None, resume_from: str | None = None, encoder: Any = None,
-        model_kwargs: dict[str, Any] | None = None, num_classes: int | None = None):
+        what: str, callbacks: list | None = None, resume_from: str | None = None,
+        evaluation: Evaluation | None = None):
     """Run ``train_fn(WorkerSpec)`` on the configured workers; on failure mark the run FAILED and raise one
-    clear line. ``encoder`` (a state dict, sent once through the object store), ``model_kwargs`` and
-    ``num_classes``: the evaluation jobs'."""
-    if encoder is not None:
+    clear line. ``evaluation``: an evaluation job's encoder (its weights sent once through the object store)
+    and task."""
+    encoder = None
+    if evaluation is not None and evaluation.source.state is not None:
         import ray
 
-        encoder = ray.put(encoder)
+        encoder = ray.put(evaluation.source.state)
     worker = WorkerSpec(config=cfg, tracking_uri=uri, run_id=run_id, output_dir=cfg.output_dir,
                         faults=faults.from_env(), verbose=verbose, resume_from=resume_from, encoder=encoder,
-                        model_kwargs=model_kwargs, num_classes=num_classes)
+                        model_kwargs=evaluation and evaluation.source.model_kwargs,
+                        num_classes=evaluation and evaluation.num_classes)
     storage = launch.storage_uri(cfg.ray.storage_path or os.path.join(cfg.output_dir, "ray"))
     spec = launch.TrainerSpec(name=name, storage_path=storage, num_workers=cfg.ray.num_workers,
                               use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
@@ -170,7 +189,7 @@ def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: 
     try:
         result = launch.run_trainer(train_fn, worker, spec)
     except Exception as e:
-        tracking.end_run_or_warn(uri, run_id, "FAILED")  # an MLflow outage must not hide the job's own error
+        close_run(uri, run_id, "FAILED")  # an MLflow outage must not hide the job's own error
         message = launch.worker_error(e)
         if isinstance(getattr(e, "controller_failure", None), OSError):  # Ray's own writes to storage failed
             folder = f"{storage}/{name}"
@@ -178,7 +197,7 @@ def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: 
                        f"last good checkpoint: {_newest_checkpoint(folder, cfg.storage.upload_retry_s)}")
         raise UserError(f"{what} failed: {message}") from None
     if result.checkpoint is None:
-        tracking.end_run_or_warn(uri, run_id, "FAILED")
+        close_run(uri, run_id, "FAILED")
         raise UserError(f"{what} finished without a checkpoint")
     return result
 
@@ -231,8 +250,16 @@ class Setup:
     params: dict[str, str] = field(default_factory=dict)  # MLflow params beyond the flattened config
     tags: dict[str, str] = field(default_factory=dict)
     parent_run_id: str | None = None
-    worker: dict[str, Any] = field(default_factory=dict)  # fit()'s encoder / model_kwargs / num_classes
-    extra: dict[str, Any] = field(default_factory=dict)  # anything the job's summarize needs again
+    evaluation: Evaluation | None = None  # an evaluation job's: what its workers get beside the config
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What an evaluation job (probe, fine-tuning) hands its workers beside the config, and reads again in its
+    summary: the encoder it judges (weights, architecture, where it came from) and the number of classes."""
+
+    source: EncoderSource
+    num_classes: int
 
 
 @dataclass
@@ -278,23 +305,23 @@ def _run_claimed(cfg: Config, plan: JobPlan, uri: str, *, verbose: bool, resume_
         write_config(cfg)  # once the cluster is known to fit the request
         if run_id is None:
             params = {**tracking.params_from_config(cfg.flatten()), **setup.params}
-            run_id = tracking.start_run(uri, cfg.mlflow.experiment, plan.name, params,
-                                        {**tracking.run_tags(), **setup.tags}, parent_run_id=setup.parent_run_id)
+            run_id = open_run(uri, cfg.mlflow.experiment, plan.name, params, {**tracking.run_tags(), **setup.tags},
+                              parent_run_id=setup.parent_run_id)
         if not resume_from:  # a resumed run logged its data when it started
             log_data(uri, run_id, cfg)
         start = time.time()
         result = fit(plan.train_loop, cfg, name=plan.name, uri=uri, run_id=run_id, verbose=verbose, what=plan.what,
-                     callbacks=callbacks, resume_from=resume_from, **setup.worker)
+                     callbacks=callbacks, resume_from=resume_from, evaluation=setup.evaluation)
     try:
         summary, final = plan.summarize(result, run_id, uri, setup)
     except BaseException:
-        tracking.end_run_or_warn(uri, run_id, "FAILED")
+        close_run(uri, run_id, "FAILED")
         raise
     summary.update(mlflow_run_id=run_id, wall_time_s=round(time.time() - start, 1))
     write_result(cfg.output_dir, summary)  # first: the report never waits on MLflow
     # the run's last MLflow calls (MLflow's client retries each), then a warning naming what is missing
     missing = [w for w in (*(tracking.log_values_or_warn(uri, rid, values) for rid, values in final.items()),
-                           tracking.end_run_or_warn(uri, run_id, "FINISHED")) if w]
+                           close_run(uri, run_id, "FINISHED")) if w]
     if missing:
         summary["mlflow_incomplete"] = missing
         write_result(cfg.output_dir, summary)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -19,6 +17,7 @@ from mae_ray import shipped
 from mae_ray.errors import ConfigError
 from mae_ray.model.presets import MASK_SAMPLINGS, MODEL_DEFAULTS, PRESETS, TARGETS, resolve_model_kwargs
 from mae_ray.train import recipe
+from mae_ray.typed_yaml import flatten, from_dict, parse_override, read_yaml, set_dotted
 
 # Pre-training augmentation, the paper's Table 1e; MAE's is crop_random (RandomResizedCrop 0.2-1 + flip).
 PRETRAIN_AUGMENTS = ("none", "crop_fixed", "crop_random", "crop_random_jitter")
@@ -219,7 +218,7 @@ class Config:
 
     def flatten(self) -> dict[str, Any]:
         """``{"model.mask_ratio": 0.75, ...}``: every key, for MLflow params and sweep tables."""
-        return dict(_flatten(self.to_dict()))
+        return dict(flatten(self.to_dict()))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -231,34 +230,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     """YAML file (or ``base``, a config as a dict) + ``key=value`` overrides -> a validated Config."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        data = _read_yaml(shipped.resolve(os.fspath(path), "configs"))
+        data = read_yaml(shipped.resolve(os.fspath(path), "configs"))
     for item in overrides or []:
-        key, value = _parse_override(item)
-        _set_dotted(data, key, value)
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
     cfg = from_dict(Config, data)
     validate(cfg)
     return cfg
-
-
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, type-checking every value; unknown keys are errors."""
-    where = prefix.rstrip(".") or "the config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            section = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
-            raise ConfigError(f"unknown key '{prefix}{key}'; valid keys in {section}: {', '.join(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        typ = hints[key]
-        if dataclasses.is_dataclass(typ):
-            kwargs[key] = from_dict(typ, value if value is not None else {}, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, typ, f"{prefix}{key}")
-    return cls(**kwargs)
 
 
 def validate(cfg: Config) -> None:
@@ -315,18 +293,14 @@ def validate(cfg: Config) -> None:
         "data.shuffle_buffer": cfg.data.shuffle_buffer, "data.max_image_pixels": cfg.data.max_image_pixels,
         "data.max_member_bytes": cfg.data.max_member_bytes, "data.shard_tries": cfg.data.shard_tries,
     }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
+    _at_least(1, positive)
     non_negative = {
         "train.warmup_epochs": cfg.train.warmup_epochs, "train.blr": cfg.train.blr,
         "train.weight_decay": cfg.train.weight_decay, "train.visualize_every": cfg.train.visualize_every,
         "train.knn_every": cfg.train.knn_every, "ray.num_workers": cfg.ray.num_workers,
         "ray.failure_max_retries": cfg.ray.failure_max_retries, "data.num_workers": cfg.data.num_workers,
     }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
+    _at_least(0, non_negative)
     for key, value in {
         "linprobe.epochs": cfg.linprobe.epochs, "linprobe.batch_size": cfg.linprobe.batch_size,
         "finetune.epochs": cfg.finetune.epochs, "finetune.batch_size": cfg.finetune.batch_size,
@@ -367,6 +341,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("output_dir must not be empty")
 
 
+def _at_least(minimum: int, values: dict[str, float]) -> None:
+    for key, value in values.items():
+        if value < minimum:
+            raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
 def _validate_target(m: ModelConfig, k: dict[str, Any]) -> None:
     if k["target"] not in TARGETS:
         raise ConfigError(f"model.target must be one of {', '.join(TARGETS)}, got {k['target']!r}")
@@ -379,77 +359,3 @@ def _validate_target(m: ModelConfig, k: dict[str, Any]) -> None:
                           "normalises pixel targets only: set model.norm_pix_loss=false")
     if m.pca_fit_images < 1:
         raise ConfigError(f"model.pca_fit_images must be >= 1, got {m.pca_fit_images}")
-
-
-# --------------------------------------------------------------------------- helpers
-def _read_yaml(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
-    return data
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set expects key=value (e.g. model.mask_ratio=0.6), got {item!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw  # not YAML: keep the text; the type check will judge it
-    return key.strip(), value
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
-        node = child
-    node[leaf] = value
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``typ``; ints pass as floats and numeric strings as numbers."""
-    args = typing.get_args(typ)
-    if typing.get_origin(typ) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        typ = inner[0] if len(inner) == 1 else typ
-    if typ is bool and isinstance(value, bool):
-        return value
-    if typ is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if typ is float and not isinstance(value, bool):
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as text
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    if typ is str and isinstance(value, str):
-        return value
-    if (typ is list and isinstance(value, list)) or (typ is dict and isinstance(value, dict)):
-        return value
-    name = getattr(typ, "__name__", str(typ))
-    raise ConfigError(f"{key}: expected {name}, got {value!r} ({type(value).__name__})")
-
-
-def _flatten(d: dict[str, Any], prefix: str = ""):
-    for key, value in d.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value

@@ -85,11 +85,11 @@ tiny = json.loads(sys.argv[1])
 done = pretrain.run(load_config(None, tiny + ["output_dir=" + sys.argv[2] + "/pre"]))
 folder = done["checkpoint"]
 scores = {}
-for spec in (folder, "runs:/" + done["mlflow_run_id"]):
-    out = sys.argv[2] + "/eval-" + str(len(scores))
-    cfg = load_config(None, tiny + ["eval.checkpoint=" + spec, "output_dir=" + out, "linprobe.epochs=1",
-                                    "linprobe.warmup_epochs=0", "finetune.epochs=1", "finetune.warmup_epochs=0"])
-    scores[spec] = evaluate.run(cfg)
+for spec, job in ((folder, "linprobe"), ("runs:/" + done["mlflow_run_id"], "finetune")):  # each reader, each job
+    cfg = load_config(None, tiny + ["eval.checkpoint=" + spec, "output_dir=" + sys.argv[2] + "/" + job,
+                                    "linprobe.epochs=1", "linprobe.warmup_epochs=0", "finetune.epochs=1",
+                                    "finetune.warmup_epochs=0"])
+    scores[spec] = evaluate.run(cfg, skip=tuple({"linprobe", "finetune"} - {job}))
 print(json.dumps({"checkpoint": folder, "encoder": done["encoder"], "scores": scores,
                   "names": [getattr(checkpoints, n) for n in sys.argv[3:]]}))
 """
@@ -98,7 +98,7 @@ print(json.dumps({"checkpoint": folder, "encoder": done["encoder"], "scores": sc
 def test_the_format_renamed_in_its_one_module_still_pretrains_and_evaluates(demo_data, tmp_path):
     """A copy of the package with every file and folder name of the format changed in cluster/checkpoints.py
     alone: pre-training writes the new names, and the probe and fine-tuning read its encoder back both from the
-    checkpoint folder and through runs:/ (MLflow's artifact layout)."""
+    checkpoint folder (the probe) and through runs:/ (MLflow's artifact layout; fine-tuning)."""
     copy = tmp_path / "pkg"
     shutil.copytree(PKG, copy / "mae_ray", ignore=shutil.ignore_patterns("__pycache__"))
     source = (copy / "mae_ray" / "cluster" / "checkpoints.py").read_text()
@@ -123,5 +123,6 @@ def test_the_format_renamed_in_its_one_module_still_pretrains_and_evaluates(demo
     assert folder.name.startswith("step_") and out["encoder"] == str(folder / renamed["ENCODER_FILE"])
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         renamed[n] for n in ("STATE_FILE", "ENCODER_FILE", "ENCODER_SAFETENSORS", "CONFIG_FILE"))
-    for spec, result in out["scores"].items():
-        assert {"linprobe_top1", "finetune_top1"} <= set(result), (spec, result)
+    (by_folder, probe), (by_run, tuned) = out["scores"].items()
+    assert by_folder == str(folder) and by_run.startswith("runs:/")
+    assert "linprobe_top1" in probe and "finetune_top1" in tuned, out["scores"]

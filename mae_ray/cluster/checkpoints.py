@@ -144,12 +144,7 @@ def read_weights_source(spec: str) -> Any:
     name = spec.rstrip("/")
     if storage.is_object_uri(name):
         uri = name if name.endswith(WEIGHT_SUFFIXES) else f"{name}/{STATE_FILE}"
-        try:
-            data = storage.read_bytes(uri)
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint not found: {spec}") from None
-        except OSError as e:
-            raise CheckpointError(f"cannot read {uri}: {e}") from None
+        data = _read_object(uri, missing=f"checkpoint not found: {spec}")
         if uri.endswith(".safetensors"):
             from safetensors.torch import load as load_safetensors
 
@@ -359,13 +354,7 @@ def load_state(source: Checkpoint | str) -> TrainingState:
     if isinstance(source, str) and storage.is_object_uri(source):
         uri = source.rstrip("/")
         uri = uri if uri.endswith(".pt") else f"{uri}/{STATE_FILE}"
-        try:
-            data = storage.read_bytes(uri)
-        except FileNotFoundError:
-            raise CheckpointError(f"no checkpoint at {uri}") from None
-        except OSError as e:
-            raise CheckpointError(f"cannot read {uri}: {e}") from None
-        return _torch_load(io.BytesIO(data), uri)
+        return _torch_load(io.BytesIO(_read_object(uri, missing=f"no checkpoint at {uri}")), uri)
     if isinstance(source, str):
         source = os.path.join(source, STATE_FILE) if os.path.isdir(source) else source
         if not os.path.isfile(source):
@@ -376,6 +365,16 @@ def load_state(source: Checkpoint | str) -> TrainingState:
         if not os.path.isfile(file):
             raise CheckpointError(f"{source.path} has no {STATE_FILE}")
         return _torch_load(file)
+
+
+def _read_object(uri: str, missing: str) -> bytes:
+    """The bytes of an object in a bucket; ``missing`` is the error's text when there is none."""
+    try:
+        return storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise CheckpointError(missing) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {uri}: {e}") from None
 
 
 def _torch_load(file, name: str | None = None) -> TrainingState:

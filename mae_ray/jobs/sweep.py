@@ -20,187 +20,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from mae_ray import provenance, redaction
+from mae_ray import provenance
 from mae_ray.config import Config, from_dict, load_config
 from mae_ray.errors import ConfigError
 from mae_ray.jobs import files, lifecycle
 from mae_ray.jobs.files import read_json, write_json
-from mae_ray.jobs.sweep_config import (
-    EVAL_JOBS,
-    SweepConfig,
-    hide_secrets,
-    param_space,
-    trial_config,
-    trial_jobs,
-    trial_label,
-)
-
-NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
-
-
-# --------------------------------------------------------------------------- one trial
-def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: str, parent_run_id: str,
-          sweep: dict[str, Any], hidden: dict[str, dict[str, Any]] | None = None) -> None:
-    """Tune function: pre-train (reports forwarded to Tune), evaluate, report the final metrics.
-
-    ``params`` are the values Tune shows (credentials redacted, see :func:`hide_secrets`); ``hidden``
-    maps them back to the real ones, which reach this function through the object store only.
-    """
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from mae_ray import tracking
-    from mae_ray.jobs import pretrain
-    from mae_ray.jobs.encoders import resolve_encoder
-
-    redaction.install()  # a trial actor's console, like a Ray Train worker's
-    trial_id = tune.get_context().get_trial_id()
-    os.environ[provenance.COMMAND_ENV] = sweep.get("command", "")  # the sweep's, on whichever node this runs
-    real = {k: (hidden or {}).get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in params.items()}
-    cfg = trial_config(real, base, sweep["cases"])
-    cfg.output_dir = os.path.join(sweep_dir, "trials", trial_id)
-    cfg.mlflow.tracking_uri, cfg.mlflow.run_name = uri, trial_id
-    shared = sweep.get("shared")  # the sweep's folder in storage_path: where any node finds this trial again
-    if shared and not cfg.ray.storage_path:
-        cfg.ray.storage_path = f"{shared}/checkpoints"
-    record = f"{shared}/trials/{trial_id}" if shared else None
-    label = trial_label(params)  # the MLflow name: what this trial varies (its folders keep the trial id)
-    run_id = _trial_run(uri, cfg, parent_run_id, trial_id, params, label, sweep)
-    final: dict[str, Any] = {"mlflow_run_id": run_id}
-    if sweep["pretrain"]:
-        # A trial restarted after its driver was killed picks up what it had finished: nothing runs twice.
-        summary = _done(cfg.output_dir, record)
-        if summary is None:
-            summary = pretrain.run(cfg, run_id=run_id, continue_existing=True, callbacks=[TuneReportCallback()])
-            _keep(record, summary)
-        final.update(train_loss=summary["metrics"].get("train_loss"), knn_top1=summary["metrics"].get("knn_top1"))
-        checkpoint = summary["checkpoint"]
-    else:
-        checkpoint = cfg.eval.checkpoint
-    jobs = trial_jobs(sweep, params)
-    if jobs:
-        eval_dir = os.path.join(cfg.output_dir, "eval")
-        eval_cfg = load_config(None, [f"output_dir={eval_dir}", f"eval.checkpoint={checkpoint}"],
-                               base=cfg.to_dict())
-        scores = _done(eval_dir, record and f"{record}/eval")
-        if scores is None:
-            source = resolve_encoder(checkpoint, eval_cfg, uri)
-            if not sweep["pretrain"]:  # scores go to this trial's run, not to the shared encoder's run
-                source.origin_run_id = source.origin_run_id or source.parent_run_id
-                source.parent_run_id = run_id
-            named = _Named(uri, label, trial_id, sweep["name"])
-            scores = _evaluate(eval_cfg, source, jobs, sweep.get("best_of") or {}, named, record and f"{record}/eval")
-            if sweep.get("best_of"):  # the trial's run shows the best, after the values each length logged there
-                tracking.log_values(uri, run_id, {k: v for k, v in scores.items() if k in _BEST_KEYS or "_best_" in k})
-            _keep(record and f"{record}/eval", scores)
-        final.update({k: v for k, v in scores.items() if k.startswith(EVAL_JOBS) and not k.endswith("_run_id")})
-    tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "finished"})
-    if not sweep["pretrain"]:  # no pre-training job owns (and ends) this run
-        lifecycle.close_run(uri, run_id, "FINISHED")
-    tune.report({k: v for k, v in final.items() if v is not None})
-
-
-_BEST_KEYS = {f"{job}_{what}" for job in EVAL_JOBS for what in ("top1", "top5")}
-
-
-def _evaluate(cfg: Config, source, jobs: tuple[str, ...], best_of: dict[str, list], named: _Named,
-              record: str | None) -> dict[str, Any]:
-    """A trial's evaluations (``jobs``, each through ``evaluate.run``); the one job ``best_of`` names runs once
-    per value of its key, in folders and MLflow runs of their own, and the best value's scores are the trial's
-    (``<job>_top1``), with each value's top-1 beside them (``finetune_top1_epochs_50``, ...) and which won
-    (``finetune_best_epochs``). A restarted trial reuses the values it had finished."""
-    from mae_ray.jobs import evaluate
-
-    (key, values), = best_of.items() if best_of else ((None, ()),)
-    varied = key.split(".")[0] if key else None
-    once = tuple(j for j in jobs if j != varied)
-    scores: dict[str, Any] = {}
-    if once:
-        scores = evaluate.run(cfg, source=source, skip=tuple(j for j in EVAL_JOBS if j not in once))
-        named(scores, "")
-    if varied not in jobs:
-        return scores
-    short, tried = key.rsplit(".", 1)[-1], []
-    for value in values:
-        folder = os.path.join(cfg.output_dir, f"{varied}_{short}_{value}")
-        own = [f"output_dir={folder}", f"{key}={json.dumps(value)}"]
-        if cfg.mlflow.run_name:  # a checkpoint folder of its own under a shared ray.storage_path
-            own.append(f"mlflow.run_name={cfg.mlflow.run_name}-{short}{value}")
-        where = record and f"{record}/{varied}_{short}_{value}"
-        result = _done(folder, where)
-        if result is None:
-            result = evaluate.run(load_config(None, own, base=cfg.to_dict()), source=source,
-                                  skip=tuple(j for j in EVAL_JOBS if j != varied))
-            named(result, f", {short}={value}")
-            _keep(where, result)
-        tried.append((value, result))
-        scores[f"{varied}_top1_{short}_{value}"] = result[f"{varied}_top1"]
-    value, best = max(tried, key=lambda t: t[1][f"{varied}_top1"])
-    scores.update({k: v for k, v in best.items() if k.startswith(varied)})
-    scores[f"{varied}_best_{short}"] = value
-    return scores
-
-
-def _done(folder: str, shared: str | None = None) -> dict[str, Any] | None:
-    """The result.json of a job that already finished in ``folder`` (or whose copy is in ``shared``), if any."""
-    return read_json(os.path.join(folder, "result.json")) or (shared and read_json(f"{shared}/result.json"))
-
-
-def _keep(shared: str | None, summary: dict[str, Any]) -> None:
-    if shared:
-        write_json(f"{shared}/result.json", summary)
-
-
-def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params: dict[str, Any], label: str,
-               sweep: dict[str, Any]) -> str:
-    """The trial's MLflow run: found again after a restore (so never duplicated), else created."""
-    from mlflow import MlflowClient
-
-    from mae_ray import tracking
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    if exp is not None:
-        found = client.search_runs([exp.experiment_id], filter_string=f"tags.`sweep.trial_id` = '{trial_id}'")
-        if found:
-            return found[0].info.run_id
-    tags = {**tracking.run_tags(), "sweep.trial_id": trial_id, "sweep.params": tracking.redact(json.dumps(params))}
-    varied = tracking.redact(label)
-    if sweep["pretrain"]:
-        tags[NOTE] = (f"Trial {trial_id} of sweep {sweep['name']}: MAE pre-training with {varied}. Its linear "
-                      "probe and fine-tuning are child runs; their top-1 is also logged here.")
-    else:
-        tags.update({"mae_ray.job": "evaluation-trial", "mae_ray.encoder_source": tracking.redact(cfg.eval.checkpoint),
-                     NOTE: f"Trial {trial_id} of sweep {sweep['name']}: evaluation of one fixed encoder, {varied}."})
-    return lifecycle.open_run(uri, cfg.mlflow.experiment, varied, tracking.params_from_config(cfg.flatten()), tags,
-                              parent_run_id=parent_run_id)
-
-
-@dataclass
-class _Named:
-    """Names a trial's evaluation runs ``linprobe · mask_ratio=0.75`` in the UI, each with a description."""
-
-    uri: str
-    label: str
-    trial_id: str
-    sweep_name: str
-
-    def __call__(self, scores: dict[str, Any], suffix: str) -> None:
-        from mae_ray import tracking
-
-        what = {"linprobe": "Linear probe (frozen encoder)", "finetune": "End-to-end fine-tuning"}
-        for job, text in what.items():
-            run_id = scores.get(f"{job}_run_id")
-            if run_id:
-                label = tracking.redact(self.label + suffix)
-                tracking.EpochLogger(self.uri, run_id).set_tags({
-                    "mlflow.runName": f"{job} · {label}",
-                    NOTE: f"{text} of trial {self.trial_id}'s encoder ({label}), sweep {self.sweep_name}."})
+from mae_ray.jobs.sweep_config import EVAL_JOBS, SweepConfig, hide_secrets, param_space
+from mae_ray.jobs.sweep_trial import NOTE, done, keep, trial
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -411,9 +241,9 @@ def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, s
     os.environ[provenance.COMMAND_ENV] = command  # the sweep's, in this Ray worker
     out = os.path.join(sweep_dir, "random_baseline")
     record = shared and f"{shared}/random_baseline"
-    done = _done(out, record)  # done before a --resume
-    if done:
-        return done
+    earlier = done(out, record)  # finished before a --resume
+    if earlier:
+        return earlier
     notes = {"linprobe": "Linear probe of the same encoder at random initialisation: the row MAE trials must beat.",
              "finetune": "Fine-tuning of the same encoder from random initialisation (training from scratch) with "
                          "the trials' budget: what MAE initialisation is compared with."}
@@ -423,7 +253,7 @@ def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, s
         cfg = load_config(None, [f"output_dir={os.path.join(out, job)}", "eval.checkpoint=random",
                                  f"mlflow.run_name={folder}"], base=base)
         cfg.mlflow.tracking_uri = uri
-        result = _done(cfg.output_dir) or {"linprobe": linprobe, "finetune": finetune}[job].run(cfg, verbose=verbose)
+        result = done(cfg.output_dir) or {"linprobe": linprobe, "finetune": finetune}[job].run(cfg, verbose=verbose)
         client = MlflowClient(uri)
         client.set_tag(result["mlflow_run_id"], "mlflow.parentRunId", parent)
         client.set_tag(result["mlflow_run_id"], NOTE, notes[job])
@@ -433,5 +263,5 @@ def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, s
         summary.setdefault("mlflow_run_id", result["mlflow_run_id"])  # the row's run: the probe's when there is one
         summary[f"{job}_run_id"] = result["mlflow_run_id"]
     write_json(os.path.join(out, "result.json"), summary)
-    _keep(record, summary)
+    keep(record, summary)
     return summary

@@ -13,6 +13,7 @@ from typing import Any
 from mae_ray import shipped
 from mae_ray.config import Config, from_dict, load_config
 from mae_ray.errors import ConfigError
+from mae_ray.typed_yaml import flatten, parse_override, read_yaml, set_dotted
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -63,13 +64,11 @@ class SweepConfig:
 
 def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, Any]]:
     """The sweep config and the trials' base run config (as a dict), both validated before Ray starts."""
-    from mae_ray.config import _flatten, _parse_override, _read_yaml, _set_dotted
-
     path = shipped.resolve(path, "sweeps")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     for item in overrides:
-        key, value = _parse_override(item)
-        _set_dotted(data, key, value)
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
     sweep = from_dict(SweepConfig, data)
     if sweep.cases:
         if CASE in sweep.search:
@@ -80,7 +79,7 @@ def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, 
     base_path = sweep.base if os.path.isabs(sweep.base) else os.path.join(os.path.dirname(path), sweep.base)
     if not os.path.isfile(base_path) and os.sep not in sweep.base:
         base_path = sweep.base  # the name of a shipped run config
-    flat_overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in _flatten(sweep.overrides)]
+    flat_overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in flatten(sweep.overrides)]
     base = load_config(base_path, flat_overrides)
     for key, spec in sweep.search.items():
         kind, values = _space_entry(key, spec)
@@ -108,12 +107,10 @@ PAPER_METRICS = ("linprobe_top1", "finetune_top1")
 
 def case_overrides(cases: dict[str, Any], label: str) -> list[str]:
     """``--set`` items of one case (a mapping of dotted keys to values)."""
-    from mae_ray.config import _flatten
-
     spec = {str(k): v for k, v in cases.items()}.get(label)
     if not isinstance(spec, dict) or not spec:
         raise ConfigError(f"cases.{label}: expected a mapping of dotted config keys to values, got {spec!r}")
-    return [f"{k}={json.dumps(v)}" for k, v in _flatten(spec)]
+    return [f"{k}={json.dumps(v)}" for k, v in flatten(spec)]
 
 
 def axis_label(value: Any) -> str:
@@ -123,34 +120,30 @@ def axis_label(value: Any) -> str:
 
 def _check_paper(sweep: SweepConfig, path: str) -> None:
     """``paper:`` needs one axis, and each of its keys must be a value of that axis (a typo fails here)."""
-    if not sweep.paper:
-        return
-    key, known = _axis_values(sweep, path, "paper")
-    for value, numbers in sweep.paper.items():
-        if axis_label(value) not in known:
-            raise ConfigError(f"{path}: paper.{value} is not a value of {key} ({', '.join(sorted(known))})")
-        if not isinstance(numbers, dict) or not set(numbers) <= set(PAPER_METRICS):
-            raise ConfigError(f"{path}: paper.{value}: expected {{{': .., '.join(PAPER_METRICS)}: ..}}, "
-                              f"got {numbers!r}")
-
-
-def _axis_values(sweep: SweepConfig, path: str, what: str) -> tuple[str, set[str]]:
-    """The one search axis (``paper`` and ``jobs`` are keyed by its values) and its values' labels."""
-    if len(sweep.search) != 1:
-        raise ConfigError(f"{path}: '{what}' needs exactly one search axis, got {', '.join(sweep.search) or 'none'}")
-    (key, spec), = sweep.search.items()
-    return key, {axis_label(v) for v in _space_entry(key, spec)[1]}
+    _check_by_axis_value(sweep.paper, sweep, path, "paper",
+                         lambda v: isinstance(v, dict) and set(v) <= set(PAPER_METRICS),
+                         f"{{{': .., '.join(PAPER_METRICS)}: ..}}")
 
 
 def _check_jobs(sweep: SweepConfig, path: str) -> None:
-    if not sweep.jobs:
+    _check_by_axis_value(sweep.jobs, sweep, path, "jobs",
+                         lambda v: isinstance(v, list) and v and set(v) <= set(EVAL_JOBS),
+                         f"a list of {' and/or '.join(EVAL_JOBS)}")
+
+
+def _check_by_axis_value(entries: dict, sweep: SweepConfig, path: str, what: str, valid, expected: str) -> None:
+    """``entries`` (``paper:`` or ``jobs:``) are keyed by values of the one search axis, each entry ``valid``."""
+    if not entries:
         return
-    key, known = _axis_values(sweep, path, "jobs")
-    for value, jobs in sweep.jobs.items():
+    if len(sweep.search) != 1:
+        raise ConfigError(f"{path}: '{what}' needs exactly one search axis, got {', '.join(sweep.search) or 'none'}")
+    (key, spec), = sweep.search.items()
+    known = {axis_label(v) for v in _space_entry(key, spec)[1]}
+    for value, entry in entries.items():
         if axis_label(value) not in known:
-            raise ConfigError(f"{path}: jobs.{value} is not a value of {key} ({', '.join(sorted(known))})")
-        if not isinstance(jobs, list) or not jobs or not set(jobs) <= set(EVAL_JOBS):
-            raise ConfigError(f"{path}: jobs.{value}: expected a list of {' and/or '.join(EVAL_JOBS)}, got {jobs!r}")
+            raise ConfigError(f"{path}: {what}.{value} is not a value of {key} ({', '.join(sorted(known))})")
+        if not valid(entry):
+            raise ConfigError(f"{path}: {what}.{value}: expected {expected}, got {entry!r}")
 
 
 def _check_best_of(sweep: SweepConfig, base: Config, path: str) -> None:

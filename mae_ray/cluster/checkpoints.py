@@ -27,9 +27,11 @@ import functools
 import io
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypedDict
 
 import ray
@@ -134,7 +136,7 @@ def encoder_from_mlflow(run_id: str, tracking_uri: str) -> tuple[dict[str, torch
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CheckpointError(f"cannot fetch the encoder of MLflow run {run_id}: {first}") from None
         config = os.path.join(folder, CONFIG_FILE)
-        text = open(config).read() if os.path.isfile(config) else None
+        text = Path(config).read_text() if os.path.isfile(config) else None
         return weights.read_state_dict(os.path.join(folder, ENCODER_FILE)), text
 
 
@@ -142,14 +144,18 @@ def read_weights_source(spec: str) -> Any:
     """What a checkpoint folder's state file, a ``.pt``/``.pth`` or a ``.safetensors`` file holds, on disk or
     in a bucket (``s3://``): tensors and plain values, nothing unpickled (``weights_only``)."""
     name = spec.rstrip("/")
-    if storage.is_object_uri(name):
+    if storage.is_object_uri(name):  # streamed to a temporary file: a large state is never held twice in memory
         uri = name if name.endswith(WEIGHT_SUFFIXES) else f"{name}/{STATE_FILE}"
-        data = _read_object(uri, missing=f"checkpoint not found: {spec}")
-        if uri.endswith(".safetensors"):
-            from safetensors.torch import load as load_safetensors
-
-            return load_safetensors(data)
-        return _torch_load(io.BytesIO(data), uri)
+        with tempfile.TemporaryDirectory(prefix="mae_ray_encoder_") as tmp:
+            local = os.path.join(tmp, uri.rsplit("/", 1)[-1])
+            try:
+                with storage.open_input(uri) as src, open(local, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except FileNotFoundError:
+                raise CheckpointError(f"checkpoint not found: {spec}") from None
+            except OSError as e:
+                raise CheckpointError(f"cannot read {uri}: {e}") from None
+            return read_weights_source(local)
     file = os.path.join(spec, STATE_FILE) if os.path.isdir(spec) else spec
     if not os.path.isfile(file):
         raise CheckpointError(f"checkpoint not found: {spec}")
@@ -354,7 +360,13 @@ def load_state(source: Checkpoint | str) -> TrainingState:
     if isinstance(source, str) and storage.is_object_uri(source):
         uri = source.rstrip("/")
         uri = uri if uri.endswith(".pt") else f"{uri}/{STATE_FILE}"
-        return _torch_load(io.BytesIO(_read_object(uri, missing=f"no checkpoint at {uri}")), uri)
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:
+            raise CheckpointError(f"no checkpoint at {uri}") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {uri}: {e}") from None
+        return _torch_load(io.BytesIO(data), uri)
     if isinstance(source, str):
         source = os.path.join(source, STATE_FILE) if os.path.isdir(source) else source
         if not os.path.isfile(source):
@@ -365,16 +377,6 @@ def load_state(source: Checkpoint | str) -> TrainingState:
         if not os.path.isfile(file):
             raise CheckpointError(f"{source.path} has no {STATE_FILE}")
         return _torch_load(file)
-
-
-def _read_object(uri: str, missing: str) -> bytes:
-    """The bytes of an object in a bucket; ``missing`` is the error's text when there is none."""
-    try:
-        return storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise CheckpointError(missing) from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {uri}: {e}") from None
 
 
 def _torch_load(file, name: str | None = None) -> TrainingState:

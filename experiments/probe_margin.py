@@ -15,9 +15,9 @@ and prints the table of top-1 (300 val images) and MAE - random. The configs are
 
 Default: every job in this process (``ray.num_workers=0``) with each worker's batch times the test's
 ``ray.num_workers`` (2 workers x 32 -> 1 x 64 for pre-training, 2 x 64 -> 1 x 128 for the probe): the same
-images, updates, learning rates and schedule, without a Ray Train start-up per job; what differs from the
-test is only which random masks and orders a seed draws (per rank there, one stream here). ``--ray``: the
-test's 2 Ray Train workers exactly (slower: three Ray Train start-ups per seed).
+images, updates, learning rates and schedule, without a Ray Train start-up per job: exactly what the test's
+fixtures run (their ``IN_PROCESS``). ``--ray``: eval_config's 2 Ray Train workers instead (slower: three Ray
+Train start-ups per seed; a seed then draws other masks and orders, per rank).
 """
 
 from __future__ import annotations

@@ -105,6 +105,14 @@ class RayConfig:
     address: str | None = None  # None: join the cluster under `ray job submit`, else start Ray here
     storage_path: str | None = None  # checkpoints; None: <output_dir>/ray
     failure_max_retries: int = 0
+    # elastic group (spot nodes): start once min_workers fit, grow to num_workers, shrink when a node goes;
+    # None: num_workers (a fixed group). The recipe holds at every size (train/engine.StepPlan).
+    min_workers: int | None = None
+    resize_check_s: float = 60.0  # an elastic group looks for room to grow this often (a restart when it does)
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
 
 
 @dataclass
@@ -239,6 +247,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
+def _validate_group(ray: RayConfig) -> None:
+    if ray.min_workers is None:
+        return
+    if ray.num_workers == 0:
+        raise ConfigError("ray.min_workers needs Ray workers: ray.num_workers 0 runs in this process")
+    if not 1 <= ray.min_workers <= ray.num_workers:
+        raise ConfigError(f"ray.min_workers must be in [1, ray.num_workers = {ray.num_workers}], got {ray.min_workers}")
+    if ray.resize_check_s <= 0:
+        raise ConfigError(f"ray.resize_check_s must be > 0 seconds, got {ray.resize_check_s}")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need more than one key, or a range; each failure says what to change."""
     m = cfg.model
@@ -256,6 +275,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"storage.endpoint_url must be the http(s):// URL of an S3 server, got {endpoint!r}")
     if cfg.storage.upload_retry_s < 0:
         raise ConfigError(f"storage.upload_retry_s must be >= 0 seconds, got {cfg.storage.upload_retry_s}")
+    _validate_group(cfg.ray)
     if not 0 < cfg.ray.gpus_per_worker <= 8:
         raise ConfigError(f"ray.gpus_per_worker must be in (0, 8], got {cfg.ray.gpus_per_worker}")
     if cfg.data.decode not in ("cpu", "gpu"):

@@ -318,11 +318,15 @@ class EpochLogger:
             old = self._logged(k).get(epoch)
             if k not in TIMED_METRICS and old is not None and not _same(old, float(v)):
                 differ[k] = (old, float(v))
+        # trained again by a group of another size (an elastic resize): other ranks drew other samples, so
+        # its values differ by design; MLflow keeps the first ones, and that is no reproduction failure
+        resized = differ.pop("workers", None) is not None
         if rerun:
             self._count(RERUN_METRIC, epoch)
             log.warning("epoch %d trained again after a restart (already in MLflow run %s): %s", epoch,
-                        self.run_id, "values differ" if differ else "same values, timings aside")
-        if differ:
+                        self.run_id, "on a group of another size" if resized else
+                        "values differ" if differ else "same values, timings aside")
+        if differ and not resized:
             shown = "; ".join(f"{k}: logged {a!r}, now {b!r}" for k, (a, b) in differ.items())
             log.warning("epoch %d %s does not reproduce the values MLflow holds (kept): %s", epoch,
                         "trained again" if rerun else "in the checkpoint", shown)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -87,6 +88,50 @@ class MlflowServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
         self.proc = None
+
+
+@contextlib.contextmanager
+def local_cluster(*node_cpus: int, env: dict[str, str] | None = None):
+    """A ``ray.cluster_utils.Cluster`` of one node per entry (the first the head, with its CPUs), this
+    process connected to its head; every process of it gone afterwards (asserted). ``env``: set in the
+    environment of its processes (Ray Train's controller reads its settings from there)."""
+    import shutil
+    import tempfile
+
+    import pytest
+    import ray
+    from ray.cluster_utils import Cluster
+
+    assert not ray.is_initialized(), "Ray was already running in this process"
+    # Cluster writes its address to <default temp dir>/ray/ray_current_cluster and deletes that file on
+    # shutdown; with the default (/tmp/ray) it would overwrite, then remove, the file of any other head
+    # on this machine. RAY_TMPDIR gives the cluster, its sessions and that file a directory of its own.
+    temp_root = tempfile.mkdtemp(prefix="rm_", dir="/tmp")  # short: Ray's unix socket paths live under it
+    agent_port = PortReservation()  # held for the cluster's life: no other process can be handed it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", temp_root)
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": node_cpus[0], "include_dashboard": False, "dashboard_agent_listen_port": agent_port.port,
+        })
+        try:
+            for cpus in node_cpus[1:]:
+                cluster.add_node(num_cpus=cpus)
+            ray.init(address=cluster.address)
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            agent_port.release()
+    left = processes_mentioning(temp_root)
+    for pid in left:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(temp_root, ignore_errors=True)
+    assert not left, f"processes of the test's cluster outlived cluster.shutdown(): {left}"
 
 
 def tiny_config(demo, tmp_path, *extra):

@@ -142,6 +142,9 @@ def a_demo_jpeg(demo: dict) -> bytes:
         ("ray.num_workers=1.5", "error: ray.num_workers: expected int, got 1.5 (float)"),
         # on a machine without a GPU: decoding on the GPU is refused at once
         ("data.decode=gpu", "error: data.decode=gpu decodes on the training GPU: it needs ray.use_gpu=true"),
+        # an elastic group of more than its largest size, or of none (ray.num_workers is 1 here)
+        ("ray.min_workers=2", "error: ray.min_workers must be in [1, ray.num_workers = 1], got 2"),
+        ("ray.min_workers=0", "error: ray.min_workers must be in [1, ray.num_workers = 1], got 0"),
     ],
 )
 def test_cli_pretrain_bad_config_key_or_value(tmp_path, setting, message):

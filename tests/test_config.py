@@ -73,6 +73,23 @@ def test_bad_overrides_get_a_clear_message(override, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["ray.num_workers=0", "ray.min_workers=1"], "ray.min_workers needs Ray workers: ray.num_workers 0 runs in"),
+    (["ray.num_workers=4", "ray.min_workers=5"], "ray.min_workers must be in [1, ray.num_workers = 4], got 5"),
+    (["ray.num_workers=4", "ray.min_workers=2", "ray.resize_check_s=0"], "ray.resize_check_s must be > 0"),
+])
+def test_an_elastic_group_outside_its_bounds_is_refused(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+
+
+def test_an_elastic_group_is_one_whose_smallest_size_is_below_its_largest():
+    assert not load_config(None, ["ray.num_workers=4"]).ray.elastic  # min_workers unset: fixed
+    assert not load_config(None, ["ray.num_workers=4", "ray.min_workers=4"]).ray.elastic
+    assert load_config(None, ["ray.num_workers=4", "ray.min_workers=1"]).ray.elastic
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="run config not found: .*nope.yaml .*shipped run config of that name: "
                                           "demo_cpu, "):

@@ -172,3 +172,79 @@ def test_the_data_wait_fraction_says_which_side_is_slow(slow):
     metrics = engine.run_epoch(loss_of, loader(), opt, optim.build_scheduler(opt, plan, min_lr=0.0),
                                engine.Precision("none", torch.device("cpu")), epoch=0, plan=plan)
     assert metrics["data_wait_frac"] > 0.8 if slow == "loader" else metrics["data_wait_frac"] < 0.2, metrics
+
+
+# ----------------------------------------------------------------------------- elastic groups (ray.min_workers)
+def _micro_batches(updates: int, per_update: int):
+    """The epoch's micro-batches, update by update: (inputs [4, 6], targets [4])."""
+    g = torch.Generator().manual_seed(5)
+    return [[(torch.randn(4, 6, generator=g), torch.randn(4, generator=g)) for _ in range(per_update)]
+            for _ in range(updates)]
+
+
+class _AveragingSGD(torch.optim.SGD):
+    """SGD of one simulated rank: ``step`` first averages the gradients over the ranks, as DDP's all-reduce
+    does at the last micro-batch of each update (ranks are threads here; the real DDP path is the Ray tests')."""
+
+    def __init__(self, params, barrier, grads: dict, rank: int):
+        super().__init__(params, lr=0.3, momentum=0.9)
+        self.barrier, self.grads, self.rank = barrier, grads, rank
+
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.grads[self.rank] = [p.grad.clone() for p in params]
+        self.barrier.wait()
+        mean = [torch.stack(gs).mean(0) for gs in zip(*(self.grads[r] for r in sorted(self.grads)), strict=True)]
+        self.barrier.wait()
+        for p, g in zip(params, mean, strict=True):
+            p.grad.copy_(g)
+        return super().step(closure)
+
+
+def _train_group(live: int, plan_args: dict) -> dict:
+    """A group of ``live`` ranks, each its share of every update (``StepPlan.share``); rank 0's weights."""
+    import threading
+
+    barrier, grads, out = threading.Barrier(live), {}, {}
+    torch.manual_seed(0)
+    init = torch.nn.Linear(6, 1).state_dict()  # drawn once: the threads share torch's generator
+
+    def rank_main(rank: int) -> None:
+        model = torch.nn.Linear(6, 1)
+        model.load_state_dict(init)
+        plan = engine.StepPlan(**plan_args, live=live, rank=rank)
+        mine = []
+        for u, update in enumerate(_micro_batches(plan.updates_per_epoch, plan.update_size(0))):
+            first = sum(engine.StepPlan(**plan_args, live=live, rank=r).share(u) for r in range(rank))
+            mine += update[: plan.update_size(u)][first:first + plan.share(u)]
+        assert len(mine) == plan.rank_batches
+        opt = _AveragingSGD(model.parameters(), barrier, grads, rank)
+        engine.run_epoch(lambda b: (((model(b[0]).squeeze(1) - b[1]) ** 2).mean(), 4), mine, opt,
+                         optim.build_scheduler(opt, plan, 0.0), engine.Precision("none", torch.device("cpu")),
+                         epoch=0, plan=plan)
+        out[rank] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(live)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(out[r]["weight"], out[0]["weight"]) for r in out)  # replicas stayed identical
+    return out[0]
+
+
+def test_a_group_of_any_size_steps_on_the_same_updates():
+    """The configured group is 4 ranks x 2 micro-batches per update, 5 micro-batches per rank and epoch (3
+    updates, the last of 4 micro-batches). Groups of 3 (3/3/2 micro-batches an update, 2/1/1 in the last),
+    2 and 1 rank end with the configured group's weights: each update steps on the mean gradient of the same
+    micro-batches, with the same lr (float rounding only: the sums are taken in another order)."""
+    plan_args = {"batches_per_epoch": 5, "accum_iter": 2, "epochs": 1, "warmup_epochs": 0, "workers": 4}
+    plan3 = engine.StepPlan(**plan_args, live=3, rank=2)
+    assert (plan3.updates_per_epoch, [plan3.share(u) for u in range(3)], plan3.loss_divisor(0)) == (3, [2, 2, 1],
+                                                                                                     8 / 3)
+    weights = {live: _train_group(live, plan_args) for live in (4, 3, 2, 1)}
+    for live in (3, 2, 1):
+        for k in weights[4]:
+            assert torch.allclose(weights[live][k], weights[4][k], atol=1e-6, rtol=1e-5), (live, k)
+    torch.manual_seed(0)
+    assert (weights[4]["weight"] - torch.nn.Linear(6, 1).weight).abs().max() > 0.05  # it trained

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
-from _helpers import PortReservation, S3Server, processes_mentioning
+from _helpers import S3Server, local_cluster
 from mlflow import MlflowClient
 
 from mae_ray.config import load_config
@@ -34,38 +32,8 @@ def s3():
 @pytest.fixture(scope="module")
 def two_nodes(s3):
     """A head and a second node with 1 CPU each; the driver (this process) connected to the head."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    assert not ray.is_initialized(), "Ray was already running in this process"
-    # Cluster writes its address to <default temp dir>/ray/ray_current_cluster and deletes that file on
-    # shutdown; with the default (/tmp/ray) it would overwrite, then remove, the file of any other head
-    # on this machine. RAY_TMPDIR gives the cluster, its sessions and that file a directory of its own.
-    temp_root = tempfile.mkdtemp(prefix="rm_", dir="/tmp")  # short: Ray's unix socket paths live under it
-    agent_port = PortReservation()  # held for the cluster's life: no other process can be handed it
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TMPDIR", temp_root)
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "include_dashboard": False, "dashboard_agent_listen_port": agent_port.port,
-        })
-        try:
-            cluster.add_node(num_cpus=1)
-            ray.init(address=cluster.address)
-            yield cluster
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-            agent_port.release()
-    left = processes_mentioning(temp_root)
-    for pid in left:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
-    import shutil
-
-    shutil.rmtree(temp_root, ignore_errors=True)
-    assert not left, f"processes of the test's cluster outlived cluster.shutdown(): {left}"
+    with local_cluster(1, 1) as cluster:
+        yield cluster
 
 
 def test_two_workers_on_two_nodes_train_and_checkpoint(two_nodes, demo_data, tmp_path, capfd):
@@ -139,8 +107,8 @@ def test_two_nodes_share_nothing_but_the_bucket_and_a_killed_worker_resumes_from
     assert summary["checkpoint"] == f"{runs}/run/epoch_000001"
     assert checkpoint_folders(f"{runs}/run") == [f"{runs}/run/epoch_000000", f"{runs}/run/epoch_000001"]
     attempts = load_state(summary["checkpoint"])["attempts"]
-    assert attempts == [{"start_epoch": 0, "resumed_from": ""},  # the restarted group read epoch 0 back
-                        {"start_epoch": 1, "resumed_from": f"{runs}/run/epoch_000000"}], attempts  # from the bucket
+    assert attempts == [{"start_epoch": 0, "resumed_from": "", "workers": 2},  # the restarted group read epoch 0
+                        {"start_epoch": 1, "resumed_from": f"{runs}/run/epoch_000000", "workers": 2}], attempts
     history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(summary["mlflow_run_id"], "train_loss")
     assert sorted(m.step for m in history) == [0, 1]  # nothing lost, nothing twice
     local = [p for p in tmp_path.rglob("*") if p.suffix in (".tar", ".pt", ".pth", ".safetensors")]

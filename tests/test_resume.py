@@ -71,7 +71,7 @@ def assert_same_run(full: dict, full_tmp: Path, other: dict, other_tmp: Path, re
     assert mlflow_losses(other_tmp, other["mlflow_run_id"]) == mlflow_losses(full_tmp, full["mlflow_run_id"])
     assert [s for s, _ in mlflow_losses(other_tmp, other["mlflow_run_id"])] == list(range(EPOCHS))
     # it resumed: the second attempt began at STOP + 1, from the checkpoint named
-    assert a["attempts"] == [{"start_epoch": 0, "resumed_from": ""}]
+    assert a["attempts"] == [{"start_epoch": 0, "resumed_from": "", "workers": b["attempts"][0]["workers"]}]
     assert [x["start_epoch"] for x in b["attempts"]] == [0, STOP + 1]
     assert b["attempts"][1]["resumed_from"].rstrip("/").endswith(resumed_from)
 

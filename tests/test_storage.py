@@ -144,7 +144,8 @@ def test_a_run_keeps_everything_in_the_bucket_and_resumes_evaluates_and_is_found
         resumed = pretrain.run(config("train.epochs=2", "mlflow.run_name=second", f"output_dir={tmp_path}/b"),
                                resume_from=first["checkpoint"])
         state = load_state(resumed["checkpoint"])
-        assert state["epoch"] == 1 and state["attempts"][-1] == {"start_epoch": 1, "resumed_from": first["checkpoint"]}
+        assert state["epoch"] == 1 and state["attempts"][-1] == {"start_epoch": 1, "resumed_from": first["checkpoint"],
+                                                            "workers": 2}  # tiny_config's 2 workers
 
         probe = linprobe.run(config(f"output_dir={tmp_path}/c", f"eval.checkpoint={resumed['checkpoint']}",
                                     "mlflow.run_name=probe", "linprobe.epochs=1", "linprobe.batch_size=64",

@@ -24,6 +24,7 @@ from mae_ray.errors import UserError
 log = logging.getLogger(__name__)
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+ELASTIC_START_RETRIES = 10  # an elastic group's starts that may time out (each after Ray's 60 s) in one run
 
 
 # --------------------------------------------------------------------------- driver side
@@ -81,6 +82,8 @@ class TrainerSpec:
     max_failures: int
     gpus_per_worker: float = 1.0
     keep_checkpoints: int | None = 2
+    min_workers: int | None = None  # an elastic group of min_workers..num_workers (None: fixed)
+    resize_check_s: float = 60.0  # how often an elastic group looks for room to grow
     verbose: bool = False
     callbacks: list | None = None  # Ray Train callbacks (a sweep trial forwards reports to Tune)
 
@@ -89,7 +92,10 @@ def run_trainer(train_fn: Callable[[Any], None], worker_spec: Any, spec: Trainer
     """Run ``train_fn(worker_spec)`` on ``spec.num_workers`` Ray workers (0: in this process); the Result."""
     if spec.num_workers == 0:
         return _run_in_process(train_fn, worker_spec, spec)
-    check_resources(spec.num_workers, spec.cpus_per_worker, spec.use_gpu, spec.gpus_per_worker)
+    elastic = spec.min_workers is not None and spec.min_workers < spec.num_workers
+    # an elastic group starts once its smallest size fits: that is what must fit now
+    check_resources(spec.min_workers if elastic else spec.num_workers, spec.cpus_per_worker, spec.use_gpu,
+                    spec.gpus_per_worker)
     resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.use_gpu else {})}
     storage_path, storage_fs = spec.storage_path, None
     if storage.is_object_uri(storage_path):
@@ -104,14 +110,21 @@ def run_trainer(train_fn: Callable[[Any], None], worker_spec: Any, spec: Trainer
         # the config holds URLs that may carry credentials, so only a reference to it goes there
         train_loop_config={"worker_spec": ray.put(worker_spec)},
         scaling_config=ScalingConfig(
-            num_workers=spec.num_workers, use_gpu=spec.use_gpu, resources_per_worker=resources
+            # (min, max): Ray Train starts the group at any size that fits, restarts it smaller when a node
+            # is lost and larger when one arrives; the workers keep the recipe at every size (StepPlan)
+            num_workers=(spec.min_workers, spec.num_workers) if elastic else spec.num_workers,
+            elastic_resize_monitor_interval_s=spec.resize_check_s,
+            use_gpu=spec.use_gpu, resources_per_worker=resources,
         ),
         run_config=RunConfig(
             name=spec.name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            # controller_failure_limit bounds the retries of a worker group that cannot be scheduled
-            failure_config=FailureConfig(max_failures=spec.max_failures, controller_failure_limit=0),
+            # controller_failure_limit bounds the retries of a worker group that cannot be scheduled: none for a
+            # fixed group (it would wait for the same size again); an elastic group that could not start at
+            # the size Ray chose (a node just lost, not yet known dead) tries again at the size that fits then
+            failure_config=FailureConfig(max_failures=spec.max_failures,
+                                         controller_failure_limit=ELASTIC_START_RETRIES if elastic else 0),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
             # Ray Train's own INFO lines ("Reporting training result ...") only with --verbose;
             # the job's prints are not ray.train records and always reach the console.

@@ -31,11 +31,12 @@ class RanksDivergedError(RuntimeError):
 
 class EpochLoop:
     def __init__(self, job: str, spec: WorkerSpec, *, epochs: int, checkpoint_every: int,
-                 stateful: dict[str, Any], seed: int, steps_per_epoch: int = 0,
+                 stateful: dict[str, Any], seed: int, plan: engine.StepPlan | None = None,
                  extra_state: dict[str, Any] | None = None, report_every_epoch: bool = True):
         """``stateful``: name -> object with ``state_dict``/``load_state_dict`` (model, optimiser, ...);
         its ``torch.nn.Module`` values are compared across ranks after every epoch. ``seed``: the job's seed.
 
+        ``plan``: the epoch's updates on this group (its size and accumulation are logged every epoch).
         ``report_every_epoch=False`` reports to Ray only with checkpoints: Ray Train V2 takes one report
         per health-check interval (2 s), which dominates jobs whose epochs take milliseconds (cached
         linear probes). MLflow still gets every epoch.
@@ -43,7 +44,8 @@ class EpochLoop:
         self.job, self.spec, self.epochs = job, spec, epochs
         self.checkpoint_every, self.stateful = checkpoint_every, stateful
         self.extra_state = extra_state or {}
-        self.steps_per_epoch = steps_per_epoch
+        self.plan = plan
+        self.steps_per_epoch = plan.updates_per_epoch if plan is not None else 0
         self.report_every_epoch = report_every_epoch
         self.seed = seed
         self.rank, self.world_size = launch.world()
@@ -54,17 +56,29 @@ class EpochLoop:
                 obj.load_state_dict(state[name])
             self.start_epoch, self.history = state["epoch"] + 1, list(state["history"])
             attempts = list(state.get("attempts", []))
-        # where each attempt of this run started: the record that a resume really resumed
-        self.attempts = [*attempts, {"start_epoch": self.start_epoch, "resumed_from": self.resumed_from or ""}]
+        # where each attempt of this run started, and on how many workers: the record that a resume really
+        # resumed, and of every resize of an elastic group
+        self.attempts = [*attempts, {"start_epoch": self.start_epoch, "resumed_from": self.resumed_from or "",
+                                     "workers": self.world_size}]
         self.last_good = self.resumed_from
         self.logger = None
         if self.rank == 0:
             self.logger = tracking.EpochLogger(spec.tracking_uri, spec.run_id)
             self.logger.backfill(self.history)  # epochs a killed worker checkpointed but never logged
+            if len(self.attempts) > 1:
+                self.logger.set_tags({"mae_ray.attempts": attempts_text(self.attempts, self.steps_per_epoch)})
 
     @property
     def resumed(self) -> bool:
         return self.resumed_from is not None
+
+    def describe_group(self, batching) -> str:
+        """The recipe's batching (``recipe.Batching``) as this group runs it."""
+        plan = self.plan
+        if plan is None or plan.group == plan.workers:
+            return batching.describe()
+        return (f"{plan.group} of {plan.workers} worker(s) (elastic) x batch {batching.batch_size} x accumulation "
+                f"{plan.accumulation:.3g} = effective batch {batching.effective}")
 
     def describe_start(self) -> str:
         return f"resumed from {self.resumed_from} at epoch {self.start_epoch}" if self.resumed else "fresh start"
@@ -100,6 +114,8 @@ class EpochLoop:
             _poke_first_parameter(self.stateful, 1e-3)
         self.check_ranks_in_sync(epoch)
         metrics = {**metrics, "rss_mb": _rss_mb()}  # per-epoch memory: a leak shows as a rising line
+        if self.plan is not None:  # the group this epoch ran on (an elastic group's size may change)
+            metrics.update(workers=self.world_size, accumulation=self.plan.accumulation)
         self.history.append({"epoch": epoch, **metrics})
         last = epoch == self.epochs - 1
         due = last or (epoch + 1) % self.checkpoint_every == 0  # the same on every rank
@@ -168,6 +184,25 @@ class EpochLoop:
             lost = sorted({m.step for m in self.logger.pending})
             self.say(f"warning: MLflow unreachable: {len(self.logger.pending)} metric values of epoch(s) {lost} "
                      f"are not in run {self.spec.run_id}; the checkpoints' history holds them")
+
+
+def attempts_text(attempts: list[dict[str, Any]], updates_per_epoch: int) -> str:
+    """Every (re)start of a run in one line a person reads in MLflow: where it started, on how many workers,
+    and for each resize from how many to how many, and why (as far as the worker count says)."""
+    parts = []
+    for before, now in zip([None, *attempts], attempts, strict=False):
+        where = f"epoch {now['start_epoch']} (update {now['start_epoch'] * updates_per_epoch})"
+        workers = now.get("workers")
+        if before is None:
+            parts.append(f"started at {where} on {workers} worker(s)")
+            continue
+        was = before.get("workers")
+        if was is None or workers is None or was == workers:
+            parts.append(f"restarted at {where} on {workers} worker(s)")
+        else:
+            why = "grew: room for more workers" if workers > was else "shrank: a worker or its node was lost"
+            parts.append(f"resized {was} -> {workers} worker(s) at {where}, {why}")
+    return "; ".join(parts)
 
 
 def _poke_first_parameter(stateful: dict[str, Any], delta: float) -> None:

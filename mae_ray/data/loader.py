@@ -282,6 +282,28 @@ def _check_args(batch_size: int, rank: int, world_size: int, num_workers: int) -
         raise ValueError(f"bad loader args: {batch_size=} {rank=} {world_size=} {num_workers=}")
 
 
+def epoch_batches(urls: str | list[str], samples_per_epoch: int | None, world_size: int, batch_size: int) -> int:
+    """Micro-batches per rank and epoch: ``samples_per_epoch // (world_size * batch_size)``.
+
+    ``samples_per_epoch`` defaults to the dataset size (manifest, else a scan of local shards).
+    """
+    return _epoch_batches(expand_urls(urls) if samples_per_epoch is None else [], samples_per_epoch, world_size,
+                          batch_size, urls)
+
+
+def _epoch_batches(shards: list[str], samples_per_epoch: int | None, world_size: int, batch_size: int,
+                   urls: str | list[str]) -> int:
+    if samples_per_epoch is None:
+        counts = shard_counts(shards)
+        if counts is None:
+            raise DataError(f"cannot count the samples of remote shards {urls!r}: pass samples_per_epoch")
+        samples_per_epoch = sum(counts)
+    steps = samples_per_epoch // (world_size * batch_size)
+    if steps == 0:
+        raise DataError(f"{samples_per_epoch} samples/epoch < world_size {world_size} x batch_size {batch_size}")
+    return steps
+
+
 def make_train_loader(
     urls: str | list[str],
     *,
@@ -297,10 +319,11 @@ def make_train_loader(
     pin_memory: bool = False,
     num_classes: int | None = None,
     raw: bool = False,
+    batches: int | None = None,
 ) -> TrainLoader:
-    """Training loader: ``samples_per_epoch // (world_size * batch_size)`` batches per rank.
+    """Training loader: ``batches`` per epoch on this rank, by default :func:`epoch_batches` (an elastic
+    group's rank takes its share of the configured group's epoch instead: ``engine.StepPlan.rank_batches``).
 
-    ``samples_per_epoch`` defaults to the dataset size (manifest, else a scan of local shards).
     ``transform`` is a kind for :func:`build_transform` or a callable on CHW uint8 RGB tensors.
     ``num_classes``: a label outside ``0..num_classes-1`` raises DataError (classification jobs).
     ``raw``: no decoding or transform here; batches are (list of encoded JPEGs as 1-D uint8 tensors, labels),
@@ -308,14 +331,7 @@ def make_train_loader(
     """
     _check_args(batch_size, rank, world_size, num_workers)
     shards = expand_urls(urls)
-    if samples_per_epoch is None:
-        counts = shard_counts(shards)
-        if counts is None:
-            raise DataError(f"cannot count the samples of remote shards {urls!r}: pass samples_per_epoch")
-        samples_per_epoch = sum(counts)
-    steps = samples_per_epoch // (world_size * batch_size)
-    if steps == 0:
-        raise DataError(f"{samples_per_epoch} samples/epoch < world_size {world_size} x batch_size {batch_size}")
+    steps = batches if batches is not None else _epoch_batches(shards, samples_per_epoch, world_size, batch_size, urls)
     dataset = _TrainStream(
         shards, None if raw else _resolve_transform(transform, img_size), batch_size, rank, steps, seed, shuffle_buffer,
         num_classes=num_classes,

@@ -64,7 +64,7 @@ def train_loop(spec: WorkerSpec) -> None:
 
     from mae_ray.cluster import checkpoints, launch
     from mae_ray.cluster.worker_loop import EpochLoop
-    from mae_ray.data.loader import make_eval_loader, make_train_loader
+    from mae_ray.data.loader import epoch_batches, make_eval_loader, make_train_loader
     from mae_ray.data.transforms import eval_transform
     from mae_ray.jobs.encoders import EncoderSource
     from mae_ray.train import classify, engine, optim, recipe
@@ -86,15 +86,17 @@ def train_loop(spec: WorkerSpec) -> None:
     img_size = encoder.patch_embed.img_size[0]
     del encoder
 
+    group, samples = max(1, cfg.ray.num_workers), ft.samples_per_epoch or cfg.data.samples_per_epoch
+    batching = recipe.for_job(cfg, "finetune")  # the configured group's; an elastic group splits its updates
+    plan = engine.StepPlan(epoch_batches(cfg.data.train_shards, samples, group, ft.batch_size), batching.accum_iter,
+                           ft.epochs, ft.warmup_epochs, workers=group, live=world, rank=rank)
     loader = make_train_loader(cfg.data.train_shards, batch_size=ft.batch_size, transform="finetune",
                                img_size=img_size, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
-                               samples_per_epoch=ft.samples_per_epoch or cfg.data.samples_per_epoch,
-                               seed=settings.seed, shuffle_buffer=cfg.data.shuffle_buffer, num_classes=classes)
+                               batches=plan.rank_batches, seed=settings.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                               num_classes=classes)
     val_loader = make_eval_loader(cfg.data.val_shards, batch_size=256, transform=eval_transform(cfg.data, img_size),
                                   img_size=img_size, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
                                   num_classes=classes)
-    batching = recipe.for_job(cfg, "finetune", world)
-    plan = engine.StepPlan(len(loader), batching.accum_iter, ft.epochs, ft.warmup_epochs)
     lr = batching.lr(ft.blr)
     optimizer = optim.finetune_optimizer(vit, lr, ft.weight_decay, ft.layer_decay, device)
     scheduler = optim.build_scheduler(optimizer, plan, ft.min_lr)  # applies each group's lr_scale
@@ -111,16 +113,16 @@ def train_loop(spec: WorkerSpec) -> None:
     loop = EpochLoop("finetune", spec, epochs=ft.epochs, checkpoint_every=settings.checkpoint_every,
                      stateful={"model": vit, "optimizer": optimizer, "scheduler": scheduler,
                                "scaler": precision.scaler},
-                     seed=settings.seed, steps_per_epoch=plan.updates_per_epoch)
+                     seed=settings.seed, plan=plan)
     model = launch.prepare_model(vit, move_to_device=False)
     trainable = sum(p.numel() for p in vit.parameters() if p.requires_grad)
-    loop.say(f"{batching.describe()}, {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, "
+    loop.say(f"{loop.describe_group(batching)}, {plan.rank_batches} batches/epoch, lr {lr:.3g}, "
              f"{trainable / 1e6:.2f} M trainable parameters; {loop.describe_start()}")
     final_files = {checkpoints.FINETUNED_FILE: lambda p: torch.save({"model": vit.state_dict()}, p)}  # release layout
     for epoch in loop.remaining():  # drop path, mixup draws: seeded per (seed, epoch, rank)
         loader.set_epoch(epoch)
         model.train()
-        batches = loop.batches(loader, epoch, plan.batches_per_epoch)
+        batches = loop.batches(loader, epoch, plan.rank_batches)
         metrics = classify.train_epoch(model, batches, optimizer, scheduler, precision, criterion, epoch=epoch,
                                        plan=plan, device=device, mixup=mixup,
                                        no_sync=getattr(model, "no_sync", None))  # DDP only with 2+ workers

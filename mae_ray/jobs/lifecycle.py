@@ -143,7 +143,8 @@ def ray_session(cfg: Config, verbose: bool):
     this process started Ray (and so stops it on leaving)."""
     started = launch.init_ray(cfg.ray.address, verbose=verbose)
     try:
-        launch.check_resources(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, cfg.ray.gpus_per_worker)
+        smallest = cfg.ray.min_workers if cfg.ray.elastic else cfg.ray.num_workers  # an elastic group's start
+        launch.check_resources(smallest, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, cfg.ray.gpus_per_worker)
         yield started
     finally:
         if started:
@@ -185,7 +186,8 @@ def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: 
     spec = launch.TrainerSpec(name=name, storage_path=storage, num_workers=cfg.ray.num_workers,
                               use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
                               gpus_per_worker=cfg.ray.gpus_per_worker,
-                              max_failures=cfg.ray.failure_max_retries, verbose=verbose, callbacks=callbacks)
+                              max_failures=cfg.ray.failure_max_retries, min_workers=cfg.ray.min_workers,
+                              resize_check_s=cfg.ray.resize_check_s, verbose=verbose, callbacks=callbacks)
     try:
         result = launch.run_trainer(train_fn, worker, spec)
     except Exception as e:

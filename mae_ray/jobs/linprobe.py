@@ -50,15 +50,23 @@ def pooled(encoder, x: torch.Tensor, pool: str) -> torch.Tensor:
 class CachedFeatures:
     """Training batches drawn from features held in memory: every rank the same number per epoch."""
 
-    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, rank: int, world: int, seed: int):
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, rank: int, world: int, seed: int,
+                 batches: int | None = None):
+        """``batches``: this rank's per epoch (an elastic group's share, ``StepPlan.rank_batches``); by default
+        :meth:`planned` for ``world`` ranks."""
         self.feats, self.labels, self.batch_size = feats, labels, batch_size
         self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
+        self.batches = self.planned(feats.shape[0], world, batch_size) if batches is None else batches
+
+    @staticmethod
+    def planned(rows: int, world: int, batch_size: int) -> int:
+        return max(1, rows // (world * batch_size))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return max(1, self.feats.shape[0] // (self.world * self.batch_size))
+        return self.batches
 
     def __iter__(self):
         order = torch.randperm(self.feats.shape[0], generator=torch.Generator().manual_seed(self.seed + self.epoch))
@@ -91,7 +99,7 @@ def probe_forwards(encoder, head, ddp_head, pool: str, precision, *, cached: boo
 def train_loop(spec: WorkerSpec) -> None:
     from mae_ray.cluster import checkpoints, launch
     from mae_ray.cluster.worker_loop import EpochLoop
-    from mae_ray.data.loader import make_eval_loader, make_train_loader
+    from mae_ray.data.loader import epoch_batches, make_eval_loader, make_train_loader
     from mae_ray.data.transforms import build_transform, eval_transform, normalize_batch
     from mae_ray.errors import DataError
     from mae_ray.jobs.encoders import EncoderSource
@@ -101,6 +109,7 @@ def train_loop(spec: WorkerSpec) -> None:
     cfg = spec.config
     lp, settings = cfg.linprobe, cfg.run_settings("linprobe")
     rank, world = launch.enter_worker(spec)
+    group = max(1, cfg.ray.num_workers)  # the configured group the epoch is planned for
     device = launch.device()
     if device.type != "cuda":  # as a Ray worker has (OMP_NUM_THREADS), also in-process: the same bits
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
@@ -119,17 +128,22 @@ def train_loop(spec: WorkerSpec) -> None:
         feats, labels = all_gather_rows(feats), all_gather_rows(labels)
         if feats.shape[0] == 0:  # the same on every rank (gathered)
             raise DataError(f"no readable training samples in {cfg.data.train_shards}")
-        loader = CachedFeatures(feats, labels, lp.batch_size, rank, world, settings.seed)
+        planned = CachedFeatures.planned(feats.shape[0], group, lp.batch_size)
         vf, vy = extract_features(encoder, val_loader, device, pool=lp.pool)  # this rank's exact share
         val_loader = [(vf[i : i + 256], vy[i : i + 256]) for i in range(0, vf.shape[0], 256)]
+    else:
+        planned = epoch_batches(cfg.data.train_shards, cfg.data.samples_per_epoch, group, lp.batch_size)
+    batching = recipe.for_job(cfg, "linprobe")  # the configured group's; an elastic group splits its updates
+    plan = engine.StepPlan(planned, batching.accum_iter, lp.epochs, lp.warmup_epochs, workers=group, live=world,
+                           rank=rank)
+    if lp.cache_features:
+        loader = CachedFeatures(feats, labels, lp.batch_size, rank, world, settings.seed, plan.rank_batches)
     else:
         loader = make_train_loader(cfg.data.train_shards, batch_size=lp.batch_size,  # uint8: normalised below
                                    transform=build_transform("linprobe", img_size, normalize=False),
                                    rank=rank, world_size=world, num_workers=cfg.data.num_workers,
-                                   samples_per_epoch=cfg.data.samples_per_epoch, seed=settings.seed,
+                                   batches=plan.rank_batches, seed=settings.seed,
                                    shuffle_buffer=cfg.data.shuffle_buffer, num_classes=classes)
-    batching = recipe.for_job(cfg, "linprobe", world)
-    plan = engine.StepPlan(len(loader), batching.accum_iter, lp.epochs, lp.warmup_epochs)
     lr = batching.lr(lp.blr)
     optimizer = optim.linprobe_optimizer(head.fc, lr, lp.weight_decay)
     scheduler = optim.build_scheduler(optimizer, plan, lp.min_lr)
@@ -139,12 +153,11 @@ def train_loop(spec: WorkerSpec) -> None:
     every = lp.epochs if lp.cache_features else settings.checkpoint_every
     loop = EpochLoop("linprobe", spec, epochs=lp.epochs, checkpoint_every=every,
                      stateful={"head": head, "optimizer": optimizer, "scheduler": scheduler},
-                     seed=settings.seed, steps_per_epoch=plan.updates_per_epoch,
-                     report_every_epoch=not lp.cache_features)
+                     seed=settings.seed, plan=plan, report_every_epoch=not lp.cache_features)
     ddp_head = launch.prepare_model(head, move_to_device=False)
     train_forward, eval_forward = probe_forwards(encoder, head, ddp_head, lp.pool, precision,
                                                  cached=lp.cache_features, normalize=normalize_batch)
-    loop.say(f"{batching.describe()}, {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}, pool {lp.pool}, "
+    loop.say(f"{loop.describe_group(batching)}, {plan.rank_batches} batches/epoch, lr {lr:.3g}, pool {lp.pool}, "
              f"{'cached features' if lp.cache_features else 'augmented images'}; {loop.describe_start()}")
     criterion = nn.CrossEntropyLoss()
     for epoch in loop.remaining():

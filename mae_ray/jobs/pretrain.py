@@ -23,7 +23,7 @@ def train_loop(spec: WorkerSpec) -> None:
     from mae_ray import tracking
     from mae_ray.cluster import checkpoints, launch
     from mae_ray.cluster.worker_loop import EpochLoop
-    from mae_ray.data.loader import make_train_loader
+    from mae_ray.data.loader import epoch_batches, make_train_loader
     from mae_ray.data.transforms import build_transform
     from mae_ray.model.flops import peak_flops, train_flops_per_image
     from mae_ray.model.mae import MaskedAutoencoderViT
@@ -47,16 +47,21 @@ def train_loop(spec: WorkerSpec) -> None:
     size, on_gpu = model.patch_embed.img_size[0], cfg.data.decode == "gpu"
     if on_gpu and device.type != "cuda":
         raise DataError(f"data.decode=gpu: this worker has no CUDA device (it runs on {device})")
+    # the epoch as the configured group takes it; an elastic group's ranks split its updates (StepPlan)
+    group = max(1, cfg.ray.num_workers)
+    planned = epoch_batches(cfg.data.train_shards, cfg.data.samples_per_epoch, group, cfg.train.batch_size)
+    if cfg.train.max_steps_per_epoch is not None:
+        planned = min(planned, cfg.train.max_steps_per_epoch)
+    batching = recipe.for_job(cfg, "pretrain")
+    plan = engine.StepPlan(planned, batching.accum_iter, cfg.train.epochs, cfg.train.warmup_epochs, workers=group,
+                           live=world_size, rank=rank)
     loader = make_train_loader(
         cfg.data.train_shards, batch_size=cfg.train.batch_size,
         transform=build_transform("pretrain", size, normalize=False, augment=cfg.train.augment),
-        rank=rank, world_size=world_size, num_workers=cfg.data.num_workers,
-        samples_per_epoch=cfg.data.samples_per_epoch, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        rank=rank, world_size=world_size, num_workers=cfg.data.num_workers, batches=plan.rank_batches,
+        seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
         pin_memory=device.type == "cuda" and not on_gpu, raw=on_gpu,
     )
-    batches = len(loader) if cfg.train.max_steps_per_epoch is None else min(len(loader), cfg.train.max_steps_per_epoch)
-    batching = recipe.for_job(cfg, "pretrain", world_size)
-    plan = engine.StepPlan(batches, batching.accum_iter, cfg.train.epochs, cfg.train.warmup_epochs)
     lr = cfg.train.lr if cfg.train.lr is not None else batching.lr(cfg.train.blr)
     optimizer = optim.pretrain_optimizer(model.to(device), lr, cfg.train.weight_decay, device)
     scheduler = optim.build_scheduler(optimizer, plan, cfg.train.min_lr)
@@ -65,13 +70,14 @@ def train_loop(spec: WorkerSpec) -> None:
     loop = EpochLoop("pretrain", spec, epochs=cfg.train.epochs, checkpoint_every=cfg.train.checkpoint_every,
                      stateful={"model": model, "optimizer": optimizer, "scheduler": scheduler,
                                "scaler": precision.scaler},
-                     seed=cfg.train.seed, steps_per_epoch=plan.updates_per_epoch, extra_state={"config": config_text})
+                     seed=cfg.train.seed, plan=plan, extra_state={"config": config_text})
     raw_model = model
     _pca_target(cfg, raw_model, loop)  # before DDP: every replica starts with the same basis
     model = launch.prepare_model(model)  # DDP over NCCL (GPU) or Gloo (CPU); no-op for 1 worker
     if cfg.train.compile:
         model = torch.compile(model)
-    loop.say(f"{batching.describe()}, {plan.batches_per_epoch} batches/epoch, lr {lr:.3g}; {loop.describe_start()}")
+    loop.say(f"{loop.describe_group(batching)}, {plan.rank_batches} batches/epoch, lr {lr:.3g}; "
+             f"{loop.describe_start()}")
     pictures = _Pictures(cfg, raw_model, spec.output_dir) if rank == 0 else None
     monitor = KnnMonitor(cfg, rank, world_size, device, raw_model.patch_embed.img_size[0])
     flops_per_image, peak = train_flops_per_image(cfg.model.kwargs(), cfg.model.mask_ratio), peak_flops(device)
@@ -85,7 +91,7 @@ def train_loop(spec: WorkerSpec) -> None:
         loader.set_epoch(epoch)
         device_skips = [0]  # images the device decoder could not read (data.decode=gpu), this epoch
         try:
-            batches = loop.batches(loader, epoch, plan.batches_per_epoch)
+            batches = loop.batches(loader, epoch, plan.rank_batches)
             metrics = engine.train_one_epoch(
                 model, on_device(batches, device, size, on_gpu, device_skips), optimizer,
                 scheduler, precision,

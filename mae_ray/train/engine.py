@@ -22,34 +22,85 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; training cannot go on from here."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepPlan:
     """How many loader batches and optimiser updates an epoch has, and the schedule's lengths.
 
-    An update is ``accum_iter`` micro-batches; the epoch's last update may hold fewer (the trailing partial
-    cycle), and is stepped on the gradient of the samples it holds: no batch is computed for nothing.
-    An epoch shorter than one whole update is refused: it would change the recipe's effective batch
+    The recipe's plan is stated for the configured group of ``workers`` ranks: ``batches_per_epoch``
+    micro-batches each, an update every ``accum_iter`` of them. The epoch's last update may hold fewer (the
+    trailing partial cycle), and is stepped on the gradient of the samples it holds: no batch is computed for
+    nothing. An epoch shorter than one whole update is refused: it would change the recipe's effective batch
     (the driver refuses it before Ray starts, ``recipe.check_epoch``; this is the workers' backstop).
+
+    Elastic groups (``ray.min_workers``): the same updates, split over the ``live`` ranks running now. Update
+    ``u`` holds ``M_u`` micro-batches over all ranks (``accum_iter x workers``, or fewer for the trailing one);
+    rank ``r`` of ``live`` takes ``M_u // live`` of them, plus one when ``r < M_u % live``. Each micro-batch's
+    loss is divided by ``M_u / live`` (DDP then averages over the ``live`` ranks), so every update steps on
+    the mean gradient of its ``M_u`` micro-batches whatever the group size: the effective batch, the number
+    of updates, the lr at every update and the epoch's samples are the configured group's. Ranks that take
+    one micro-batch more than others are the only cost of a group size that does not divide ``M_u``.
     """
 
-    batches_per_epoch: int
-    accum_iter: int
+    batches_per_epoch: int  # per rank of the configured group
+    accum_iter: int  # per rank of the configured group
     epochs: int
     warmup_epochs: float
+    workers: int = 1  # the configured group (ray.num_workers)
+    live: int | None = None  # the group running now (an elastic group's size); None: ``workers``
+    rank: int = 0
 
     def __post_init__(self):
         if self.batches_per_epoch < self.accum_iter:
             raise ValueError(f"an epoch of {self.batches_per_epoch} micro-batch(es) is shorter than one update "
                              f"({self.accum_iter} micro-batches): the optimiser would never step")
+        if not 1 <= self.group <= self.workers or not 0 <= self.rank < self.group:
+            raise ValueError(f"rank {self.rank} of a live group of {self.group} (configured {self.workers})")
+
+    @property
+    def group(self) -> int:
+        return self.workers if self.live is None else self.live
 
     @property
     def updates_per_epoch(self) -> int:
         return -(-self.batches_per_epoch // self.accum_iter)  # a trailing partial cycle is an update too
 
-    def micro_batches_of_update(self, batch: int) -> int:
-        """How many micro-batches the update that micro-batch ``batch`` belongs to has (its loss's divisor)."""
-        first = batch - batch % self.accum_iter
-        return min(self.accum_iter, self.batches_per_epoch - first)
+    def update_size(self, update: int) -> int:
+        """Micro-batches of the epoch's update ``update``, over all ranks."""
+        full = self.accum_iter * self.workers
+        return full if update < self.updates_per_epoch - 1 else self.workers * self.batches_per_epoch - update * full
+
+    def share(self, update: int) -> int:
+        """This rank's micro-batches of update ``update``."""
+        size = self.update_size(update)
+        return size // self.group + (self.rank < size % self.group)
+
+    @property
+    def rank_batches(self) -> int:
+        """This rank's micro-batches per epoch (``batches_per_epoch`` when the configured group runs)."""
+        last = self.updates_per_epoch - 1
+        return last * self.share(0) + self.share(last)
+
+    @property
+    def accumulation(self) -> float:
+        """Micro-batches per rank in a full update, on average over the ranks (the recorded accumulation)."""
+        return self.accum_iter * self.workers / self.group
+
+    def update_of(self, batch: int) -> tuple[int, bool]:
+        """(the epoch's update that this rank's micro-batch ``batch`` belongs to, whether it is its last)."""
+        per_full, last = self.share(0), self.updates_per_epoch - 1
+        update = min(batch // per_full, last)
+        end = (update + 1) * per_full if update < last else self.rank_batches
+        return update, batch + 1 == end
+
+    def loss_divisor(self, update: int) -> float | int:
+        """What each micro-batch's loss of update ``update`` is divided by: ``M_u / live`` (an int when it
+        divides, so that a fixed group computes exactly what it always did)."""
+        size = self.update_size(update)
+        return size // self.group if size % self.group == 0 else size / self.group
+
+    def micro_batches_of_update(self, batch: int) -> int | float:
+        """The loss divisor of the update that micro-batch ``batch`` of this rank belongs to."""
+        return self.loss_divisor(self.update_of(batch)[0])
 
     @property
     def total_updates(self) -> int:
@@ -92,8 +143,8 @@ def run_epoch(
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
-    """The update loop every training job shares: ``plan.batches_per_epoch`` micro-batches, the optimiser
-    stepping every ``plan.accum_iter`` of them and after the last, the lr set per update from ``scheduler``.
+    """The update loop every training job shares: ``plan.rank_batches`` micro-batches, the optimiser
+    stepping after the last of each update's (``plan.update_of``), the lr set per update from ``scheduler``.
 
     ``loss_of(batch)`` -> (the micro-batch's mean loss, its sample count), computed under autocast by the
     caller. Each loss is divided by its update's micro-batch count, so k micro-batches of b give the gradient
@@ -102,24 +153,24 @@ def run_epoch(
     gradient all-reduce on all but the last micro-batch of an update. A NaN/inf loss raises
     NonFiniteLossError naming where; a loader that ends early raises rather than drop an update's gradients.
     """
-    accum = plan.accum_iter
     loss_sum, seen, batches, waited = 0.0, 0, 0, 0.0
     start = ready = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
+    total = plan.rank_batches
     for i, batch in enumerate(loader):
         waited += time.perf_counter() - ready  # the loader's share: the step before has finished (loss.item())
-        if i >= plan.batches_per_epoch:
+        if i >= total:
             break
-        update = epoch * plan.updates_per_epoch + i // accum
-        if i % accum == 0:
+        in_epoch, boundary = plan.update_of(i)
+        update = epoch * plan.updates_per_epoch + in_epoch
+        if i == 0 or plan.update_of(i - 1)[1]:  # the update's first micro-batch on this rank
             scheduler.step_update(update)
-        boundary = (i + 1) % accum == 0 or i + 1 == plan.batches_per_epoch
         with contextlib.nullcontext() if boundary or no_sync is None else no_sync():
             loss, count = loss_of(batch)
             value = loss.item()
             if not math.isfinite(value):
                 raise NonFiniteLossError(f"non-finite loss ({value}) at epoch {epoch}, batch {i}, update {update}")
-            precision.scaler.scale(loss / plan.micro_batches_of_update(i)).backward()
+            precision.scaler.scale(loss / plan.loss_divisor(in_epoch)).backward()
         if boundary:
             precision.scaler.step(optimizer)
             precision.scaler.update()
@@ -130,8 +181,8 @@ def run_epoch(
         if on_step is not None:
             on_step(i, value)
         ready = time.perf_counter()
-    if batches % accum and batches < plan.batches_per_epoch:
-        raise RuntimeError(f"the loader ended after {batches} of the epoch's {plan.batches_per_epoch} batches, in "
+    if batches < total and batches and not plan.update_of(batches - 1)[1]:
+        raise RuntimeError(f"the loader ended after {batches} of the epoch's {total} batches, in "
                            "the middle of an update: its gradients would be dropped")
     elapsed = time.perf_counter() - start
     return {"train_loss": loss_sum / max(1, seen), "lr": max(g["lr"] for g in optimizer.param_groups),

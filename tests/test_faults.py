@@ -177,10 +177,13 @@ def test_pretraining_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(
 def test_finetuning_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(
     local_ray, demo_data, tmp_path, monkeypatch
 ):
+    # drop path, mixup/cutmix, RandAugment and random erasing all draw random numbers: each restarted epoch
+    # must draw what the uninterrupted run drew (the fixed-group and --resume-from cases: test_resume.py)
     def config(tmp, *extra):
         return tiny_config(demo_data, tmp, "eval.checkpoint=random", "finetune.epochs=2", "finetune.batch_size=32",
-                           "finetune.warmup_epochs=0", "finetune.mixup=0", "finetune.cutmix=0",
-                           "data.samples_per_epoch=128", "ray.num_workers=1", "mlflow.run_name=ft", *extra)
+                           "finetune.warmup_epochs=0", "finetune.drop_path=0.1", "finetune.mixup=0.8",
+                           "finetune.cutmix=1.0", "data.samples_per_epoch=128", "ray.num_workers=1",
+                           "mlflow.run_name=ft", *extra)
 
     monkeypatch.setenv("MAE_RAY_FAULTS", "kill:rank=0:mid_epoch=1")
     killed = finetune.run(config(tmp_path / "kill", "ray.failure_max_retries=2"))

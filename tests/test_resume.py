@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from mae_ray.cluster.checkpoints import load_state
 from mae_ray.errors import UserError
-from mae_ray.jobs import finetune, pretrain
+from mae_ray.jobs import pretrain
 
 pytestmark = pytest.mark.ray
 
@@ -141,24 +141,6 @@ def test_in_process_jobs_keep_prune_and_resume_checkpoints_as_ray_train_does(loc
     monkeypatch.delenv("MAE_RAY_FAULTS")
     continued = pretrain.run(config(tmp_path / "stop"), continue_existing=True)
     assert_same_run(full, tmp_path / "full", continued, tmp_path / "stop", f"epoch_{STOP:06d}")
-
-
-def test_finetuning_resumes_bit_identically(local_ray, demo_data, tmp_path, monkeypatch):
-    # 2 workers; drop path, mixup/cutmix, RandAugment and random erasing all draw random numbers
-    def config(tmp, *extra):
-        return tiny_config(demo_data, tmp, "eval.checkpoint=random", f"finetune.epochs={EPOCHS}",
-                           "finetune.batch_size=32", "finetune.warmup_epochs=1", "finetune.drop_path=0.1",
-                           "finetune.mixup=0.8", "finetune.cutmix=1.0", *extra)
-
-    full = finetune.run(config(tmp_path / "full"))
-    name = "finetune-run"
-    resumed, _ = stop_then_resume(finetune, config(tmp_path / "stop"), tmp_path / "stop", monkeypatch, name)
-    assert_same_run(full, tmp_path / "full", resumed, tmp_path / "stop", f"epoch_{STOP:06d}")
-
-    monkeypatch.setenv("MAE_RAY_FAULTS", f"kill:rank=0:after_report={STOP}")
-    retried = finetune.run(config(tmp_path / "kill", "ray.failure_max_retries=1"))
-    assert (tmp_path / "kill" / "run" / f".fault-kill-after_report-{STOP}-0").exists()
-    assert_same_run(full, tmp_path / "full", retried, tmp_path / "kill", f"epoch_{STOP:06d}")
 
 
 def test_ranks_that_drift_apart_stop_the_run_naming_the_epoch(local_ray, demo_data, tmp_path, monkeypatch):

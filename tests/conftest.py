@@ -20,6 +20,19 @@ os.environ["RAY_TMPDIR"] = _SESSION_RAY_ROOT
 atexit.register(shutil.rmtree, _SESSION_RAY_ROOT, ignore_errors=True)  # after every module's Ray has stopped
 
 
+# The slowest modules in CI, slowest first (pytest -n auto --dist loadfile --no-loadscope-reorder: a module per
+# worker, handed out in collection order). Two at a time, starting the longest first lets both workers end
+# together; xdist's default order (most tests first) put one-test modules of minutes last, one worker idle
+# meanwhile. Measured under xdist on the 2-core CI machine (docs/performance.md); the rest keep file order.
+SLOWEST_FIRST = ("test_faults", "test_multinode", "test_evaluation", "test_resume", "test_sweep", "test_storage",
+                 "test_secrets", "test_job_submit", "test_sweep_smoke", "test_pretrain")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module's tests stay in order
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """A small demo dataset (10 classes, 32 px) as real JPEG tar shards: dict of paths."""

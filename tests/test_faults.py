@@ -1,7 +1,8 @@
 """The fault matrix: what must hold after each fault a long run meets (real Ray, real MLflow, real disks).
 
 The sweep driver killed and resumed is in test_sweep.py; a worker killed right after a checkpoint and a
-non-finite loss are in test_pretrain.py.
+non-finite loss are in test_pretrain.py; a pre-training worker killed mid-epoch, restarted from an older
+checkpoint with the re-run epoch counted, is in test_resume.py.
 """
 
 from __future__ import annotations
@@ -145,33 +146,6 @@ def assert_resumed_bit_identically(killed: dict, reference: dict, uri: str, resu
     losses = MlflowClient(uri).get_metric_history(killed["mlflow_run_id"], "train_loss")
     assert sorted((m.step, m.value) for m in losses) == [(h["epoch"], h["train_loss"]) for h in ref["history"]]
     return final
-
-
-def test_pretraining_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(
-    local_ray, demo_data, tmp_path, monkeypatch
-):
-    # Checkpoints after epochs 1 and 3; SIGKILLed half-way through epoch 3, the worker restarts from epoch 1's
-    # checkpoint and trains epoch 2, already in MLflow, again: a re-run, counted, with the same values.
-    def config(tmp, *extra):
-        return tiny_config(demo_data, tmp, "train.epochs=4", "train.checkpoint_every=2",
-                           "data.samples_per_epoch=128", "ray.num_workers=1", *extra)
-
-    monkeypatch.setenv("MAE_RAY_FAULTS", "kill:rank=0:mid_epoch=3")
-    killed = pretrain.run(config(tmp_path / "kill", "ray.failure_max_retries=2"))
-    monkeypatch.delenv("MAE_RAY_FAULTS")
-    assert (tmp_path / "kill" / "run" / ".fault-kill-mid_epoch-3-0").exists()  # the kill really happened
-    uri = f"sqlite:///{tmp_path}/kill/mlflow.db"
-    assert killed["metrics"]["epoch"] == 3
-    reference = uninterrupted(pretrain, config(tmp_path / "ref", "ray.num_workers=0"))
-    final = assert_resumed_bit_identically(killed, reference, uri, 2)
-    # epochs 0-1 are the first attempt's, timings and all: the checkpoint resumed from holds the same rows
-    first = load_state(str(tmp_path / "kill" / "run" / "ray" / "run" / "epoch_000001"))
-    assert final["history"][:2] == first["history"]
-    assert [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(killed["mlflow_run_id"],
-                                                                            tracking.RERUN_METRIC)] == [(2, 1.0)]
-    run = only_run(uri, "test")
-    assert tracking.MISMATCH_METRIC not in run.data.metrics  # exact resume: the re-run matched
-    assert run.info.run_id == killed["mlflow_run_id"] and run.info.status == "FINISHED"
 
 
 def test_finetuning_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(

@@ -17,6 +17,7 @@ import torch
 from _helpers import tiny_config
 from mlflow import MlflowClient
 
+from mae_ray import tracking
 from mae_ray.cluster.checkpoints import load_state
 from mae_ray.errors import UserError
 from mae_ray.jobs import pretrain
@@ -100,7 +101,7 @@ def stop_then_resume(job, cfg, tmp: Path, monkeypatch, name: str) -> tuple[dict,
     return resumed, store
 
 
-# 2 workers only: one worker's exact continuation after a mid-epoch kill is test_faults.py's (against an
+# 2 workers only: one worker's exact continuation after a kill is test_faults.py's (fine-tuning, against an
 # uninterrupted in-process run), and --resume-from takes the same path whatever the group size
 @pytest.mark.parametrize("workers", [2])
 def test_pretraining_resumes_bit_identically(local_ray, demo_data, tmp_path, monkeypatch, workers):
@@ -112,15 +113,26 @@ def test_pretraining_resumes_bit_identically(local_ray, demo_data, tmp_path, mon
     resumed, store = stop_then_resume(pretrain, config(tmp_path / "stop"), tmp_path / "stop", monkeypatch, "run")
     assert_same_run(full, tmp_path / "full", resumed, tmp_path / "stop", f"epoch_{STOP:06d}")
 
-    # the last rank SIGKILLed half-way through epoch STOP + 1: Ray restarts the group, which resumes from epoch
-    # STOP's checkpoint and trains STOP + 1 again. Not right after its report of epoch STOP: a rank that writes
-    # no checkpoint returns from Ray's report once the ranks agree on the folder name, while rank 0 may still
-    # be storing it; killed then, the group may restart from epoch STOP - 1 (a store slowed to 12 s, as under
-    # load, made it do so: docs/results.md). Mid-epoch, rank 0 has joined STOP + 1's all-reduces: it is stored.
-    monkeypatch.setenv("MAE_RAY_FAULTS", f"kill:rank={workers - 1}:mid_epoch={STOP + 1}")
-    retried = pretrain.run(config(tmp_path / "kill", "ray.failure_max_retries=1"))
-    assert (tmp_path / "kill" / "run" / f".fault-kill-mid_epoch-{STOP + 1}-{workers - 1}").exists()  # it was killed
+    # Checkpoints after epochs STOP and STOP + 2 only; the last rank SIGKILLed half-way through epoch STOP + 2:
+    # Ray restarts the group, which resumes from epoch STOP's checkpoint and trains STOP + 1, already in MLflow,
+    # again (a re-run, counted, with the same values), then STOP + 2. Not killed right after a report: a rank
+    # that writes no checkpoint returns from Ray's report once the ranks agree on the folder name, while rank 0
+    # may still be storing it; killed then, the group may restart from the checkpoint before (a store slowed to
+    # 12 s, as under load, made it do so: docs/results.md). Mid-epoch, rank 0 has joined the epoch's
+    # all-reduces: the checkpoint before is stored.
+    kill_at = STOP + 2
+    monkeypatch.setenv("MAE_RAY_FAULTS", f"kill:rank={workers - 1}:mid_epoch={kill_at}")
+    retried = pretrain.run(config(tmp_path / "kill", "ray.failure_max_retries=1", "train.checkpoint_every=2"))
+    assert (tmp_path / "kill" / "run" / f".fault-kill-mid_epoch-{kill_at}-{workers - 1}").exists()  # it was killed
     assert_same_run(full, tmp_path / "full", retried, tmp_path / "kill", f"epoch_{STOP:06d}")
+    # epochs 0..STOP are the first attempt's, timings and all: the checkpoint resumed from holds the same rows
+    first = load_state(str(tmp_path / "kill" / "run" / "ray" / "run" / f"epoch_{STOP:06d}"))
+    assert load_state(retried["checkpoint"])["history"][: STOP + 1] == first["history"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/kill/mlflow.db")
+    reruns = client.get_metric_history(retried["mlflow_run_id"], tracking.RERUN_METRIC)
+    assert [(m.step, m.value) for m in reruns] == [(STOP + 1, 1.0)]
+    metrics = client.get_run(retried["mlflow_run_id"]).data.metrics
+    assert tracking.MISMATCH_METRIC not in metrics  # exact resume: the re-run matched what MLflow holds
 
 
 def test_in_process_jobs_keep_prune_and_resume_checkpoints_as_ray_train_does(local_ray, demo_data, tmp_path,

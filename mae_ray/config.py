@@ -256,6 +256,13 @@ def _validate_group(ray: RayConfig) -> None:
         raise ConfigError(f"ray.min_workers must be in [1, ray.num_workers = {ray.num_workers}], got {ray.min_workers}")
     if ray.resize_check_s <= 0:
         raise ConfigError(f"ray.resize_check_s must be > 0 seconds, got {ray.resize_check_s}")
+    fractional = [f"{key} {value:g}" for key, value in (("ray.cpus_per_worker", ray.cpus_per_worker),
+                  ("ray.gpus_per_worker", ray.gpus_per_worker if ray.use_gpu else 1)) if value != int(value)]
+    if ray.elastic and fractional:
+        # Ray 2.60's elastic policy counts workers from whole resources: with 0.6 CPU each on 2 CPUs it saw 2
+        # workers where 3 fit and, below min_workers, waited for ever at 100 % of a core
+        raise ConfigError(f"an elastic group (ray.min_workers) needs whole CPUs and GPUs per worker, not "
+                          f"{' and '.join(fractional)}: Ray's elastic scaling miscounts fractional ones")
 
 
 def validate(cfg: Config) -> None:

@@ -77,6 +77,8 @@ def test_bad_overrides_get_a_clear_message(override, message):
     (["ray.num_workers=0", "ray.min_workers=1"], "ray.min_workers needs Ray workers: ray.num_workers 0 runs in"),
     (["ray.num_workers=4", "ray.min_workers=5"], "ray.min_workers must be in [1, ray.num_workers = 4], got 5"),
     (["ray.num_workers=4", "ray.min_workers=2", "ray.resize_check_s=0"], "ray.resize_check_s must be > 0"),
+    (["ray.num_workers=4", "ray.min_workers=3", "ray.cpus_per_worker=0.6"],
+     "an elastic group (ray.min_workers) needs whole CPUs and GPUs per worker, not ray.cpus_per_worker 0.6"),
 ])
 def test_an_elastic_group_outside_its_bounds_is_refused(overrides, message):
     with pytest.raises(ConfigError) as info:

@@ -147,9 +147,11 @@ def test_a_run_keeps_everything_in_the_bucket_and_resumes_evaluates_and_is_found
         assert state["epoch"] == 1 and state["attempts"][-1] == {"start_epoch": 1, "resumed_from": first["checkpoint"],
                                                             "workers": 2}  # tiny_config's 2 workers
 
+        # in this process (no Ray Train start: Ray workers reading a bucket are the run's above and
+        # test_multinode's), its checkpoints in the bucket all the same
         probe = linprobe.run(config(f"output_dir={tmp_path}/c", f"eval.checkpoint={resumed['checkpoint']}",
                                     "mlflow.run_name=probe", "linprobe.epochs=1", "linprobe.batch_size=64",
-                                    "linprobe.warmup_epochs=0", "linprobe.cache_features=true"))
+                                    "linprobe.warmup_epochs=0", "linprobe.cache_features=true", "ray.num_workers=0"))
         assert probe["encoder"] == resumed["checkpoint"] and probe["checkpoint"].startswith(f"{runs}/probe/epoch_")
     finally:
         server.stop()

@@ -89,6 +89,9 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     checkpoint_every: int = 1
+    # a checkpoint inside an epoch once this many minutes have passed since the last one (every job: the
+    # probe and fine-tuning too); null: at epoch ends only. A preemption notice checkpoints at once either way.
+    checkpoint_every_minutes: float | None = 15.0
     visualize_every: int = 0  # 0: only at the end
     knn_every: int = 0  # 0: off
     max_steps_per_epoch: int | None = None  # cap for quick runs and tests
@@ -123,6 +126,9 @@ class StorageConfig:
     # how long a checkpoint upload keeps trying after its first failure (an outage) before the run fails;
     # each request is already tried 3 times by the S3 client, ~6 s when the server does not answer
     upload_retry_s: float = 60.0
+    # checkpoints other than a run's last are copied to storage by a background thread while training goes on
+    # (each is visible only once whole either way); false: training waits for every copy
+    upload_in_background: bool = True
 
 
 @dataclass
@@ -340,6 +346,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"finetune.samples_per_epoch must be >= 1, got {cfg.finetune.samples_per_epoch}")
     if cfg.data.crop_ratio is not None and not 0 < cfg.data.crop_ratio <= 1:
         raise ConfigError(f"data.crop_ratio must be in (0, 1] (1.0: the whole image), got {cfg.data.crop_ratio}")
+    if cfg.train.checkpoint_every_minutes is not None and not cfg.train.checkpoint_every_minutes > 0:
+        raise ConfigError("train.checkpoint_every_minutes must be > 0 (null: checkpoints at epoch ends only), got "
+                          f"{cfg.train.checkpoint_every_minutes}")
     for section in ("train", "linprobe", "finetune"):
         sec = getattr(cfg, section)
         if sec.amp is not None and sec.amp not in AMP_MODES:

@@ -85,7 +85,7 @@ def test_train_equal_batches_on_every_rank_and_worker(uneven, world_size, num_wo
             assert all(x.shape == (batch_size, 3, IMG, IMG) and x.dtype == torch.float32 for x, _ in batches)
             assert all(y.dtype == torch.int64 for _, y in batches)
         # Each DataLoader worker yields its exact share (steps split as evenly as possible).
-        per_worker = Counter(worker for *_, worker, _ in loader._loader)
+        per_worker = Counter(worker for *_, worker, _, _ in loader._loader)
         expected = {w: steps // num_workers + (w < steps % num_workers) for w in range(num_workers)}
         assert per_worker == {w: n for w, n in expected.items() if n}
 
@@ -175,6 +175,37 @@ def test_train_augmentation_reproducible_in_workers(uneven):
 
     assert torch.equal(images(0), images(0))
     assert not torch.equal(images(0), images(1))
+
+
+@pytest.mark.parametrize("num_workers", [0, 3])
+def test_an_epoch_restarted_at_any_batch_yields_what_the_whole_epoch_did(corrupt, num_workers):
+    """A checkpoint inside an epoch records where each loader worker is (``positions``); an epoch restarted there
+    (``set_epoch(epoch, start, positions)``) yields the rest of the whole epoch's batches, the same images with
+    the same augmentations, though unreadable samples (which ``positions`` counts) were skipped on the way and
+    the DataLoader's round robin starts again at its worker 0."""
+    directory, _, _ = corrupt
+
+    def loader():
+        made = make_train_loader(str(directory), batch_size=2, img_size=IMG, num_workers=num_workers,
+                                 samples_per_epoch=22, shuffle_buffer=4, transform="finetune")  # RandAugment too
+        made.set_epoch(3)
+        return made
+
+    whole = list(loader())
+    assert len(whole) == 11
+    for start in (1, 4, 5):  # each worker's first batch, after it, and after a round
+        first = loader()
+        batches = iter(first)
+        head = [next(batches) for _ in range(start)]
+        positions = first.positions
+        del batches
+        again = loader()
+        again.set_epoch(3, start, positions)
+        rest = list(again)
+        assert len(head) + len(rest) == len(whole), start
+        for i, ((x, y), (wx, wy)) in enumerate(zip(head + rest, whole, strict=True)):
+            assert torch.equal(x, wx) and torch.equal(y, wy), f"batch {i} differs after a restart at {start}"
+    assert sum(positions) > 2 * 5  # unreadable samples on the way: whole batches alone would not say where
 
 
 # --------------------------------------------------------------------------- evaluation

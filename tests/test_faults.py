@@ -134,7 +134,7 @@ def assert_resumed_bit_identically(killed: dict, reference: dict, uri: str, resu
     """The killed run's last checkpoint: a second attempt that began at ``resumed_at`` from the checkpoint
     before it, and the uninterrupted run's bits (state and per-epoch metrics); each epoch once in MLflow."""
     final, ref = load_state(killed["checkpoint"]), load_state(reference["checkpoint"])
-    assert final["attempts"][0] == {"start_epoch": 0, "resumed_from": "", "workers": 1}
+    assert final["attempts"][0] == {"start_epoch": 0, "start_update": 0, "resumed_from": "", "workers": 1}
     assert [a["start_epoch"] for a in final["attempts"]] == [0, resumed_at], final["attempts"]
     assert final["attempts"][1]["resumed_from"].rstrip("/").endswith(f"epoch_{resumed_at - 1:06d}")
     for part in ("model", "optimizer", "scheduler", "scaler"):

@@ -1,8 +1,9 @@
 """Pre-training across two Ray nodes (both on this machine, 1 CPU each): the two workers cannot share a
 node, so DDP really runs between nodes, each reading the shards from its own node's filesystem. Last, an
-elastic group (``ray.min_workers``) that loses a node without notice mid-run, goes on with the worker left
-and grows back when a node is added: one MLflow run throughout, with the fixed group's recipe (the same
-updates, the same lr at each of them, the same effective batch)."""
+elastic group (``ray.min_workers``) whose second node is reclaimed with notice mid-run: it checkpoints on the
+notice, goes on with the worker left once the node has gone, and grows back when a node is added: one MLflow
+run throughout, with the fixed group's recipe (the same updates, the same lr at each of them, the same
+effective batch)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def two_nodes(s3):
     """A head and a second node with 1 CPU each; the driver (this process) connected to the head. A group
     whose node went away is started again in 15 s, not Ray's 60 (the size Ray first picks may still count the
     node just lost: an elastic run then tries again at the size that fits)."""
-    with local_cluster(1, 1, env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}) as cluster:
+    with local_cluster(1, 1, env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",
+                                  "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}) as cluster:
         yield cluster
 
 
@@ -133,8 +135,10 @@ def test_two_nodes_share_nothing_but_the_bucket_and_a_killed_worker_resumes_from
     assert summary["checkpoint"] == f"{runs}/run/epoch_000001"
     assert checkpoint_folders(f"{runs}/run") == [f"{runs}/run/epoch_000000", f"{runs}/run/epoch_000001"]
     attempts = load_state(summary["checkpoint"])["attempts"]
-    assert attempts == [{"start_epoch": 0, "resumed_from": "", "workers": 2},  # the restarted group read epoch 0
-                        {"start_epoch": 1, "resumed_from": f"{runs}/run/epoch_000000", "workers": 2}], attempts
+    assert attempts == [{"start_epoch": 0, "start_update": 0, "resumed_from": "", "workers": 2},
+                        # the restarted group read epoch 0
+                        {"start_epoch": 1, "start_update": 0, "resumed_from": f"{runs}/run/epoch_000000",
+                         "workers": 2}], attempts
     history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(summary["mlflow_run_id"], "train_loss")
     assert sorted(m.step for m in history) == [0, 1]  # nothing lost, nothing twice
     local = [p for p in tmp_path.rglob("*") if p.suffix in (".tar", ".pt", ".pth", ".safetensors")]
@@ -154,9 +158,36 @@ def _wait(what: str, done, timeout_s: float = 240.0) -> None:
 # by rank), so a group of another size trains on other samples from the resize on. The updates, their lr and
 # their effective batch are the same; the final loss of these runs differed by 0.1 % (0.6029 vs 0.6034).
 LOSS_TOLERANCE = 0.03
+NOTICE_S = 8  # the reclaim notice's deadline (clouds give 30 s to 2 min); Ray's watcher polls every second here
 
 
-def test_a_lost_node_shrinks_an_elastic_group_and_a_new_one_grows_it_back_keeping_the_recipe(
+def drain(node, seconds: int) -> None:
+    """What a cloud's reclaim notice makes a Ray autoscaler do (and ``ray drain-node`` does): the node is drained
+    with reason PREEMPTION and a deadline; nothing is stopped by it (the test removes the node afterwards)."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    deadline_ms = time.time_ns() // 1_000_000 + seconds * 1000
+    accepted, why = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address).drain_node(
+        node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot reclaim (test)",
+        deadline_ms)
+    assert accepted, why
+
+
+def inside(store: Path, why: str) -> list[tuple[int, int]]:
+    """(epoch, update) of the run's checkpoints taken inside an epoch for a reason starting with ``why``."""
+    found = []
+    for folder in store.glob("epoch_*_u*"):
+        try:
+            at = load_state(str(folder))["in_epoch"]
+        except Exception:  # noqa: BLE001 - being written or pruned right now
+            continue
+        if at["why"].startswith(why):
+            found.append((at["epoch"], at["updates"]))
+    return found
+
+
+def test_a_reclaimed_node_shrinks_an_elastic_group_after_a_checkpoint_on_notice_and_a_new_one_grows_it_back(
         two_nodes, fixed_run, demo_data, tmp_path):
     """Last in this module: it changes the cluster (a node goes, another comes)."""
     cluster = two_nodes
@@ -175,10 +206,16 @@ def test_a_lost_node_shrinks_an_elastic_group_and_a_new_one_grows_it_back_keepin
 
     job = threading.Thread(target=run, daemon=True)
     job.start()
-    # what a spot cluster does to the run: a node gone without notice (its processes stopped; its raylet signs
-    # off as a reclaimed VM's does when it shuts down), later a new one
+    # what a spot cluster does to the run: a reclaim notice for the second node, the node gone at its deadline
+    # (its processes stopped; its raylet signs off as a reclaimed VM's does when it shuts down), later a new node
     _wait("epoch 1's checkpoint", lambda: (store / "epoch_000001").exists())
-    cluster.remove_node(next(iter(cluster.worker_nodes)))
+    node = next(iter(cluster.worker_nodes))
+    drain(node, NOTICE_S)
+    noticed = time.monotonic()
+    _wait("a checkpoint on the notice", lambda: inside(store, "preemption notice"), timeout_s=NOTICE_S)
+    (jit,) = inside(store, "preemption notice")
+    time.sleep(max(0.0, NOTICE_S - (time.monotonic() - noticed)))
+    cluster.remove_node(node)
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")  # the run's: created before epoch 1 ended
     (run_record,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
     _wait("an epoch on one worker", lambda: any(v == 1 for _, v in history(tmp, run_record.info.run_id, "workers")))
@@ -197,7 +234,11 @@ def test_a_lost_node_shrinks_an_elastic_group_and_a_new_one_grows_it_back_keepin
     assert history(tmp, run_id, "lr") == history(fixed_tmp, fixed["mlflow_run_id"], "lr")
     final, reference = load_state(elastic["checkpoint"]), load_state(fixed["checkpoint"])
     assert final["step"] == reference["step"] and final["scheduler"] == reference["scheduler"]
-    assert [a["workers"] for a in final["attempts"]][0] == 2 and [a["workers"] for a in final["attempts"]][-1] == 2
+    attempts = final["attempts"]
+    assert attempts[0]["workers"] == 2 and attempts[1]["workers"] == 1 and attempts[-1]["workers"] == 2, attempts
+    # the group that went on after the reclaim started where the checkpoint on the notice was, or later (an
+    # epoch may have ended before the deadline): no update done before the notice was trained again
+    assert (attempts[1]["start_epoch"], attempts[1]["start_update"]) >= jit, (attempts, jit)
     tag = MlflowClient(f"sqlite:///{tmp}/mlflow.db").get_run(run_id).data.tags["mae_ray.attempts"]
     assert "resized 2 -> 1 worker(s)" in tag and "resized 1 -> 2 worker(s)" in tag, tag
     loss, ref_loss = elastic["metrics"]["train_loss"], fixed["metrics"]["train_loss"]

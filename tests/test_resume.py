@@ -72,7 +72,8 @@ def assert_same_run(full: dict, full_tmp: Path, other: dict, other_tmp: Path, re
     assert mlflow_losses(other_tmp, other["mlflow_run_id"]) == mlflow_losses(full_tmp, full["mlflow_run_id"])
     assert [s for s, _ in mlflow_losses(other_tmp, other["mlflow_run_id"])] == list(range(EPOCHS))
     # it resumed: the second attempt began at STOP + 1, from the checkpoint named
-    assert a["attempts"] == [{"start_epoch": 0, "resumed_from": "", "workers": b["attempts"][0]["workers"]}]
+    assert a["attempts"] == [{"start_epoch": 0, "start_update": 0, "resumed_from": "",
+                             "workers": b["attempts"][0]["workers"]}]
     assert [x["start_epoch"] for x in b["attempts"]] == [0, STOP + 1]
     assert b["attempts"][1]["resumed_from"].rstrip("/").endswith(resumed_from)
 
@@ -113,26 +114,29 @@ def test_pretraining_resumes_bit_identically(local_ray, demo_data, tmp_path, mon
     resumed, store = stop_then_resume(pretrain, config(tmp_path / "stop"), tmp_path / "stop", monkeypatch, "run")
     assert_same_run(full, tmp_path / "full", resumed, tmp_path / "stop", f"epoch_{STOP:06d}")
 
-    # Checkpoints after epochs STOP and STOP + 2 only; the last rank SIGKILLed half-way through epoch STOP + 2:
-    # Ray restarts the group, which resumes from epoch STOP's checkpoint and trains STOP + 1, already in MLflow,
-    # again (a re-run, counted, with the same values), then STOP + 2. Not killed right after a report: a rank
-    # that writes no checkpoint returns from Ray's report once the ranks agree on the folder name, while rank 0
-    # may still be storing it; killed then, the group may restart from the checkpoint before (a store slowed to
-    # 12 s, as under load, made it do so: docs/results.md). Mid-epoch, rank 0 has joined the epoch's
-    # all-reduces: the checkpoint before is stored.
+    # A checkpoint after every update (train.checkpoint_every_minutes), copied to storage in Ray's background
+    # thread; the last rank SIGKILLed half-way through epoch STOP + 2, just after the checkpoint of that epoch's
+    # update 2: Ray restarts the group, which resumes inside that epoch, from update 2 or, when the kill cut that
+    # checkpoint's copy short, update 1 (a copy cut short is invisible: state.pt goes last, or the folder is
+    # renamed once whole). Each rank's place in its data comes back from the checkpoint: the same bits again.
     kill_at = STOP + 2
     monkeypatch.setenv("MAE_RAY_FAULTS", f"kill:rank={workers - 1}:mid_epoch={kill_at}")
-    retried = pretrain.run(config(tmp_path / "kill", "ray.failure_max_retries=1", "train.checkpoint_every=2"))
+    retried = pretrain.run(config(tmp_path / "kill", "ray.failure_max_retries=1", "train.checkpoint_every=2",
+                                  "train.checkpoint_every_minutes=1e-6"))
     assert (tmp_path / "kill" / "run" / f".fault-kill-mid_epoch-{kill_at}-{workers - 1}").exists()  # it was killed
-    assert_same_run(full, tmp_path / "full", retried, tmp_path / "kill", f"epoch_{STOP:06d}")
-    # epochs 0..STOP are the first attempt's, timings and all: the checkpoint resumed from holds the same rows
-    first = load_state(str(tmp_path / "kill" / "run" / "ray" / "run" / f"epoch_{STOP:06d}"))
-    assert load_state(retried["checkpoint"])["history"][: STOP + 1] == first["history"]
+    final = load_state(retried["checkpoint"])
+    second = final["attempts"][1]
+    assert second["start_epoch"] == kill_at and second["start_update"] in (1, 2), final["attempts"]
+    assert second["resumed_from"].endswith(f"epoch_{kill_at:06d}_u{second['start_update']:06d}")
+    a = load_state(full["checkpoint"])
+    for part in ("model", "optimizer", "scheduler", "scaler"):
+        assert_bit_identical(a[part], final[part], f"killed inside an epoch: {part}")
+    assert [h["train_loss"] for h in final["history"]] == [h["train_loss"] for h in a["history"]]
     client = MlflowClient(f"sqlite:///{tmp_path}/kill/mlflow.db")
-    reruns = client.get_metric_history(retried["mlflow_run_id"], tracking.RERUN_METRIC)
-    assert [(m.step, m.value) for m in reruns] == [(STOP + 1, 1.0)]
+    assert mlflow_losses(tmp_path / "kill", retried["mlflow_run_id"]) == mlflow_losses(tmp_path / "full",
+                                                                                        full["mlflow_run_id"])
     metrics = client.get_run(retried["mlflow_run_id"]).data.metrics
-    assert tracking.MISMATCH_METRIC not in metrics  # exact resume: the re-run matched what MLflow holds
+    assert tracking.RERUN_METRIC not in metrics and tracking.MISMATCH_METRIC not in metrics  # no epoch twice
 
 
 def test_in_process_jobs_keep_prune_and_resume_checkpoints_as_ray_train_does(local_ray, demo_data, tmp_path,
@@ -153,6 +157,35 @@ def test_in_process_jobs_keep_prune_and_resume_checkpoints_as_ray_train_does(loc
     monkeypatch.delenv("MAE_RAY_FAULTS")
     continued = pretrain.run(config(tmp_path / "stop"), continue_existing=True)
     assert_same_run(full, tmp_path / "full", continued, tmp_path / "stop", f"epoch_{STOP:06d}")
+
+
+def test_a_run_stopped_inside_an_epoch_continues_bit_identically(demo_data, tmp_path, monkeypatch):
+    """Checkpoints inside an epoch (``train.checkpoint_every_minutes``, here after every update): a run that fails
+    half-way through epoch 1 continues from the checkpoint after that epoch's update 2, and ends with the same
+    bits as the uninterrupted run: the same data in the same order (two loader workers, whose round robin a
+    restart resets), the same augmentations and masks, and the epoch's loss summed over both attempts."""
+    extra = ("ray.num_workers=0", "data.num_workers=2", "train.accum_iter=2", "train.epochs=2")
+    full = pretrain.run(tiny_config(demo_data, tmp_path / "full", *extra))
+
+    def config():
+        return tiny_config(demo_data, tmp_path / "stop", *extra, "train.checkpoint_every_minutes=1e-6")
+
+    monkeypatch.setenv("MAE_RAY_FAULTS", "fail:rank=0:mid_epoch=1")  # before micro-batch 4 of 8: after update 2
+    with pytest.raises(UserError, match="injected failure at mid_epoch=1"):
+        pretrain.run(config())
+    monkeypatch.delenv("MAE_RAY_FAULTS")
+    store = tmp_path / "stop" / "run" / "ray" / "run"
+    assert sorted(p.name for p in store.iterdir()) == ["epoch_000001_u000001", "epoch_000001_u000002"]
+    continued = pretrain.run(config(), continue_existing=True)
+
+    a, b = load_state(full["checkpoint"]), load_state(continued["checkpoint"])
+    assert b["attempts"][1]["start_epoch"] == 1 and b["attempts"][1]["start_update"] == 2, b["attempts"]
+    assert b["attempts"][1]["resumed_from"].endswith("epoch_000001_u000002")
+    for part in ("model", "optimizer", "scheduler"):
+        assert_bit_identical(a[part], b[part], part)
+    assert [h["train_loss"] for h in b["history"]] == [h["train_loss"] for h in a["history"]]
+    assert mlflow_losses(tmp_path / "stop", continued["mlflow_run_id"]) == mlflow_losses(tmp_path / "full",
+                                                                                         full["mlflow_run_id"])
 
 
 def test_ranks_that_drift_apart_stop_the_run_naming_the_epoch(local_ray, demo_data, tmp_path, monkeypatch):
@@ -183,8 +216,8 @@ class ReplayedMasks(torch.nn.Module):
 
 def what_rank_saw(cfg, rank: int, world: int, mae) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Epoch 0's micro-batches (normalised images) and masking noise on ``rank`` of ``world``, drawn as the
-    job draws them: every RNG seeded from (seed, 0, rank), the real loader for that rank, then one noise draw
-    per forward (nothing else in a step draws from torch's RNG)."""
+    job draws them: the real loader for that rank, then one noise draw per forward, every RNG seeded from
+    (seed, 0, rank, micro-batch) before it (nothing else in a step draws from torch's RNG)."""
     from mae_ray.data.loader import make_train_loader
     from mae_ray.data.transforms import build_transform
     from mae_ray.train import engine
@@ -198,7 +231,10 @@ def what_rank_saw(cfg, rank: int, world: int, mae) -> tuple[list[torch.Tensor], 
         samples_per_epoch=cfg.data.samples_per_epoch, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer)
     loader.set_epoch(0)
     images = [imgs for imgs, _ in pretrain.on_device(loader, torch.device("cpu"))]
-    noises = [mae.mask_noise(x.shape[0], cfg.model.mask_ratio, x.device) for x in images]
+    noises = []
+    for i, x in enumerate(images):  # engine.run_epoch seeds every RNG again before each micro-batch
+        engine.seed_everything(cfg.train.seed, 0, rank, i)
+        noises.append(mae.mask_noise(x.shape[0], cfg.model.mask_ratio, x.device))
     return images, noises
 
 

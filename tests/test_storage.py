@@ -144,7 +144,8 @@ def test_a_run_keeps_everything_in_the_bucket_and_resumes_evaluates_and_is_found
         resumed = pretrain.run(config("train.epochs=2", "mlflow.run_name=second", f"output_dir={tmp_path}/b"),
                                resume_from=first["checkpoint"])
         state = load_state(resumed["checkpoint"])
-        assert state["epoch"] == 1 and state["attempts"][-1] == {"start_epoch": 1, "resumed_from": first["checkpoint"],
+        assert state["epoch"] == 1 and state["attempts"][-1] == {"start_epoch": 1, "start_update": 0,
+                                                            "resumed_from": first["checkpoint"],
                                                             "workers": 2}  # tiny_config's 2 workers
 
         # in this process (no Ray Train start: Ray workers reading a bucket are the run's above and
@@ -244,18 +245,19 @@ def _outages_test(bucket, demo_data, tmp_path, monkeypatch):
 def test_in_a_bucket_the_state_file_is_written_last(tmp_path):
     # readers recognise a checkpoint by its state.pt: with it written last, a copy cut short anywhere
     # leaves a folder no reader takes for a checkpoint (a bucket has no rename to make the folder atomic)
-    from mae_ray.cluster.checkpoints import STATE_FILE, _copy_state_last
+    from mae_ray.cluster.checkpoints import STATE_FILE
+    from mae_ray.cluster.upload import copy_last
 
     for name in ("encoder.pth", STATE_FILE, "config.yaml", "encoder.safetensors", "z.txt"):
         (tmp_path / name).write_bytes(name.encode())
     written = []
 
-    class Recorder:  # the one call _copy_state_last makes on a pyarrow filesystem
+    class Recorder:  # the one call copy_last makes on a pyarrow filesystem
         def open_output_stream(self, path):
             written.append(path)
             return open(os.devnull, "wb")
 
-    _copy_state_last(str(tmp_path), Recorder(), "bucket/run/epoch_000003")
+    copy_last(str(tmp_path), Recorder(), "bucket/run/epoch_000003", STATE_FILE)
     assert written[-1] == f"bucket/run/epoch_000003/{STATE_FILE}" and len(written) == 5
 
 

@@ -221,7 +221,7 @@ def test_bombs_and_huge_members_are_skipped_and_counted_on_the_cpu_path(demo_dat
 
 
 def test_bombs_and_corrupt_jpegs_are_skipped_and_counted_on_the_device_path(demo_data):
-    from mae_ray.data.loader import _decode_raw
+    from mae_ray.data.decode import decode_raw as _decode_raw
     from mae_ray.data.shards import RawSample
 
     jpeg = a_demo_jpeg(demo_data)

@@ -1,7 +1,8 @@
 """The checkpoint: what it holds, how it is written, found, loaded and recognised, what goes to MLflow.
 
-A checkpoint is a folder ``epoch_NNNNNN`` (the epoch just finished, from 0) under the run's storage
-(``ray.storage_path/<run name>/``, a local path or a bucket) holding:
+A checkpoint is a folder ``epoch_NNNNNN`` (the epoch just finished, from 0), or ``epoch_NNNNNN_uMMMMMM`` (taken
+inside epoch N after M of its updates: ``train.checkpoint_every_minutes``, a preemption notice), under the run's
+storage (``ray.storage_path/<run name>/``, a local path or a bucket) holding:
 
 - ``state.pt``: a plain dict, read back with ``torch.load(weights_only=True)`` (nothing is unpickled):
   one state_dict per object the job's ``EpochLoop`` was given (``model``, ``optimizer``, ``scheduler``,
@@ -14,7 +15,7 @@ A checkpoint is a folder ``epoch_NNNNNN`` (the epoch just finished, from 0) unde
   (fine-tuning); ``head.pt`` (linear probe).
 
 Rank 0 writes it (:func:`report`); on a local or mounted filesystem it is copied to ``.tmp-epoch_*`` and
-renamed when whole, in a bucket ``state.pt`` is written last (:func:`_upload`), so no reader ever sees
+renamed when whole, in a bucket ``state.pt`` is written last (``upload.py``), so no reader ever sees
 half a checkpoint. A restarted worker group
 resumes from the newest one that loads (:func:`latest_checkpoint`). At the end, pre-training logs
 ``MLFLOW_ARTIFACTS`` to its MLflow run, which is how ``runs:/ID`` finds an encoder.
@@ -29,7 +30,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict
@@ -37,10 +37,11 @@ from typing import Any, TypedDict
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint
+from ray.train import Checkpoint, CheckpointUploadMode
 
 from mae_ray import storage
 from mae_ray.cluster import launch
+from mae_ray.cluster.upload import address, upload
 from mae_ray.errors import CheckpointError
 from mae_ray.model import weights
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 # Every file name of the format is here, and only here: the jobs, the evaluations and runs:/ go through them.
 STATE_FILE = "state.pt"
 CHECKPOINT_PREFIX = "epoch_"
+UPDATE_MARK = "_u"  # a checkpoint inside an epoch: epoch_NNNNNN_uMMMMMM, after M of epoch N's updates
 ENCODER_FILE = "encoder.pth"  # the release's {"model": ...} layout, encoder only
 ENCODER_SAFETENSORS = "encoder.safetensors"  # the same weights for timm
 CONFIG_FILE = "config.yaml"  # the pre-training run's config
@@ -60,9 +62,6 @@ FINAL_FILES = {
     "linprobe": (HEAD_FILE,),
 }
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")  # a file, not a checkpoint folder, when a name ends so
-# Waits between the tries of a checkpoint upload to object storage, doubling up to the last, for as long as
-# storage.upload_retry_s allows: a brief outage, a throttled burst or a dropped connection passes.
-UPLOAD_RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 # file of a finished pre-training checkpoint -> the MLflow artifact folder it goes to (runs:/ID reads them back)
 MLFLOW_ENCODER, MLFLOW_CHECKPOINT = "encoder", "checkpoint"
 MLFLOW_ARTIFACTS = {CONFIG_FILE: MLFLOW_ENCODER, ENCODER_FILE: MLFLOW_ENCODER, ENCODER_SAFETENSORS: MLFLOW_ENCODER,
@@ -75,7 +74,10 @@ class TrainingState(TypedDict, total=False):
     epoch: int  # the epoch just finished, from 0
     step: int  # optimiser updates so far
     history: list[dict[str, float]]  # every epoch's metrics, so MLflow can be back-filled after a restart
-    attempts: list[dict[str, Any]]  # per start of the run: start_epoch, resumed_from
+    attempts: list[dict[str, Any]]  # per start of the run: start_epoch, start_update, resumed_from, workers
+    # a checkpoint taken inside an epoch: where it stands (``EpochLoop``): epoch, updates, workers, loader
+    # workers, and per rank [loss sum, samples, samples each loader worker consumed]
+    in_epoch: dict[str, Any]
     mlflow_run_id: str
     config: str  # pre-training only: the run's config YAML (makes the folder a pre-training checkpoint)
     model: dict[str, torch.Tensor]  # the job's stateful objects, by the names the job gave its EpochLoop
@@ -85,21 +87,25 @@ class TrainingState(TypedDict, total=False):
     head: dict[str, torch.Tensor]  # the linear probe's
 
 
-def folder_name(epoch: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{epoch:06d}"
+def folder_name(epoch: int, updates: int | None = None) -> str:
+    """``epoch_NNNNNN`` once epoch N is over; inside it, after ``updates`` of its updates, ``epoch_NNNNNN_uMMMMMM``."""
+    return f"{CHECKPOINT_PREFIX}{epoch:06d}" + ("" if updates is None else f"{UPDATE_MARK}{updates:06d}")
+
+
+def age(path: str) -> tuple[int, float, str]:
+    """Sort key of checkpoint folders, oldest first: epoch N's end comes after every checkpoint inside it."""
+    name = os.path.basename(path.rstrip("/"))
+    head, _, updates = name[len(CHECKPOINT_PREFIX):].partition(UPDATE_MARK)
+    try:
+        return int(head), float(updates) if updates else float("inf"), name
+    except ValueError:
+        return -1, 0.0, name
 
 
 def location(checkpoint: Checkpoint) -> str:
     """A Ray checkpoint's full address: ``s3://bucket/...`` in a bucket (Ray gives the path without its
     scheme), else its local path."""
     return address(checkpoint.filesystem, checkpoint.path)
-
-
-def address(fs, path: str) -> str:
-    """``path`` on the pyarrow filesystem ``fs`` as a URI: ``s3://`` in a bucket, else the local path."""
-    import pyarrow.fs as pafs
-
-    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
 
 
 def pretraining_parts(obj: Any) -> tuple[str, dict[str, torch.Tensor], str | None] | None:
@@ -164,30 +170,46 @@ def read_weights_source(spec: str) -> Any:
 
 # --------------------------------------------------------------------------- worker side: write, find, load
 def report(metrics: dict[str, Any], state: TrainingState | None, epoch: int,
-           files: dict[str, Callable[[str], None]] | None = None, retry_s: float = 60.0) -> None:
-    """Report ``metrics``; with ``state``, rank 0 also writes a checkpoint ``epoch_NNNNNN`` beside them.
+           files: dict[str, Callable[[str], None]] | None = None, retry_s: float = 60.0,
+           updates: int | None = None, background: bool = False, last_good: str | None = None) -> None:
+    """Report ``metrics``; with ``state``, rank 0 also writes a checkpoint ``epoch_NNNNNN`` beside them
+    (``updates``: one taken inside the epoch, after that many of its updates: :func:`folder_name`).
 
     Every worker must call this the same number of times (it is a barrier in Ray Train).
     ``files`` maps file names to writers that put extra files in the checkpoint directory; ``retry_s``:
-    how long an upload to object storage keeps trying (``storage.upload_retry_s``).
+    how long an upload to object storage keeps trying (``storage.upload_retry_s``). ``background``: the
+    checkpoint is written to local disk here, and copied to the run's storage by Ray Train's upload thread
+    (one, so checkpoints arrive in order) while training goes on; it is visible only once whole, as ever
+    (:func:`_upload`). An upload that fails for good then fails the run with ``last_good`` named.
     """
     rank, _ = launch.world()
     local = launch.in_process_run()
     if state is None or rank != 0:
         _report(metrics, local)
         return
-    with tempfile.TemporaryDirectory(prefix="mae_ray_ckpt_") as tmp:
+    tmp = tempfile.mkdtemp(prefix="mae_ray_ckpt_")
+    try:
         torch.save(state, os.path.join(tmp, STATE_FILE))
         for name, write in (files or {}).items():
             write(os.path.join(tmp, name))
+        name = folder_name(epoch, updates)
+        if local is None and background:
+            copy = functools.partial(_upload, retry_s=retry_s, last_good=last_good or "none")
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
+                             checkpoint_upload_fn=copy, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                             delete_local_checkpoint_after_upload=True)  # Ray removes tmp once copied
+            tmp = None
+            return
         if local is None:
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=folder_name(epoch),
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
                              checkpoint_upload_fn=functools.partial(_upload, retry_s=retry_s))
             return
         # in-process: stored and pruned here as Ray Train would (``launch.InProcessRun``)
-        local.checkpoint = _upload(Checkpoint.from_directory(tmp), folder_name(epoch), retry_s)
-    stored = sorted(c.path for c in _stored_checkpoints())
+        local.checkpoint = _upload(Checkpoint.from_directory(tmp), name, retry_s)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    stored = sorted((c.path for c in _stored_checkpoints()), key=age)
     for old in stored[:-local.keep] if local.keep else ():
         with contextlib.suppress(OSError):
             local.fs.delete_dir(old)
@@ -213,74 +235,16 @@ def _run_storage() -> tuple[Any, str] | None:
     return ray_storage.storage_filesystem, ray_storage.experiment_fs_path
 
 
-def _upload(checkpoint: Checkpoint, dir_name: str, retry_s: float = 60.0) -> Checkpoint:
-    """Ray's copy to storage, made safe, so that no reader ever sees half a checkpoint. On a local or
-    mounted filesystem the files go to ``.tmp-<dir_name>`` first and the folder is renamed once whole. An
-    object store has no rename: there each object is written whole or not at all, and ``state.pt``, by
-    which every reader recognises a checkpoint (:func:`checkpoint_folders`, :func:`latest_checkpoint`), is
-    written last (:func:`_copy_state_last`). Either way a full or read-only disk, a lost connection or a
-    worker killed mid-copy leaves nothing that looks like a complete checkpoint. Uploads to object storage
-    are tried again for ``retry_s`` seconds before the run fails.
-    """
-    import pyarrow.fs as pafs
-
+def _upload(checkpoint: Checkpoint, dir_name: str, retry_s: float = 60.0, last_good: str | None = None) -> Checkpoint:
+    """Ray's copy of a checkpoint to the run's storage, made safe (``upload.upload``: whole or invisible, with
+    ``state.pt``, by which every reader recognises a checkpoint, written last)."""
     fs, root = _run_storage()
-    local = isinstance(fs, pafs.LocalFileSystem)
-    start, tries = time.monotonic(), 0
-    while True:
-        tries += 1
-        try:
-            return _put(checkpoint, fs, root, dir_name, local)
-        except OSError as e:
-            text = str(e).strip().splitlines()
-            error = text[0] if text else type(e).__name__
-        if tries == 1:  # the window opens at the first failure; a full disk does not heal in seconds
-            deadline = time.monotonic() + (0 if local else retry_s)
-        wait = min(UPLOAD_RETRY_WAITS_S[min(tries, len(UPLOAD_RETRY_WAITS_S)) - 1], deadline - time.monotonic())
-        if wait <= 0:
-            break
-        log.warning("checkpoint %s: upload to %s failed (%s); trying again in %.0f s", dir_name,
-                    address(fs, root), error, wait)
-        time.sleep(wait)
-    tried = f" (tried {tries} times in {time.monotonic() - start:.0f} s)" if tries > 1 else ""
-    raise CheckpointError(f"cannot write checkpoint {dir_name} to {address(fs, root)}{tried}: {error}")
+    return upload(checkpoint, fs, root, dir_name, STATE_FILE, retry_s, last_good)
 
 
-def _put(checkpoint: Checkpoint, fs, root: str, dir_name: str, local: bool) -> Checkpoint:
-    """One try of :func:`_upload`; on failure it removes what it wrote and raises the OSError."""
-    import pyarrow.fs as pafs
-
-    final, tmp = f"{root}/{dir_name}", f"{root}/.tmp-{dir_name}"
-    try:
-        if local:
-            fs.delete_dir_contents(tmp, missing_dir_ok=True)
-            fs.create_dir(tmp)
-            pafs.copy_files(checkpoint.path, tmp, source_filesystem=checkpoint.filesystem, destination_filesystem=fs)
-        if fs.get_file_info(final).type != pafs.FileType.NotFound:
-            fs.delete_dir(final)  # the same epoch written again after a restart
-        if local:
-            fs.move(tmp, final)
-        else:
-            with checkpoint.as_directory() as src:
-                _copy_state_last(src, fs, final)
-    except OSError:
-        with contextlib.suppress(OSError):
-            fs.delete_dir(tmp if local else final)  # frees what the failed copy took
-        raise
-    return Checkpoint(path=final, filesystem=fs)
-
-
-def _copy_state_last(src: str, fs, dest: str) -> None:
-    """Copy the files of local folder ``src`` to ``dest`` on ``fs`` (a pyarrow filesystem), ``state.pt`` last."""
-    for name in sorted(os.listdir(src), key=lambda n: (n == STATE_FILE, n)):
-        with open(os.path.join(src, name), "rb") as f, fs.open_output_stream(f"{dest}/{name}") as out:
-            while chunk := f.read(8 << 20):
-                out.write(chunk)
-
-
-def checkpoint_location(epoch: int) -> str:
-    """Where the checkpoint of ``epoch`` is (or would be) stored, for messages."""
-    name = folder_name(epoch)
+def checkpoint_location(epoch: int, updates: int | None = None) -> str:
+    """Where the checkpoint of ``epoch`` (``updates``: inside it) is (or would be) stored, for messages."""
+    name = folder_name(epoch, updates)
     where = _run_storage()
     return address(where[0], f"{where[1]}/{name}") if where else name
 
@@ -297,7 +261,7 @@ def latest_checkpoint(explicit: str | None = None) -> tuple[TrainingState | None
     registered = None if launch.in_process_run() else ray.train.get_checkpoint()
     if registered is not None:
         candidates.append(registered)
-    for ckpt in sorted(candidates, key=lambda c: os.path.basename(c.path.rstrip("/")), reverse=True):
+    for ckpt in sorted(candidates, key=lambda c: age(c.path), reverse=True):
         try:
             return load_state(ckpt), location(ckpt)
         except CheckpointError as e:
@@ -322,17 +286,17 @@ def checkpoint_folders(folder: str, with_state: bool = True) -> list[str]:
             name, _, rest = uri[len(prefix) + 1:].partition("/")
             if name.startswith(CHECKPOINT_PREFIX):
                 has_state[name] = has_state.get(name, False) or rest == STATE_FILE
-        return [f"{prefix}/{n}" for n in sorted(has_state) if has_state[n] or not with_state]
+        return [f"{prefix}/{n}" for n in sorted(has_state, key=age) if has_state[n] or not with_state]
     if "://" in folder or not os.path.isdir(folder):
         return []
-    return [os.path.join(folder, p) for p in sorted(os.listdir(folder)) if p.startswith(CHECKPOINT_PREFIX)
+    return [os.path.join(folder, p) for p in sorted(os.listdir(folder), key=age) if p.startswith(CHECKPOINT_PREFIX)
             and (not with_state or os.path.isfile(os.path.join(folder, p, STATE_FILE)))]
 
 
 def newest_stored() -> Checkpoint | None:
     """The newest checkpoint of the run in this process: what Ray Train's result names when a resumed run had
     nothing left to train (a finished run resumed)."""
-    stored = sorted(_stored_checkpoints(), key=lambda c: c.path)
+    stored = sorted(_stored_checkpoints(), key=lambda c: age(c.path))
     return stored[-1] if stored else None
 
 

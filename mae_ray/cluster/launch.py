@@ -273,6 +273,18 @@ def world() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
+def preemption_watched() -> bool:
+    """Whether this run can be told that a node of its group is being reclaimed: a Ray Train run whose
+    preemption watcher is on (``init_ray`` turns it off on a one-machine Ray it starts)."""
+    return in_process_run() is None and os.environ.get(PREEMPTION_WATCHER_ENV, "1") != "0"
+
+
+def preemption_notice():
+    """Ray Train's notice that a node of this group is being reclaimed (a ``ray.train.PreemptionInfo``: the
+    nodes, their ranks, the deadline), or None. A barrier: every rank calls it at the same point."""
+    return ray.train.get_preemption_info()
+
+
 def device():
     """The torch device of this worker (in-process: the first GPU with ``ray.use_gpu``, else the CPU)."""
     import torch

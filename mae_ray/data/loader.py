@@ -8,113 +8,37 @@
   ``(j + p) % world_size``; each sample is seen exactly once across ranks.
 
 The stages: shards are read by :func:`mae_ray.data.shards.read_shard` (the format's owner: strict
-headers, only image and ``cls`` members, nothing unpickled), shuffled and batched by webdataset's
-``shuffle`` and ``batched``. Ours, and why: the shard order (webdataset's ``ResampledShards``
-draws shards with replacement, so an epoch over 10 shards misses about a third of them and
-repeats others; we walk permutations), and the decoding step, which skips a corrupt sample and
-counts it (``data/skipped``) without webdataset's ``warn_and_continue`` sleep per error, and
-refuses a label outside the classifier. See docs/data.md.
+headers, only image and ``cls`` members, nothing unpickled), shuffled by webdataset's ``shuffle``,
+decoded by ``data/decode.py`` and batched (evaluation: webdataset's ``batched``). Ours, and why: the
+shard order (webdataset's ``ResampledShards`` draws shards with replacement, so an epoch over 10 shards
+misses about a third of them and repeats others; we walk permutations); the decoding step, which skips
+a corrupt sample and counts it (``data/skipped``) without webdataset's ``warn_and_continue`` sleep per
+error, and refuses a label outside the classifier; training's batching, which says how far each worker's
+stream has got, so that an epoch restarts at any batch (a checkpoint taken inside it). See docs/data.md.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import batched, shuffle
 
-from mae_ray.data.shards import IMAGE_EXTENSIONS, RawSample, expand_urls, read_shard, shard_counts
-from mae_ray.data.transforms import Transform, build_transform, check_pixels, decode_rgb
+from mae_ray.data.decode import MAX_SKIP_STREAK, Skips, collate, decoded
+from mae_ray.data.shards import RawSample, expand_urls, read_shard, shard_counts
+from mae_ray.data.transforms import Transform, build_transform
 from mae_ray.errors import DataError
-from mae_ray.redaction import redact
 
-log = logging.getLogger(__name__)
-
-_MAX_SKIP_STREAK = 100  # consecutive undecodable training samples => the data is unusable
-_LOGGED_SKIPS = 5  # per worker and epoch; the total is reported as data/skipped
-
-
-# --------------------------------------------------------------------------- skipping, decoding, batching
-
-
-class _Skips:
-    """Per-worker count of skipped samples for the current epoch."""
-
-    def __init__(self, max_streak: int | None) -> None:
-        self.count = 0
-        self._streak = 0
-        self._max_streak = max_streak
-
-    def record(self, sample: RawSample, exn: Exception) -> None:
-        self.count += 1
-        self._streak += 1
-        if self.count <= _LOGGED_SKIPS:
-            log.warning("%s", redact(f"skipping sample {sample.key}: {exn!r}"))
-        if self._max_streak is not None and self._streak >= self._max_streak:
-            raise DataError(f"{self._streak} consecutive unreadable samples, last {sample.key}: {exn!r}")
-
-    def ok(self) -> None:
-        self._streak = 0
-
-
-def _decode_raw(sample: RawSample, raw: bool = False) -> tuple[torch.Tensor, int]:
-    """(CHW uint8 image, label); ``raw``: the image's encoded JPEG bytes as a 1-D uint8 tensor instead."""
-    if sample.broken:
-        raise DataError(f"the shard broke here: {sample.error}")
-    if sample.rejected:
-        raise DataError(sample.rejected)
-    image_ext = next((ext for ext in sample.files if ext in IMAGE_EXTENSIONS), None)
-    if image_ext is None:
-        raise DataError(f"no image member among {sorted(sample.files)}")
-    if "cls" not in sample.files:
-        raise DataError("no cls member")
-    data = sample.files[image_ext]
-    if not raw:
-        return decode_rgb(data), int(sample.files["cls"])
-    if data[:3] != b"\xff\xd8\xff":  # decoded on the GPU (data.decode=gpu), which reads JPEG only
-        raise DataError(f"{image_ext} member is not a JPEG (data.decode=gpu decodes JPEG only)")
-    check_pixels(data)  # the header's size, here: the device decodes a whole batch in one call
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8), int(sample.files["cls"])
-
-
-def _decoded(
-    samples: Iterable[RawSample], transform: Transform | None, skips: _Skips, num_classes: int | None = None
-) -> Iterator[tuple[torch.Tensor, int]]:
-    """``transform`` None: the encoded bytes, for decoding on the device (``device_decode``)."""
-    for sample in samples:
-        try:
-            image, label = _decode_raw(sample, raw=transform is None)
-        except Exception as exn:  # noqa: BLE001 - corrupt data is skipped and counted, never fatal
-            skips.record(sample, exn)
-            continue
-        skips.ok()
-        if num_classes is not None and not 0 <= label < num_classes:
-            # Not corruption but shards and classifier that disagree: skipping would hide it, and the
-            # loss would fail with an obscure CUDA assert (or silently ignore label -1).
-            raise DataError(
-                f"sample {sample.key} of {sample.url} has label {label}, outside 0..{num_classes - 1} for "
-                f"{num_classes} classes: the shards do not match data.num_classes / their dataset.json"
-            )
-        yield (image if transform is None else transform(image)), label  # transform errors are bugs: raise
-
-
-def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
-    # default_collate stacks straight into shared memory inside a worker: no extra copy (webdataset's
-    # default collation goes through numpy for the labels). Encoded images (1-D, of any length) stay a list.
-    if batch and batch[0][0].dim() == 1:
-        return [image for image, _ in batch], torch.tensor([label for _, label in batch])
-    images, labels = default_collate(batch)
-    return images, labels
+# --------------------------------------------------------------------------- batching
 
 
 def _batches(samples: Iterable[tuple[torch.Tensor, int]], batch_size: int, partial: bool):
-    return batched(batch_size, collation_fn=_collate, partial=partial)(samples)
+    return batched(batch_size, collation_fn=collate, partial=partial)(samples)
 
 
 def _worker_identity() -> tuple[int, int]:
@@ -127,7 +51,15 @@ def _worker_identity() -> tuple[int, int]:
 
 @dataclass
 class _TrainStream(IterableDataset):
-    """Per-worker stream of exactly its share of ``steps`` batches for ``self.epoch``."""
+    """Per-worker stream of exactly its share of ``steps`` batches for ``self.epoch``.
+
+    The rank's epoch is one fixed sequence of batches: batch i comes from *logical* worker ``i % W`` (W loader
+    workers), whose samples are its own shuffled stream seeded from ``(seed, epoch, rank, logical worker)``,
+    with each sample's augmentations seeded from its place in that stream. So the epoch can start at any
+    batch ``start`` (a checkpoint taken inside it): a logical worker skips the samples it had consumed
+    (``positions``, read back without decoding) and draws the same augmentations for the rest; physical
+    worker p plays logical worker ``(p + start) % W``, because the DataLoader's round robin restarts at 0.
+    """
 
     urls: list[str]
     transform: Transform | None  # None: encoded JPEG bytes (data.decode=gpu)
@@ -138,23 +70,67 @@ class _TrainStream(IterableDataset):
     shuffle_buffer: int
     epoch: int = 0
     num_classes: int | None = None  # labels outside 0..num_classes-1 raise DataError
+    start: int = 0  # batches of this epoch already taken on this rank
+    positions: tuple[int, ...] | None = None  # samples each logical worker had consumed then; None: whole batches
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int, int, int]]:
         worker, num_workers = _worker_identity()
-        # Split steps over workers so that the per-rank total is exactly `steps`.
-        n_batches = self.steps // num_workers + (worker < self.steps % num_workers)
-        if n_batches == 0:
+        logical = (worker + self.start) % num_workers
+        # this worker's share of the rank's `steps` batches, less those it had yielded before `start`
+        n_batches = self.steps // num_workers + (logical < self.steps % num_workers)
+        n_batches -= _taken(self.start, logical, num_workers)
+        if n_batches <= 0:
             return
-        seed_text = f"mae-ray/train/{self.seed}/{self.epoch}/{self.rank}/{worker}"
-        rng = random.Random(seed_text)
-        if get_worker_info() is not None:
-            _seed_augmentations(rng.getrandbits(32))
-        skips = _Skips(_MAX_SKIP_STREAK)
-        raw = _endless_samples(self.urls, rng)
-        mixed = shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
-        samples = _decoded(mixed, self.transform, skips, self.num_classes)
-        for images, labels in itertools.islice(_batches(samples, self.batch_size, False), n_batches):
-            yield images, labels, worker, skips.count
+        rng = random.Random(f"mae-ray/train/{self.seed}/{self.epoch}/{self.rank}/{logical}")
+        augment_seed = rng.getrandbits(64)
+        consumed = [start_positions(self.start, num_workers, self.batch_size, self.positions)[logical]]
+        skips = Skips(MAX_SKIP_STREAK)
+        mixed = shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(_endless_samples(self.urls, rng))
+        rest = _counted(itertools.islice(mixed, consumed[0], None), consumed,
+                        augment_seed if self.transform is not None else None)
+        batch: list[tuple[torch.Tensor, int]] = []
+        for item in decoded(rest, self.transform, skips, self.num_classes):
+            batch.append(item)
+            if len(batch) == self.batch_size:  # not webdataset's batched: it reads one sample past the batch
+                images, labels = collate(batch)
+                yield images, labels, logical, skips.count, consumed[0]
+                batch, n_batches = [], n_batches - 1
+                if not n_batches:
+                    return
+
+
+def _taken(start: int, logical: int, num_workers: int) -> int:
+    """How many of batches 0..start-1 came from logical worker ``logical`` (batch i is worker i % W's)."""
+    return max(0, (start - logical + num_workers - 1) // num_workers)
+
+
+def start_positions(start: int, num_workers: int, batch_size: int,
+                    positions: tuple[int, ...] | list[int] | None) -> list[int]:
+    """Samples each logical worker had consumed before batch ``start``: ``positions`` when recorded (they count
+    the samples skipped as unreadable too), else its whole batches' samples (a group of another size resumed:
+    its ranks' streams are new to them)."""
+    workers = max(1, num_workers)
+    if positions is not None and len(positions) == workers:
+        return [int(p) for p in positions]
+    return [_taken(start, w, workers) * batch_size for w in range(workers)]
+
+
+def _counted(samples: Iterable[RawSample], consumed: list[int], augment_seed: int | None) -> Iterator[RawSample]:
+    """``samples``, counting them in ``consumed[0]``; with ``augment_seed``, every RNG seeded for each sample from
+    (that seed, its place in the stream) before it is decoded and augmented."""
+    for sample in samples:
+        if augment_seed is not None:
+            _seed_augmentations(_mix(augment_seed, consumed[0]))
+        consumed[0] += 1
+        yield sample
+
+
+def _mix(a: int, b: int) -> int:
+    """splitmix64 of (a, b): well-spread 64-bit seeds from a stream's seed and a position in it."""
+    z = (a + (b + 1) * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
 
 
 def _endless_samples(urls: list[str], rng: random.Random) -> Iterator[RawSample]:
@@ -176,11 +152,11 @@ def _endless_samples(urls: list[str], rng: random.Random) -> Iterator[RawSample]
 
 
 def _seed_augmentations(seed: int) -> None:
-    # Inside a worker process only: torch (v2 transforms), random and numpy (timm RandAugment).
-    # The DataLoader's own worker seeds repeat across ranks when ranks share a torch seed.
+    # torch (v2 transforms), random and numpy (timm RandAugment). Per sample: the DataLoader's own worker seeds
+    # repeat across ranks when ranks share a torch seed, and a stream resumed mid-way must draw as it did.
     torch.manual_seed(seed)
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 @dataclass
@@ -194,9 +170,9 @@ class _EvalStream(IterableDataset):
     world_size: int
     num_classes: int | None = None  # labels outside 0..num_classes-1 raise DataError
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int, int, int]]:
         worker, num_workers = _worker_identity()
-        skips = _Skips(max_streak=None)
+        skips = Skips(max_streak=None)
         owned = (
             sample
             for shard, url in enumerate(self.urls)
@@ -204,10 +180,10 @@ class _EvalStream(IterableDataset):
             for sample in read_shard(url)
             if (shard + sample.index) % self.world_size == self.rank  # filter before decoding
         )
-        decoded = _decoded(owned, self.transform, skips, self.num_classes)
-        for images, labels in _batches(decoded, self.batch_size, True):
-            yield images, labels, worker, skips.count
-        yield None, None, worker, skips.count  # reports skips that came after the last batch
+        readable = decoded(owned, self.transform, skips, self.num_classes)
+        for images, labels in _batches(readable, self.batch_size, True):
+            yield images, labels, worker, skips.count, 0
+        yield None, None, worker, skips.count, 0  # reports skips that came after the last batch
 
 
 def _owned_count(n: int, shard: int, rank: int, world_size: int) -> int:
@@ -222,10 +198,14 @@ class _Loader:
     def __init__(self, dataset: IterableDataset, num_workers: int, pin_memory: bool) -> None:
         self._dataset = dataset
         # batch_size=None: batches are assembled inside the workers.
+        # generator: each new iteration draws its workers' base seed from it, not from torch's global RNG, whose
+        # draws are the model's (masks, drop path: seeded per micro-batch); the workers seed themselves anyway
         self._loader = DataLoader(
-            dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False
+            dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
+            generator=torch.Generator(),
         )
         self._skipped: dict[int, int] = {}
+        self._consumed: dict[int, int] = {}
 
     @property
     def skipped(self) -> int:
@@ -234,8 +214,9 @@ class _Loader:
 
     def _iterate(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._skipped = {}
-        for images, labels, worker, skipped in self._loader:
+        for images, labels, worker, skipped, consumed in self._loader:
             self._skipped[worker] = skipped  # each worker sends its cumulative count
+            self._consumed[worker] = consumed  # and the samples it has consumed, up to this batch's last
             if images is not None:
                 yield images, labels
 
@@ -247,18 +228,31 @@ class TrainLoader(_Loader):
         super().__init__(dataset, num_workers, pin_memory)
         self._train = dataset
         self._next_epoch = 0
+        self._next_start: tuple[int, tuple[int, ...] | None] = (0, None)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration draws (shard order, shuffling, augmentation)."""
+    def set_epoch(self, epoch: int, start: int = 0, positions: list[int] | None = None) -> None:
+        """Select the epoch the next iteration draws (shard order, shuffling, augmentation), from its batch
+        ``start`` on (a checkpoint taken inside the epoch; ``positions``: what :attr:`positions` said then)."""
         self._next_epoch = epoch
+        self._next_start = (start, tuple(positions) if positions is not None else None)
+
+    @property
+    def positions(self) -> list[int]:
+        """Samples each logical loader worker has consumed this epoch, up to the last batch yielded: where
+        :meth:`set_epoch` restarts the epoch after that batch."""
+        start = start_positions(self._train.start, self._loader.num_workers, self._train.batch_size,
+                                self._train.positions)
+        return [self._consumed.get(w, p) for w, p in enumerate(start)]
 
     def __len__(self) -> int:
         return self._train.steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # Without set_epoch, successive iterations use epochs 0, 1, 2, ...
+        # Without set_epoch, successive iterations use epochs 0, 1, 2, ... from their first batch
         self._train.epoch = self._next_epoch
-        self._next_epoch += 1
+        self._train.start, self._train.positions = self._next_start
+        self._next_epoch, self._next_start = self._next_epoch + 1, (0, None)  # a start holds for one iteration
+        self._consumed = {}
         return self._iterate()
 
 

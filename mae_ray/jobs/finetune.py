@@ -119,13 +119,14 @@ def train_loop(spec: WorkerSpec) -> None:
     loop.say(f"{loop.describe_group(batching)}, {plan.rank_batches} batches/epoch, lr {lr:.3g}, "
              f"{trainable / 1e6:.2f} M trainable parameters; {loop.describe_start()}")
     final_files = {checkpoints.FINETUNED_FILE: lambda p: torch.save({"model": vit.state_dict()}, p)}  # release layout
-    for epoch in loop.remaining():  # drop path, mixup draws: seeded per (seed, epoch, rank)
-        loader.set_epoch(epoch)
+    for epoch in loop.remaining():  # drop path, mixup draws: seeded per (seed, epoch, rank, micro-batch)
+        control = loop.begin(epoch, loader)
         model.train()
         batches = loop.batches(loader, epoch, plan.rank_batches)
         metrics = classify.train_epoch(model, batches, optimizer, scheduler, precision, criterion, epoch=epoch,
                                        plan=plan, device=device, mixup=mixup,
-                                       no_sync=getattr(model, "no_sync", None))  # DDP only with 2+ workers
+                                       no_sync=getattr(model, "no_sync", None),  # DDP only with 2+ workers
+                                       control=control)
         vit.eval()
         scores = classify.evaluate(vit, val_loader, device)
         metrics.update(val_top1=scores["top1"], val_top5=scores["top5"])

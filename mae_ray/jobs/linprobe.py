@@ -55,15 +55,20 @@ class CachedFeatures:
         """``batches``: this rank's per epoch (an elastic group's share, ``StepPlan.rank_batches``); by default
         :meth:`planned` for ``world`` ranks."""
         self.feats, self.labels, self.batch_size = feats, labels, batch_size
-        self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
+        self.rank, self.world, self.seed, self.epoch, self.start = rank, world, seed, 0, 0
         self.batches = self.planned(feats.shape[0], world, batch_size) if batches is None else batches
 
     @staticmethod
     def planned(rows: int, world: int, batch_size: int) -> int:
         return max(1, rows // (world * batch_size))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0, positions: list[int] | None = None) -> None:
+        """The epoch's order, from its batch ``start`` on (``TrainLoader.set_epoch``'s; ``positions`` unused)."""
+        self.epoch, self.start = epoch, start
+
+    @property
+    def positions(self) -> list[int]:
+        return []
 
     def __len__(self) -> int:
         return self.batches
@@ -71,7 +76,8 @@ class CachedFeatures:
     def __iter__(self):
         order = torch.randperm(self.feats.shape[0], generator=torch.Generator().manual_seed(self.seed + self.epoch))
         mine = order[self.rank :: self.world].to(self.feats.device)
-        for i in range(len(self)):
+        start, self.start = self.start, 0  # a start holds for one iteration
+        for i in range(start, len(self)):
             idx = mine[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.feats[idx], self.labels[idx]
 
@@ -161,11 +167,11 @@ def train_loop(spec: WorkerSpec) -> None:
              f"{'cached features' if lp.cache_features else 'augmented images'}; {loop.describe_start()}")
     criterion = nn.CrossEntropyLoss()
     for epoch in loop.remaining():
-        loader.set_epoch(epoch)
+        control = loop.begin(epoch, loader)
         head.train()
         metrics = classify.train_epoch(train_forward, loader, optimizer, scheduler, precision, criterion,
                                        epoch=epoch, plan=plan, device=device,
-                                       no_sync=getattr(ddp_head, "no_sync", None))
+                                       no_sync=getattr(ddp_head, "no_sync", None), control=control)
         head.eval()
         scores = classify.evaluate(eval_forward, val_loader, device)
         metrics.update(val_top1=scores["top1"], val_top5=scores["top5"])

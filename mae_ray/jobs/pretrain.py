@@ -87,15 +87,15 @@ def train_loop(spec: WorkerSpec) -> None:
         checkpoints.CONFIG_FILE: lambda p: _write_text(p, config_text),
     }
 
-    for epoch in loop.remaining():  # each epoch's masks seeded from (seed, epoch, rank): exact on resume
-        loader.set_epoch(epoch)
+    for epoch in loop.remaining():  # masks seeded per (seed, epoch, rank, micro-batch): exact on resume
+        control = loop.begin(epoch, loader)  # from where a checkpoint inside the epoch left off
         device_skips = [0]  # images the device decoder could not read (data.decode=gpu), this epoch
         try:
             batches = loop.batches(loader, epoch, plan.rank_batches)
             metrics = engine.train_one_epoch(
                 model, on_device(batches, device, size, on_gpu, device_skips), optimizer,
                 scheduler, precision,
-                epoch=epoch, plan=plan, mask_ratio=cfg.model.mask_ratio, device=device,
+                epoch=epoch, plan=plan, mask_ratio=cfg.model.mask_ratio, device=device, control=control,
             )
         except engine.NonFiniteLossError as e:
             raise engine.NonFiniteLossError(f"{e}; last good checkpoint: {loop.last_good or 'none'}") from None

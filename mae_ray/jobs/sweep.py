@@ -201,7 +201,9 @@ def _scheduler(sweep: SweepConfig):
     from ray.tune.schedulers import ASHAScheduler
 
     s = sweep.scheduler
-    return ASHAScheduler(metric=s.metric, mode=s.mode, grace_period=s.grace_period,
+    # its rungs count epochs (``epochs_done``, in every epoch's report), not reports: a checkpoint taken inside
+    # an epoch is a report too, and carries no metric for it to judge
+    return ASHAScheduler(time_attr="epochs_done", metric=s.metric, mode=s.mode, grace_period=s.grace_period,
                          reduction_factor=s.reduction_factor, max_t=10_000)
 
 

@@ -79,6 +79,8 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
     tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "finished"})
     if not sweep["pretrain"]:  # no pre-training job owns (and ends) this run
         lifecycle.close_run(uri, run_id, "FINISHED")
+    # the scheduler's time (``epochs_done``, as in every epoch's report): a finished trial has run all its epochs
+    final["epochs_done"] = cfg.train.epochs if sweep["pretrain"] else 1
     tune.report({k: v for k, v in final.items() if v is not None})
 
 

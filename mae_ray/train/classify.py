@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mae_ray.errors import DataError
-from mae_ray.train.engine import Precision, StepPlan, run_epoch
+from mae_ray.train.engine import EpochControl, Precision, StepPlan, run_epoch
 
 
 def train_epoch(
@@ -30,6 +30,7 @@ def train_epoch(
     device: torch.device,
     mixup: Callable | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    control: EpochControl | None = None,
 ) -> dict[str, float]:
     """One classification epoch (``engine.run_epoch``: accumulation, per-update lr, DDP ``no_sync``) of
     ``criterion(forward(x), y)``, after ``mixup`` when given."""
@@ -41,7 +42,8 @@ def train_epoch(
         with precision.autocast():
             return criterion(forward(x), y), x.shape[0]
 
-    metrics = run_epoch(loss_of, loader, optimizer, scheduler, precision, epoch=epoch, plan=plan, no_sync=no_sync)
+    metrics = run_epoch(loss_of, loader, optimizer, scheduler, precision, epoch=epoch, plan=plan, no_sync=no_sync,
+                        control=control)
     return {k: metrics[k] for k in ("train_loss", "lr", "images_per_s", "data_wait_frac")}
 
 

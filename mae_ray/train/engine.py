@@ -8,6 +8,7 @@ device, and gets back the epoch's metrics. The optimiser and schedule are ``opti
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -80,6 +81,10 @@ class StepPlan:
         last = self.updates_per_epoch - 1
         return last * self.share(0) + self.share(last)
 
+    def batches_before(self, update: int) -> int:
+        """This rank's micro-batches in the epoch's first ``update`` updates (where a resume at ``update`` starts)."""
+        return self.rank_batches if update >= self.updates_per_epoch else update * self.share(0)
+
     @property
     def accumulation(self) -> float:
         """Micro-batches per rank in a full update, on average over the ranks (the recorded accumulation)."""
@@ -109,6 +114,26 @@ class StepPlan:
     @property
     def warmup_updates(self) -> int:
         return min(int(round(self.warmup_epochs * self.updates_per_epoch)), self.total_updates - 1)
+
+
+@dataclass
+class Progress:
+    """Where an epoch stands on this rank: the updates done, and the sums its loss is the mean of."""
+
+    updates: int = 0
+    loss_sum: float = 0.0
+    seen: int | float = 0
+
+
+@dataclass
+class EpochControl:
+    """How the loop that owns the epochs (``cluster.worker_loop.EpochLoop``) steers :func:`run_epoch`: where
+    the epoch starts (a checkpoint taken inside it), the seeding of every micro-batch, and a call after every
+    update (which may take a checkpoint there)."""
+
+    start: Progress = dataclasses.field(default_factory=Progress)
+    reseed: Callable[[int], None] | None = None  # micro-batch index -> seed every RNG for it
+    after_update: Callable[[Progress], None] | None = None
 
 
 class Precision:
@@ -142,6 +167,7 @@ def run_epoch(
     plan: StepPlan,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    control: EpochControl | None = None,
 ) -> dict[str, float]:
     """The update loop every training job shares: ``plan.rank_batches`` micro-batches, the optimiser
     stepping after the last of each update's (``plan.update_of``), the lr set per update from ``scheduler``.
@@ -152,18 +178,29 @@ def run_epoch(
     m*b samples (the loaders' micro-batches are all of ``batch_size``). ``no_sync`` (a DDP module's) skips the
     gradient all-reduce on all but the last micro-batch of an update. A NaN/inf loss raises
     NonFiniteLossError naming where; a loader that ends early raises rather than drop an update's gradients.
+
+    ``control``: the epoch starts after ``control.start.updates`` updates (the loader then yields the rest of
+    the epoch); every RNG is seeded for micro-batch i before its batch is fetched (``control.reseed``), so what
+    it draws - in-process augmentations, device crops, masks, drop path, mixup - is the same whichever update
+    the epoch started at; ``control.after_update`` is called after every optimiser step.
     """
-    loss_sum, seen, batches, waited = 0.0, 0, 0, 0.0
+    control = control or EpochControl()
+    progress = dataclasses.replace(control.start)
+    seen_now, batches, waited = 0, 0, 0.0
     start = ready = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    total = plan.rank_batches
-    for i, batch in enumerate(loader):
+    first, total = plan.batches_before(progress.updates), plan.rank_batches
+    batches_in = iter(loader)
+    for i in range(first, total):
+        if control.reseed is not None:
+            control.reseed(i)
+        batch = next(batches_in, None)
         waited += time.perf_counter() - ready  # the loader's share: the step before has finished (loss.item())
-        if i >= total:
+        if batch is None:
             break
         in_epoch, boundary = plan.update_of(i)
         update = epoch * plan.updates_per_epoch + in_epoch
-        if i == 0 or plan.update_of(i - 1)[1]:  # the update's first micro-batch on this rank
+        if i == first or plan.update_of(i - 1)[1]:  # the update's first micro-batch on this rank
             scheduler.step_update(update)
         with contextlib.nullcontext() if boundary or no_sync is None else no_sync():
             loss, count = loss_of(batch)
@@ -171,22 +208,27 @@ def run_epoch(
             if not math.isfinite(value):
                 raise NonFiniteLossError(f"non-finite loss ({value}) at epoch {epoch}, batch {i}, update {update}")
             precision.scaler.scale(loss / plan.loss_divisor(in_epoch)).backward()
+        progress.loss_sum += value * count
+        progress.seen += count
+        seen_now += count
+        batches += 1
         if boundary:
             precision.scaler.step(optimizer)
             precision.scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum += value * count
-        seen += count
-        batches += 1
+            progress.updates = in_epoch + 1
+            if control.after_update is not None:
+                control.after_update(progress)
         if on_step is not None:
             on_step(i, value)
         ready = time.perf_counter()
-    if batches < total and batches and not plan.update_of(batches - 1)[1]:
-        raise RuntimeError(f"the loader ended after {batches} of the epoch's {total} batches, in "
+    if first + batches < total and batches and not plan.update_of(first + batches - 1)[1]:
+        raise RuntimeError(f"the loader ended after {first + batches} of the epoch's {total} batches, in "
                            "the middle of an update: its gradients would be dropped")
     elapsed = time.perf_counter() - start
-    return {"train_loss": loss_sum / max(1, seen), "lr": max(g["lr"] for g in optimizer.param_groups),
-            "images_per_s": seen / max(elapsed, 1e-9), "epoch_time_s": elapsed, "batches": batches,
+    return {"train_loss": progress.loss_sum / max(1, progress.seen),
+            "lr": max(g["lr"] for g in optimizer.param_groups),
+            "images_per_s": seen_now / max(elapsed, 1e-9), "epoch_time_s": elapsed, "batches": batches,
             # time spent waiting for batches: near 1, the data path (not the model) sets the speed
             "data_wait_frac": waited / max(elapsed, 1e-9)}
 
@@ -203,6 +245,7 @@ def train_one_epoch(
     mask_ratio: float,
     device: torch.device,
     on_step=None,
+    control: EpochControl | None = None,
 ) -> dict[str, float]:
     """One pre-training epoch (:func:`run_epoch`): MAE's reconstruction loss of each batch of images."""
     model.train()
@@ -214,27 +257,29 @@ def train_one_epoch(
         return loss, imgs.shape[0]
 
     metrics = run_epoch(loss_of, loader, optimizer, scheduler, precision, epoch=epoch, plan=plan,
-                        no_sync=getattr(model, "no_sync", None), on_step=on_step)
+                        no_sync=getattr(model, "no_sync", None), on_step=on_step, control=control)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return metrics
 
 
-def seed_everything(seed: int, epoch: int, rank: int) -> None:
-    """Seed every RNG of this process (python, numpy, torch, CUDA) from ``(seed, epoch, rank)``.
+def seed_everything(seed: int, epoch: int, rank: int, batch: int | None = None) -> None:
+    """Seed every RNG of this process (python, numpy, torch, CUDA) from ``(seed, epoch, rank)``, and with
+    ``batch`` from that micro-batch's index too.
 
-    Called at the start of every epoch, so what an epoch draws (masks, drop path, mixup) depends on
-    nothing that happened before it: a run resumed at epoch k draws exactly what the uninterrupted run
-    drew there, on every rank, with no RNG state to carry in the checkpoint. Loader worker processes
-    seed themselves from the same triple plus their worker id (``data._TrainStream``).
+    ``EpochLoop`` seeds at the start of every epoch and :func:`run_epoch` before every micro-batch, so what a
+    micro-batch draws (masks, drop path, mixup) depends on nothing that happened before it: a run resumed at
+    any update draws exactly what the uninterrupted run drew there, on every rank, with no RNG state to carry
+    in the checkpoint. Loader worker processes seed each sample's augmentations from its place in their own
+    stream (``data.loader._TrainStream``).
     """
     import hashlib
     import random
 
     import numpy as np
 
-    digest = hashlib.sha256(f"mae-ray/{seed}/{epoch}/{rank}".encode()).digest()
-    value = int.from_bytes(digest[:8], "little") % 2**63
+    text = f"mae-ray/{seed}/{epoch}/{rank}" + ("" if batch is None else f"/{batch}")
+    value = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") % 2**63
     random.seed(value)
     np.random.seed(value % 2**32)
     torch.manual_seed(value)  # seeds CUDA's generators too

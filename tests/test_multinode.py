@@ -1,9 +1,9 @@
 """Pre-training across two Ray nodes (both on this machine, 1 CPU each): the two workers cannot share a
 node, so DDP really runs between nodes, each reading the shards from its own node's filesystem. Last, an
 elastic group (``ray.min_workers``) whose second node is reclaimed with notice mid-run: it checkpoints on the
-notice, goes on with the worker left once the node has gone, and grows back when a node is added: one MLflow
-run throughout, with the fixed group's recipe (the same updates, the same lr at each of them, the same
-effective batch)."""
+notice, goes on with the worker left once the node has gone, grows back when a node is added, and shrinks again
+when that node is lost without notice, repeating at most a checkpoint interval: one MLflow run throughout, with
+the fixed group's recipe (the same updates, the same lr at each of them, the same effective batch)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from _helpers import S3Server, local_cluster
 from mlflow import MlflowClient
 
-from mae_ray.cluster.checkpoints import load_state
+from mae_ray.cluster.checkpoints import age, load_state
 from mae_ray.config import load_config
 from mae_ray.jobs import pretrain
 
@@ -158,7 +158,7 @@ def _wait(what: str, done, timeout_s: float = 240.0) -> None:
 # by rank), so a group of another size trains on other samples from the resize on. The updates, their lr and
 # their effective batch are the same; the final loss of these runs differed by 0.1 % (0.6029 vs 0.6034).
 LOSS_TOLERANCE = 0.03
-NOTICE_S = 8  # the reclaim notice's deadline (clouds give 30 s to 2 min); Ray's watcher polls every second here
+NOTICE_S = 6  # the reclaim notice's deadline (clouds give 30 s to 2 min); Ray's watcher polls every second here
 
 
 def drain(node, seconds: int) -> None:
@@ -187,28 +187,54 @@ def inside(store: Path, why: str) -> list[tuple[int, int]]:
     return found
 
 
+def newest(store: Path) -> tuple[tuple[int, int], float, list[dict]] | None:
+    """The newest whole checkpoint taken inside an epoch: its (epoch, update), its age in seconds, the attempts
+    it records; None before there is one."""
+    for folder in sorted(store.glob("epoch_*_u*"), key=lambda p: age(str(p)), reverse=True):
+        try:
+            state, written = load_state(str(folder)), (folder / "state.pt").stat().st_mtime
+        except Exception:  # noqa: BLE001 - being pruned right now
+            continue
+        return (state["in_epoch"]["epoch"], state["in_epoch"]["updates"]), time.time() - written, state["attempts"]
+    return None
+
+
+EVERY_MIN = 0.05  # the elastic run's checkpoints: every 3 s, inside epochs (train.checkpoint_every=100: no others)
+
+
 def test_a_reclaimed_node_shrinks_an_elastic_group_after_a_checkpoint_on_notice_and_a_new_one_grows_it_back(
-        two_nodes, fixed_run, demo_data, tmp_path):
-    """Last in this module: it changes the cluster (a node goes, another comes)."""
+        two_nodes, fixed_run, demo_data, tmp_path, monkeypatch):
+    """Last in this module: it changes the cluster. A reclaim with notice (the second node drained with a
+    deadline, then gone), a new node, then that node lost without notice: the group goes 2 -> 1 -> 2 -> 1
+    workers, each time resuming inside an epoch (its checkpoints are taken every few seconds there). Rank 0
+    waits at the end of epochs 4 and 5 until this test has changed the cluster (``pause`` faults): a slow
+    machine's restarts do not outlast the run."""
     cluster = two_nodes
     fixed_tmp, fixed = fixed_run
 
     tmp = tmp_path / "elastic"
     store = tmp / "run" / "ray" / "run"
     result: dict = {}
+    monkeypatch.setenv("MAE_RAY_FAULTS", "pause:rank=0:end_epoch=4,pause:rank=0:end_epoch=5")
+    paused = {epoch: tmp / "run" / f".fault-pause-end_epoch-{epoch}-0" for epoch in (4, 5)}
 
     def run():  # the job in a thread: this (main) thread plays the cluster, which only it may change
         try:
             result["summary"] = pretrain.run(config(demo_data, tmp, "ray.min_workers=1", "ray.resize_check_s=1",
-                                                    "ray.failure_max_retries=2"))
+                                                    "ray.failure_max_retries=2", "train.checkpoint_every=100",
+                                                    f"train.checkpoint_every_minutes={EVERY_MIN}"))
         except BaseException as e:  # noqa: BLE001 - re-raised below
             result["error"] = e
 
+    def attempts_on(*workers):  # the newest checkpoint's attempts ran on these group sizes, in this order
+        found = newest(store)
+        return found is not None and [a["workers"] for a in found[2]] == list(workers)
+
     job = threading.Thread(target=run, daemon=True)
     job.start()
-    # what a spot cluster does to the run: a reclaim notice for the second node, the node gone at its deadline
-    # (its processes stopped; its raylet signs off as a reclaimed VM's does when it shuts down), later a new node
-    _wait("epoch 1's checkpoint", lambda: (store / "epoch_000001").exists())
+    # (a) what a spot reclaim with notice does: the second node drained with a deadline, gone at the deadline
+    # (its processes stopped; its raylet signs off as a reclaimed VM's does when it shuts down)
+    _wait("a first checkpoint", lambda: newest(store))
     node = next(iter(cluster.worker_nodes))
     drain(node, NOTICE_S)
     noticed = time.monotonic()
@@ -216,17 +242,24 @@ def test_a_reclaimed_node_shrinks_an_elastic_group_after_a_checkpoint_on_notice_
     (jit,) = inside(store, "preemption notice")
     time.sleep(max(0.0, NOTICE_S - (time.monotonic() - noticed)))
     cluster.remove_node(node)
-    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")  # the run's: created before epoch 1 ended
-    (run_record,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
-    _wait("an epoch on one worker", lambda: any(v == 1 for _, v in history(tmp, run_record.info.run_id, "workers")))
+    _wait("a checkpoint on one worker", lambda: attempts_on(2, 1))
+    # a new node: the group grows back (rank 0 of the group of one waits at the end of epoch 4 meanwhile)
     cluster.add_node(num_cpus=1)
+    _wait("a checkpoint on two workers again", lambda: attempts_on(2, 1, 2))
+    Path(f"{paused[4]}.go").touch()
+    # (b) that node lost without notice, while rank 0 waits at the end of epoch 5: what the run repeats is what
+    # it did since its newest checkpoint
+    _wait("the group of two at the end of epoch 5", paused[5].exists)
+    point, age_s, _ = newest(store)
+    cluster.remove_node(next(iter(cluster.worker_nodes)))
+    Path(f"{paused[5]}.go").touch()
     job.join(timeout=600)
     assert "error" not in result, result
     elastic = result["summary"]
 
     run_id = elastic["mlflow_run_id"]
     workers = [v for _, v in history(tmp, run_id, "workers")]
-    assert workers[:2] == [2, 2] and 1 in workers and workers[-1] == 2, workers  # shrank, then grew back
+    assert workers[0] == 2 and 1 in workers and workers[-1] == 1, workers
     accumulation = dict(zip(workers, (v for _, v in history(tmp, run_id, "accumulation")), strict=False))
     assert accumulation == {2: 2, 1: 4}  # recomputed from the effective batch at each size
     # every epoch logged once, with the fixed group's lr: the same updates with the same schedule
@@ -235,10 +268,15 @@ def test_a_reclaimed_node_shrinks_an_elastic_group_after_a_checkpoint_on_notice_
     final, reference = load_state(elastic["checkpoint"]), load_state(fixed["checkpoint"])
     assert final["step"] == reference["step"] and final["scheduler"] == reference["scheduler"]
     attempts = final["attempts"]
-    assert attempts[0]["workers"] == 2 and attempts[1]["workers"] == 1 and attempts[-1]["workers"] == 2, attempts
-    # the group that went on after the reclaim started where the checkpoint on the notice was, or later (an
-    # epoch may have ended before the deadline): no update done before the notice was trained again
+    assert [a["workers"] for a in attempts] == [2, 1, 2, 1], attempts
+    assert all(a["start_update"] > 0 and "_u" in a["resumed_from"] for a in attempts[1:]), attempts  # inside epochs
+    # (a) the group that went on after the reclaim started at the checkpoint on the notice or later: no update
+    # done before the notice was trained again
     assert (attempts[1]["start_epoch"], attempts[1]["start_update"]) >= jit, (attempts, jit)
+    # (b) after the loss without notice it resumed from the newest checkpoint there was (or one finished as the
+    # node went), which was at most EVERY_MIN old: the updates it repeated are at most that long's
+    assert (attempts[3]["start_epoch"], attempts[3]["start_update"]) >= point, (attempts, point)
+    assert age_s <= EVERY_MIN * 60 + 6, age_s  # + one update, the checkpoint's own write, this test's polling
     tag = MlflowClient(f"sqlite:///{tmp}/mlflow.db").get_run(run_id).data.tags["mae_ray.attempts"]
     assert "resized 2 -> 1 worker(s)" in tag and "resized 1 -> 2 worker(s)" in tag, tag
     loss, ref_loss = elastic["metrics"]["train_loss"], fixed["metrics"]["train_loss"]

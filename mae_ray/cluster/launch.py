@@ -40,6 +40,11 @@ def init_ray(address: str | None = None, verbose: bool = False, num_cpus: int | 
     if ray.is_initialized():
         return False
     level = logging.INFO if verbose else logging.WARNING
+    # ray.init applies that config to this process's root logger too (ERROR, kept after ray.shutdown), which
+    # would silence our own warnings here (MLflow unreachable, a sample skipped): mae_ray's level is its own
+    ours = logging.getLogger("mae_ray")
+    if ours.level == logging.NOTSET:
+        ours.setLevel(level)
     # Ray's loggers in every worker and actor: without a dashboard, Train's placement-group cleaner
     # warns every second that it cannot query the controller; ERROR keeps that out of the console.
     logs = ray.LoggingConfig(log_level="INFO" if verbose else "ERROR")

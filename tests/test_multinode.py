@@ -259,7 +259,8 @@ def test_a_reclaimed_node_shrinks_an_elastic_group_after_a_checkpoint_on_notice_
 
     run_id = elastic["mlflow_run_id"]
     workers = [v for _, v in history(tmp, run_id, "workers")]
-    assert workers[0] == 2 and 1 in workers and workers[-1] == 1, workers
+    # 2 then 1 then 2 then 1 (the attempts below); epoch 0 may already end on one worker (the notice comes early)
+    assert set(workers) == {1, 2} and workers[-1] == 1, workers
     accumulation = dict(zip(workers, (v for _, v in history(tmp, run_id, "accumulation")), strict=False))
     assert accumulation == {2: 2, 1: 4}  # recomputed from the effective batch at each size
     # every epoch logged once, with the fixed group's lr: the same updates with the same schedule

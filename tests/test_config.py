@@ -63,6 +63,8 @@ def test_int_is_accepted_for_float_but_not_text():
         ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
         ("finetune.head_norm=group", "finetune.head_norm must be layer or batch, got 'group'"),
         ("linprobe.pool=max", "linprobe.pool must be cls or mean, got 'max'"),
+        ("train.checkpoint_every_minutes=0", "train.checkpoint_every_minutes must be > 0 (null: checkpoints at epoch"),
+        ("train.checkpoint_every_minutes=-5", "train.checkpoint_every_minutes must be > 0"),
         ("epochs", "--set expects key=value"),
         ("model=3", "model: expected a mapping of keys, got 3"),
     ],

@@ -282,3 +282,79 @@ def test_a_reclaimed_node_shrinks_an_elastic_group_after_a_checkpoint_on_notice_
     assert "resized 2 -> 1 worker(s)" in tag and "resized 1 -> 2 worker(s)" in tag, tag
     loss, ref_loss = elastic["metrics"]["train_loss"], fixed["metrics"]["train_loss"]
     assert math.isfinite(loss) and abs(loss - ref_loss) <= LOSS_TOLERANCE * ref_loss, (loss, ref_loss)
+
+
+def test_a_sweep_trial_starts_on_the_nodes_there_are_grows_and_shrinks_like_a_job(two_nodes, demo_data, tmp_path):
+    """Issue 29 item 6, last in this module: a sweep submitted while the cluster has room for two workers of its
+    trial's three (a spot cluster still scaling up). The trial starts with two, grows to three when a node
+    arrives, and shrinks back to two when a node that holds a worker is lost without notice: the trial finishes
+    (not failed, not restarted), in one MLflow run, with the recipe's updates. Three micro-batches per update
+    (``effective_batch`` 96 = 3 x 32) do not divide over two ranks: they take two and one, the loss weighted
+    per micro-batch (``engine.StepPlan``). The trial's function and Ray Train's controller ran on the head, the
+    node a spot cluster keeps."""
+    import ray
+    import yaml
+    from ray._private import state
+
+    from mae_ray.jobs import sweep as sweeps
+    from mae_ray.jobs.sweep_config import load_sweep
+
+    cluster = two_nodes
+    for node in list(cluster.worker_nodes):
+        cluster.remove_node(node)
+    first = cluster.add_node(num_cpus=1)  # the head and one node: room for two workers of three
+    _wait("the cluster of two nodes", lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, 60)
+    epochs = 3
+    base = config(demo_data, tmp_path, "ray.num_workers=3", "ray.min_workers=1", "ray.resize_check_s=1",
+                  "ray.failure_max_retries=2",
+                  "train.effective_batch=96", "train.checkpoint_every=100",
+                  f"train.checkpoint_every_minutes={EVERY_MIN}", f"train.epochs={epochs}").to_dict()
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "base": "base.yaml", "name": "spot", "search": {"train.seed": {"grid": [0]}},
+        "output_dir": str(tmp_path / "sweeps"), "linprobe": False, "finetune": False, "random_baseline": False,
+        "scheduler": {"type": "none"}, "max_concurrent_trials": 1}))
+    result: dict = {}
+
+    def run():
+        try:
+            sweep, sweep_base = load_sweep(str(tmp_path / "sweep.yaml"), [])
+            result["report"] = sweeps.run(sweep, sweep_base, str(tmp_path / "sweep.yaml"))
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            result["error"] = e
+
+    def sizes():  # the group sizes the trial's newest checkpoint records, in order
+        stores = list((tmp_path / "sweeps" / "spot" / "trials").glob("*/ray/*"))
+        found = newest(stores[0]) if stores else None
+        return [a["workers"] for a in found[2]] if found else []
+
+    job = threading.Thread(target=run, daemon=True)
+    job.start()
+    _wait("a checkpoint on two workers", lambda: sizes()[-1:] == [2] or "error" in result)
+    assert "error" not in result, result
+    cluster.add_node(num_cpus=1)
+    _wait("a checkpoint on three workers", lambda: sizes()[-1:] == [3] or "error" in result)
+    cluster.remove_node(first)  # it holds a worker (the head holds one, the new node the third)
+    job.join(timeout=600)
+    assert "error" not in result, result
+
+    (row,) = result["report"]["rows"]
+    assert row["status"] == "finished", row
+    summary = json.loads(next((tmp_path / "sweeps" / "spot" / "trials").glob("*/result.json")).read_text())
+    final = load_state(summary["checkpoint"])
+    workers = [a["workers"] for a in final["attempts"]]
+    assert workers[-2:] == [3, 2] and workers[:-2] in ([2], [1, 2]), final["attempts"]
+    assert all("_u" in a["resumed_from"] for a in final["attempts"][-2:]), final["attempts"]  # inside epochs
+    assert final["step"] == epochs * (4096 // 96)  # the recipe's updates, whatever the group did
+    run_id = row["mlflow_run_id"]
+    assert [s for s, _ in history(tmp_path, run_id, "train_loss")] == list(range(epochs))  # each epoch once
+    assert all(math.isfinite(v) for _, v in history(tmp_path, run_id, "train_loss"))
+    logged = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    assert logged.info.status == "FINISHED"
+    resizes = logged.data.tags["mae_ray.attempts"]
+    assert "resized 2 -> 3 worker(s)" in resizes and "resized 3 -> 2 worker(s)" in resizes, resizes
+    # where the trial's lifecycle ran: its function (Tune's actor) and Ray Train's controller, on the head
+    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+    lifecycle = [a for a in state.actors().values() if a["ActorClassName"] in ("ImplicitFunc", "TrainController")]
+    assert {a["ActorClassName"] for a in lifecycle} == {"ImplicitFunc", "TrainController"}, lifecycle
+    assert {a["Address"]["NodeID"] for a in lifecycle} == {head}

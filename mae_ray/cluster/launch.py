@@ -24,6 +24,9 @@ from mae_ray.errors import UserError
 log = logging.getLogger(__name__)
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# Ray's resource of the head node (``ray._common.constants.HEAD_NODE_RESOURCE_NAME``): asking for a sliver of it
+# places a task on the head, the node a spot cluster keeps (an elastic sweep's trials run there)
+HEAD_NODE = "node:__internal_head__"
 ELASTIC_START_RETRIES = 10  # an elastic group's starts that may time out (each after Ray's 60 s) in one run
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from mae_ray import provenance
+from mae_ray.cluster import launch, ray_processes
 from mae_ray.config import Config, from_dict, load_config
 from mae_ray.errors import ConfigError
 from mae_ray.jobs import files, lifecycle
@@ -40,7 +41,6 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
     from ray import tune
 
     from mae_ray import tracking
-    from mae_ray.cluster import launch, ray_processes
     from mae_ray.jobs import sweep_report
 
     cfg = from_dict(Config, base)
@@ -176,23 +176,35 @@ def _credentials_not_copied_by_tune():
 
 def _trial_resources(sweep: SweepConfig, cfg: Config) -> dict[str, float]:
     """What Tune reserves for a trial function. With ``ray.num_workers=0`` the trial runs its jobs itself
-    (no Ray Train worker group to start: the quickstart's way on one machine), so it holds a worker's share."""
+    (no Ray Train worker group to start: the quickstart's way on one machine), so it holds a worker's share.
+
+    An elastic trial (``ray.min_workers``: spot nodes) runs on the head node, holding none of its CPUs. On the
+    head because the trial holds the lifecycle - its MLflow run, Tune's reports, and Ray Train's controller,
+    which Ray places on the trial's node - so a reclaimed spot node costs the trial workers, as it costs a job
+    (its group shrinks), never the trial. No CPU because Ray Train's elastic policy counts every node's whole
+    CPUs as room for workers, not what other tasks hold there: a trial's 0.2 CPU on a 1-CPU head made it start a
+    group of one worker too many, time out, and choose the same size again, for ever.
+    """
     if cfg.ray.num_workers:
-        return {"cpu": sweep.trial_cpus}
+        return {"cpu": 0, launch.HEAD_NODE: 0.001} if cfg.ray.elastic else {"cpu": sweep.trial_cpus}
     gpu = {"gpu": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {}
     return {"cpu": max(sweep.trial_cpus, cfg.ray.cpus_per_worker), **gpu}
 
 
 def _concurrency(sweep: SweepConfig, cfg: Config) -> int:
-    """Trials at a time such that every trial's Train workers can be placed (they are not Tune's resources)."""
+    """Trials at a time such that every trial's Train workers can be placed (they are not Tune's resources): as
+    many as fit with their whole group (``ray.num_workers``), and one where a trial fits only with its smallest
+    (an elastic trial starts on the nodes there are, and grows as more arrive)."""
     import ray
 
-    per_trial = _trial_resources(sweep, cfg)["cpu"] + cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    fits = int(ray.cluster_resources().get("CPU", 0) // per_trial)
-    if fits < 1:
-        raise ConfigError(f"one trial needs {per_trial:g} CPU (trial_cpus + ray.num_workers x ray.cpus_per_worker)"
-                          f" but the cluster has {ray.cluster_resources().get('CPU', 0):g}")
-    return max(1, min(sweep.max_concurrent_trials, fits))
+    trial, per_worker = _trial_resources(sweep, cfg)["cpu"], cfg.ray.cpus_per_worker
+    have = ray.cluster_resources().get("CPU", 0)
+    smallest = cfg.ray.min_workers if cfg.ray.elastic else cfg.ray.num_workers
+    if have < trial + smallest * per_worker:
+        which = "ray.min_workers" if cfg.ray.elastic else "ray.num_workers"
+        raise ConfigError(f"one trial needs {trial + smallest * per_worker:g} CPU (trial_cpus + {which} x "
+                          f"ray.cpus_per_worker) but the cluster has {have:g}")
+    return max(1, min(sweep.max_concurrent_trials, int(have // (trial + cfg.ray.num_workers * per_worker))))
 
 
 def _scheduler(sweep: SweepConfig):
@@ -225,7 +237,8 @@ def _start_baseline(sweep: SweepConfig, cfg: Config, base: dict[str, Any], sweep
     import ray
 
     share = _trial_resources(sweep, cfg)
-    task = ray.remote(_random_baseline).options(num_cpus=share["cpu"], num_gpus=share.get("gpu", 0))
+    on_head = {k: v for k, v in share.items() if k == launch.HEAD_NODE}  # an elastic sweep's, as a trial's
+    task = ray.remote(_random_baseline).options(num_cpus=share["cpu"], num_gpus=share.get("gpu", 0), resources=on_head)
     return task.remote(sweep, base, sweep_dir, shared, uri, parent, verbose, provenance.command())
 
 

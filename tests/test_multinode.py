@@ -284,17 +284,20 @@ def test_a_reclaimed_node_shrinks_an_elastic_group_after_a_checkpoint_on_notice_
     assert math.isfinite(loss) and abs(loss - ref_loss) <= LOSS_TOLERANCE * ref_loss, (loss, ref_loss)
 
 
-def test_a_sweep_trial_starts_on_the_nodes_there_are_grows_and_shrinks_like_a_job(two_nodes, demo_data, tmp_path):
+def test_a_sweep_trial_starts_on_the_nodes_there_are_grows_and_shrinks_like_a_job(two_nodes, demo_data, tmp_path,
+                                                                                   monkeypatch):
     """Issue 29 item 6, last in this module: a sweep submitted while the cluster has room for two workers of its
     trial's three (a spot cluster still scaling up). The trial starts with two, grows to three when a node
     arrives, and shrinks back to two when a node that holds a worker is lost without notice: the trial finishes
     (not failed, not restarted), in one MLflow run, with the recipe's updates. Three micro-batches per update
     (``effective_batch`` 96 = 3 x 32) do not divide over two ranks: they take two and one, the loss weighted
     per micro-batch (``engine.StepPlan``). The trial's function and Ray Train's controller ran on the head, the
-    node a spot cluster keeps."""
+    node a spot cluster keeps. Rank 0 waits at the end of epoch 1 (a ``pause`` fault) until the group has grown:
+    a fast run would otherwise end before the new node is seen."""
     import ray
     import yaml
     from ray._private import state
+    from ray.tune.execution import class_cache
 
     from mae_ray.jobs import sweep as sweeps
     from mae_ray.jobs.sweep_config import load_sweep
@@ -314,6 +317,11 @@ def test_a_sweep_trial_starts_on_the_nodes_there_are_grows_and_shrinks_like_a_jo
         "base": "base.yaml", "name": "spot", "search": {"train.seed": {"grid": [0]}},
         "output_dir": str(tmp_path / "sweeps"), "linprobe": False, "finetune": False, "random_baseline": False,
         "scheduler": {"type": "none"}, "max_concurrent_trials": 1}))
+    # the fault reaches the trial's process as Tune passes it Ray Train's settings (the trial, not this process,
+    # starts the Train run that reads it)
+    monkeypatch.setenv("MAE_RAY_FAULTS", "pause:rank=0:end_epoch=1")
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", {*class_cache.ENV_VARS_TO_PROPAGATE, "MAE_RAY_FAULTS"})
+    trials = tmp_path / "sweeps" / "spot" / "trials"
     result: dict = {}
 
     def run():
@@ -324,23 +332,25 @@ def test_a_sweep_trial_starts_on_the_nodes_there_are_grows_and_shrinks_like_a_jo
             result["error"] = e
 
     def sizes():  # the group sizes the trial's newest checkpoint records, in order
-        stores = list((tmp_path / "sweeps" / "spot" / "trials").glob("*/ray/*"))
+        stores = list(trials.glob("*/ray/*"))
         found = newest(stores[0]) if stores else None
         return [a["workers"] for a in found[2]] if found else []
 
     job = threading.Thread(target=run, daemon=True)
     job.start()
-    _wait("a checkpoint on two workers", lambda: sizes()[-1:] == [2] or "error" in result)
-    assert "error" not in result, result
+    _wait("rank 0 at the end of epoch 1", lambda: any(trials.glob("*/.fault-pause-end_epoch-1-0")) or "error" in result)
+    assert "error" not in result and sizes()[-1:] == [2], (result, sizes())
     cluster.add_node(num_cpus=1)
     _wait("a checkpoint on three workers", lambda: sizes()[-1:] == [3] or "error" in result)
     cluster.remove_node(first)  # it holds a worker (the head holds one, the new node the third)
+    for marker in trials.glob("*/.fault-pause-end_epoch-1-0"):  # (the grown group went past it: it fires once)
+        Path(f"{marker}.go").touch()
     job.join(timeout=600)
     assert "error" not in result, result
 
     (row,) = result["report"]["rows"]
     assert row["status"] == "finished", row
-    summary = json.loads(next((tmp_path / "sweeps" / "spot" / "trials").glob("*/result.json")).read_text())
+    summary = json.loads(next(trials.glob("*/result.json")).read_text())
     final = load_state(summary["checkpoint"])
     workers = [a["workers"] for a in final["attempts"]]
     assert workers[-2:] == [3, 2] and workers[:-2] in ([2], [1, 2]), final["attempts"]

@@ -178,3 +178,19 @@ def test_help_loads_neither_torch_nor_ray():
     of imports on a 2-core machine."""
     out = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip().splitlines()[-1] == "loaded:", out.stdout.strip().splitlines()[-1]
+
+
+def test_the_worker_side_of_a_job_imports_nothing_of_the_driver_side():
+    """A job's ``train_loop`` runs on Ray Train workers: what it builds comes from ``model/``, ``train/``, ``data/``
+    and ``cluster/``, never from another job module (``jobs.encoders`` resolves an encoder once, on the driver; the
+    worker gets its weights and architecture in its ``WorkerSpec``)."""
+    wrong = []
+    for name, path in modules().items():
+        if layer(name) != "jobs":
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef) and fn.name == "train_loop":
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mae_ray.jobs"):
+                        wrong.append(f"{name}.train_loop imports {node.module}")
+    assert not wrong, "\n".join(wrong)

@@ -27,6 +27,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from mae_ray import tracking
 from mae_ray.cluster import checkpoints, faults, launch
 from mae_ray.cluster.worker_spec import WorkerSpec
@@ -168,9 +171,6 @@ class EpochLoop:
         return f"{self.every_s / 60:g} min since the last checkpoint" if flags & _TIMER else ""
 
     def _from_rank0(self, value: int) -> int:
-        import torch
-        import torch.distributed as dist
-
         if self.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
             return value
         self.device = self.device or launch.device()  # where the collectives run (NCCL: the GPU)
@@ -180,9 +180,6 @@ class EpochLoop:
 
     def _checkpoint_inside(self, epoch: int, progress: engine.Progress, why: str) -> None:
         """A checkpoint after ``progress.updates`` of epoch ``epoch``'s updates, holding every rank's place."""
-        import torch
-        import torch.distributed as dist
-
         positions = list(self.epoch_loader.positions) if self.epoch_loader is not None else []
         mine = torch.tensor([progress.loss_sum, float(progress.seen), *positions], dtype=torch.float64)
         rows = [mine]
@@ -287,9 +284,6 @@ class EpochLoop:
         A collective: all ranks call it. Data-parallel training that lost its gradient all-reduce (no
         DDP wrapper, a ``no_sync`` left on) still lowers the loss on each rank, so only this shows it.
         """
-        import torch
-        import torch.distributed as dist
-
         if self.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
             return
         for name, module in self.stateful.items():
@@ -342,8 +336,6 @@ def attempts_text(attempts: list[dict[str, Any]], updates_per_epoch: int) -> str
 
 def _poke_first_parameter(stateful: dict[str, Any], delta: float) -> None:
     """Fault injection only: add ``delta`` to one value of the first module's first parameter."""
-    import torch
-
     module = next(m for m in stateful.values() if isinstance(m, torch.nn.Module))
     with torch.no_grad():
         next(module.parameters()).view(-1)[0] += delta

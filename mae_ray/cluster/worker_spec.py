@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import ray
+
 from mae_ray.config import Config
 
 
@@ -30,6 +32,4 @@ class WorkerSpec:
 
     def encoder_state(self) -> dict[str, Any] | None:
         """The encoder's state dict from the object store; None for a random-init evaluation."""
-        import ray
-
         return None if self.encoder is None else ray.get(self.encoder)

@@ -21,7 +21,7 @@ from mae_ray.cluster import checkpoints
 from mae_ray.config import Config, from_dict
 from mae_ray.errors import ConfigError
 from mae_ray.model.mae import MaskedAutoencoderViT, is_decoder_key
-from mae_ray.model.weights import load_mae_weights, state_dict_of
+from mae_ray.model.weights import build_mae, state_dict_of
 from mae_ray.tracking import redact, run_exists
 
 _TAG_MAX = 5000  # MLflow's limit on a tag value's length (8000 on recent servers, 5000 on older ones)
@@ -45,11 +45,7 @@ class EncoderSource:
 
     def build(self, seed: int = 0) -> MaskedAutoencoderViT:
         """The MAE with this encoder loaded (decoder left at init: evaluation never uses it)."""
-        torch.manual_seed(seed)
-        model = MaskedAutoencoderViT(**self.model_kwargs)
-        if self.state is not None:
-            load_mae_weights(model, self.state, name=self.label or None)
-        return model
+        return build_mae(self.model_kwargs, self.state, seed, name=self.label or None)
 
 
 def resolve_encoder(spec: str, cfg: Config, tracking_uri: str) -> EncoderSource:

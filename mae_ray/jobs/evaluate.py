@@ -12,7 +12,10 @@ import os
 import re
 from typing import Any
 
+from mae_ray import tracking
 from mae_ray.config import Config, load_config
+from mae_ray.jobs import files, finetune, lifecycle, linprobe, recorded
+from mae_ray.jobs.encoders import resolve_encoder
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -24,10 +27,6 @@ def as_spec(run: str) -> str:
 
 def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool = False) -> dict[str, Any]:
     """Linear probe then fine-tune ``cfg.eval.checkpoint`` (or ``source``); returns the combined summary."""
-    from mae_ray import tracking
-    from mae_ray.jobs import files, finetune, lifecycle, linprobe
-    from mae_ray.jobs.encoders import resolve_encoder
-
     jobs = [(name, job) for name, job in (("linprobe", linprobe), ("finetune", finetune)) if name not in skip]
     for name, _ in jobs:  # both refused before the first one runs
         lifecycle.check_epoch_updates(cfg, name)
@@ -62,10 +61,6 @@ def run_spec(spec: str, config: str | None, overrides: list[str], *, skip: tuple
 def resolve_spec(spec: str, config: str | None, overrides: list[str], trust_recorded: bool = False):
     """(the config ``evaluate --run SPEC`` runs, the encoder): see :func:`run_spec`. Prints each setting not
     taken from the record."""
-    from mae_ray import tracking
-    from mae_ray.jobs import recorded
-    from mae_ray.jobs.encoders import resolve_encoder
-
     cfg = load_config(config, [*overrides, f"eval.checkpoint={spec}"])
     source = resolve_encoder(spec, cfg, tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri))
     if config is None and source.saved_config is not None:

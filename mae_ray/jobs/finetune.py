@@ -12,11 +12,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import timm
 import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from mae_ray.cluster import checkpoints, launch
+from mae_ray.cluster.worker_loop import EpochLoop
 from mae_ray.cluster.worker_spec import WorkerSpec
 from mae_ray.config import Config
+from mae_ray.data.loader import epoch_batches, make_eval_loader, make_train_loader
+from mae_ray.data.transforms import eval_transform
 from mae_ray.errors import CheckpointError
+from mae_ray.jobs.eval_job import run_eval
+from mae_ray.model.weights import build_mae, encoder_state_dict, timm_vit_kwargs
+from mae_ray.train import classify, engine, optim, recipe
 
 # A global-pool ViT has fc_norm instead of the encoder's final norm, and a new head.
 EXPECTED_MISSING = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
@@ -28,10 +38,6 @@ def build_classifier(encoder, num_classes: int, drop_path: float, head_norm: str
     ``head_norm="batch"``: fc_norm is a BatchNorm without affine (the linear probe's), which removes the part of
     the pooled feature every image shares; a LayerNorm per image keeps it (docs/results.md: on small data MAE's
     pre-training makes that part ~90 % of the feature, and a short fine-tuning spends itself working around it)."""
-    import timm
-
-    from mae_ray.model.weights import encoder_state_dict, timm_vit_kwargs
-
     kwargs = {**timm_vit_kwargs(encoder), "num_classes": num_classes, "global_pool": "avg",
               "drop_path_rate": drop_path}
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs)  # kwargs set the size
@@ -59,16 +65,6 @@ def freeze_for_partial(vit, trainable_blocks: int | None) -> None:
 
 
 def train_loop(spec: WorkerSpec) -> None:
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    from mae_ray.cluster import checkpoints, launch
-    from mae_ray.cluster.worker_loop import EpochLoop
-    from mae_ray.data.loader import epoch_batches, make_eval_loader, make_train_loader
-    from mae_ray.data.transforms import eval_transform
-    from mae_ray.jobs.encoders import EncoderSource
-    from mae_ray.train import classify, engine, optim, recipe
-
     cfg = spec.config
     ft, settings = cfg.finetune, cfg.run_settings("finetune")
     rank, world = launch.enter_worker(spec)
@@ -78,8 +74,7 @@ def train_loop(spec: WorkerSpec) -> None:
     else:  # as a Ray worker has (OMP_NUM_THREADS), also in-process: the same sums, the same bits
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     torch.manual_seed(settings.seed)
-    encoder = EncoderSource(spec.encoder_state(), spec.model_kwargs, None, "").build(
-        settings.seed)
+    encoder = build_mae(spec.model_kwargs, spec.encoder_state(), settings.seed)
     classes = spec.num_classes
     vit = build_classifier(encoder, classes, ft.drop_path, ft.head_norm).to(device)
     freeze_for_partial(vit, ft.trainable_blocks)
@@ -136,6 +131,4 @@ def train_loop(spec: WorkerSpec) -> None:
 
 def run(cfg: Config, *, source=None, verbose: bool = False, resume_from: str | None = None) -> dict[str, Any]:
     """Fine-tune the encoder ``cfg.eval.checkpoint`` (or ``source``); returns what result.json holds."""
-    from mae_ray.jobs.eval_job import run_eval
-
     return run_eval("finetune", cfg, train_loop, source=source, verbose=verbose, resume_from=resume_from)

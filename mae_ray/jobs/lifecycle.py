@@ -19,13 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mae_ray import tracking
+import ray
+
+from mae_ray import redaction, storage, tracking
 from mae_ray.cluster import checkpoints, faults, launch
 from mae_ray.cluster.worker_spec import WorkerSpec
 from mae_ray.config import Config
+from mae_ray.data import shards
+from mae_ray.data.shards import check_local_shards, dataset_size, expand_urls, manifest_classes
+from mae_ray.data.sources import check_remote_shard, use_limits
 from mae_ray.errors import DataError, UserError
 from mae_ray.jobs import files
 from mae_ray.jobs.encoders import EncoderSource
+from mae_ray.train import recipe
 
 
 def open_run(uri: str, experiment: str, name: str, params: dict[str, Any], tags: dict[str, str],
@@ -54,10 +60,6 @@ def prepare(cfg: Config, *, need_val: bool = False, write: bool = True) -> str:
     before Ray starts. ``write=False`` leaves the writing to :func:`write_config`, for jobs with more
     to check first: a refused job leaves no output folder behind and an earlier run's files untouched.
     """
-    from mae_ray import redaction, storage
-    from mae_ray.data.shards import check_local_shards, expand_urls
-    from mae_ray.data.sources import check_remote_shard, use_limits
-
     redaction.install()  # the console of a job started from Python too, not only from the CLI
     storage.use_endpoint(cfg.storage.endpoint_url)  # before the first shard listing, and inherited by Ray
     use_limits(cfg.data)  # the data bounds likewise
@@ -93,8 +95,6 @@ def num_classes(cfg: Config) -> int:
     CUDA device-side assert) or not at all (cross-entropy ignores label -1). The loaders check every
     label against the count as well (``make_*_loader(num_classes=...)``).
     """
-    from mae_ray.data.shards import expand_urls, manifest_classes
-
     listed = {which: manifest_classes(expand_urls(spec)[0])
               for which, spec in (("training", cfg.data.train_shards), ("validation", cfg.data.val_shards)) if spec}
     if cfg.data.num_classes:
@@ -119,9 +119,6 @@ def check_epoch_updates(cfg: Config, job: str) -> None:
     probe trains on every training sample. Shards without a count are checked by the workers instead
     (``engine.StepPlan``), once the loader knows its length.
     """
-    from mae_ray.data.shards import dataset_size
-    from mae_ray.train import recipe
-
     if not cfg.data.train_shards:
         return  # prepare() says so
     if job == "linprobe" and cfg.linprobe.cache_features:
@@ -148,8 +145,6 @@ def ray_session(cfg: Config, verbose: bool):
         yield started
     finally:
         if started:
-            import ray
-
             ray.shutdown()
 
 
@@ -175,8 +170,6 @@ def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: 
     and task."""
     encoder = None
     if evaluation is not None and evaluation.source.state is not None:
-        import ray
-
         encoder = ray.put(evaluation.source.state)
     worker = WorkerSpec(config=cfg, tracking_uri=uri, run_id=run_id, output_dir=cfg.output_dir,
                         faults=faults.from_env(), verbose=verbose, resume_from=resume_from, encoder=encoder,
@@ -218,8 +211,6 @@ def _newest_checkpoint(folder: str, retry_s: float) -> str:
 
 def log_data(uri: str, run_id: str, cfg: Config) -> None:
     """The run's shard sets in MLflow's dataset tracking; a set that cannot be described is only a warning."""
-    from mae_ray.data import shards
-
     sets = {}
     for context, spec in (("training", cfg.data.train_shards), ("validation", cfg.data.val_shards)):
         try:

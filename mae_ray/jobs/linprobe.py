@@ -16,8 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from mae_ray.cluster import checkpoints, launch
+from mae_ray.cluster.worker_loop import EpochLoop
 from mae_ray.cluster.worker_spec import WorkerSpec
 from mae_ray.config import Config
+from mae_ray.data.loader import epoch_batches, make_eval_loader, make_train_loader
+from mae_ray.data.transforms import build_transform, eval_transform, normalize_batch
+from mae_ray.errors import DataError
+from mae_ray.jobs.eval_job import run_eval
+from mae_ray.model.weights import build_mae
+from mae_ray.train import classify, engine, optim, recipe
+from mae_ray.train.knn import all_gather_rows, extract_features
 
 
 class LinearProbeHead(nn.Module):
@@ -103,15 +112,6 @@ def probe_forwards(encoder, head, ddp_head, pool: str, precision, *, cached: boo
 
 
 def train_loop(spec: WorkerSpec) -> None:
-    from mae_ray.cluster import checkpoints, launch
-    from mae_ray.cluster.worker_loop import EpochLoop
-    from mae_ray.data.loader import epoch_batches, make_eval_loader, make_train_loader
-    from mae_ray.data.transforms import build_transform, eval_transform, normalize_batch
-    from mae_ray.errors import DataError
-    from mae_ray.jobs.encoders import EncoderSource
-    from mae_ray.train import classify, engine, optim, recipe
-    from mae_ray.train.knn import all_gather_rows, extract_features
-
     cfg = spec.config
     lp, settings = cfg.linprobe, cfg.run_settings("linprobe")
     rank, world = launch.enter_worker(spec)
@@ -120,8 +120,7 @@ def train_loop(spec: WorkerSpec) -> None:
     if device.type != "cuda":  # as a Ray worker has (OMP_NUM_THREADS), also in-process: the same bits
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     torch.manual_seed(settings.seed)
-    source = EncoderSource(spec.encoder_state(), spec.model_kwargs, None, "")
-    encoder = source.build(settings.seed).to(device).eval().requires_grad_(False)
+    encoder = build_mae(spec.model_kwargs, spec.encoder_state(), settings.seed).to(device).eval().requires_grad_(False)
     img_size = encoder.patch_embed.img_size[0]
     classes = spec.num_classes
     head = LinearProbeHead(encoder.cls_token.shape[-1], classes).to(device)
@@ -181,6 +180,4 @@ def train_loop(spec: WorkerSpec) -> None:
 
 def run(cfg: Config, *, source=None, verbose: bool = False, resume_from: str | None = None) -> dict[str, Any]:
     """Linear-probe the encoder ``cfg.eval.checkpoint`` (or ``source``); returns what result.json holds."""
-    from mae_ray.jobs.eval_job import run_eval
-
     return run_eval("linprobe", cfg, train_loop, source=source, verbose=verbose, resume_from=resume_from)

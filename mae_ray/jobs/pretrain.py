@@ -8,29 +8,35 @@ resume from the newest checkpoint, train epochs, report metrics + checkpoints, l
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from mae_ray import tracking
+from mae_ray.cluster import checkpoints, launch
+from mae_ray.cluster.worker_loop import EpochLoop
 from mae_ray.cluster.worker_spec import WorkerSpec
 from mae_ray.config import Config
+from mae_ray.data.device_decode import pretrain_batch
+from mae_ray.data.loader import epoch_batches, make_eval_loader, make_train_loader
+from mae_ray.data.shards import expand_urls
+from mae_ray.data.transforms import build_transform, eval_transform, normalize_batch
 from mae_ray.errors import DataError
+from mae_ray.jobs import lifecycle
+from mae_ray.model.flops import peak_flops, train_flops_per_image
+from mae_ray.model.mae import MaskedAutoencoderViT
+from mae_ray.model.pca import fit_pca
+from mae_ray.model.visualize import fixed_noise, reconstruct, save_reconstruction_grid
+from mae_ray.model.weights import save_encoder
+from mae_ray.train import engine, optim, recipe
+from mae_ray.train.knn import KnnMonitor
 
 
 # --------------------------------------------------------------------------- worker
 def train_loop(spec: WorkerSpec) -> None:
     """Runs on every Ray Train worker (or in-process with ray.num_workers=0)."""
-    import torch
-
-    from mae_ray import tracking
-    from mae_ray.cluster import checkpoints, launch
-    from mae_ray.cluster.worker_loop import EpochLoop
-    from mae_ray.data.loader import epoch_batches, make_train_loader
-    from mae_ray.data.transforms import build_transform
-    from mae_ray.model.flops import peak_flops, train_flops_per_image
-    from mae_ray.model.mae import MaskedAutoencoderViT
-    from mae_ray.model.weights import save_encoder
-    from mae_ray.train import engine, optim, recipe
-    from mae_ray.train.knn import KnnMonitor
-
     cfg = spec.config
     rank, world_size = launch.enter_worker(spec)
     device = launch.device()
@@ -113,8 +119,6 @@ def train_loop(spec: WorkerSpec) -> None:
 def _pca_target(cfg: Config, model, loop) -> None:
     """target=pca: the basis, fitted by rank 0 and broadcast to every rank. A resumed run keeps its
     checkpoint's basis: the decoder learned to predict coefficients in that one."""
-    import torch.distributed as dist
-
     if model.target != "pca":
         return
     if loop.resumed:
@@ -138,15 +142,6 @@ def fit_pca_basis(cfg: Config, model):
     the same ``train.seed``: the shards in an order drawn from it, each image as pre-training sees it
     (train.augment's crop, normalised) with the crops drawn from it, read in this process by the exact-once
     loader. The run's own RNG is left as it was."""
-    import random
-
-    import torch
-
-    from mae_ray.data.loader import make_eval_loader
-    from mae_ray.data.shards import expand_urls
-    from mae_ray.data.transforms import build_transform
-    from mae_ray.model.pca import fit_pca
-
     urls = expand_urls(cfg.data.train_shards)
     random.Random(f"mae-ray/pca/{cfg.train.seed}").shuffle(urls)
     size = model.patch_embed.img_size[0]
@@ -169,9 +164,6 @@ def fit_pca_basis(cfg: Config, model):
 def on_device(batches, device, img_size: int = 0, decode: bool = False, skips: list[int] | None = None):
     """uint8 image batches -> float32 normalised on ``device`` (where the model runs); with ``decode``, batches
     of encoded JPEGs decoded and cropped there (``data.decode=gpu``), undecodable ones counted in ``skips``."""
-    from mae_ray.data.device_decode import pretrain_batch
-    from mae_ray.data.transforms import normalize_batch
-
     for imgs, labels in batches:
         if decode:
             yield pretrain_batch(imgs, device, img_size, skips), labels
@@ -186,9 +178,6 @@ def _write_text(path: str, text: str) -> None:
 
 def _reduce_over_ranks(metrics: dict[str, float], skipped: int, device) -> dict[str, float]:
     """Loss and data-wait fraction averaged, throughput and skipped samples summed over ranks (the whole job)."""
-    import torch
-    import torch.distributed as dist
-
     values = torch.tensor([metrics["train_loss"], metrics["images_per_s"], float(skipped),
                            metrics["data_wait_frac"]], device=device)
     if dist.is_available() and dist.is_initialized():
@@ -212,10 +201,6 @@ class _Pictures:
         self.images = None
 
     def _load(self):
-        from mae_ray.data.loader import make_eval_loader
-        from mae_ray.data.transforms import eval_transform
-        from mae_ray.model.visualize import fixed_noise
-
         shards = self.cfg.data.val_shards or self.cfg.data.train_shards
         size = self.model.patch_embed.img_size[0]
         loader = make_eval_loader(shards, batch_size=self.count, transform=eval_transform(self.cfg.data, size),
@@ -226,7 +211,6 @@ class _Pictures:
     def maybe_log(self, epoch: int, last: bool, logger) -> None:
         if not (last or (self.every and (epoch + 1) % self.every == 0)):
             return
-        from mae_ray.model.visualize import reconstruct, save_reconstruction_grid
 
         if self.images is None:
             self._load()
@@ -244,10 +228,6 @@ def run(cfg: Config, *, resume_from: str | None = None, verbose: bool = False, p
     The steps and their order are ``lifecycle.run_job``'s (see there for ``resume_from``, ``continue_existing``,
     ``run_id``, ``callbacks``); ``parent_run_id``: the MLflow run this one is a child of.
     """
-    from mae_ray import tracking
-    from mae_ray.cluster import checkpoints
-    from mae_ray.jobs import lifecycle
-
     name = cfg.mlflow.run_name or os.path.basename(os.path.abspath(cfg.output_dir).rstrip("/"))
 
     def setup(cfg: Config, uri: str) -> lifecycle.Setup:

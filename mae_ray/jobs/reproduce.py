@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 import yaml
+from mlflow import MlflowClient
 
 from mae_ray import provenance, tracking
 from mae_ray.config import Config, load_config
@@ -31,8 +32,6 @@ _NOT_COMPARED = {"command", "ray_nodes", "git_commit", "git_dirty"}  # said sepa
 def run(run_spec: str, tracking_uri: str | None, out: str | None, start: bool = False,
         trust_recorded: bool = False) -> dict[str, Any]:
     """``trust_recorded``: take the run's addresses, folders and shard specs too (``recorded.from_record``)."""
-    from mlflow import MlflowClient
-
     run_id = run_spec.removeprefix("runs:/").strip("/").split("/")[0]
     uri = tracking.resolve_tracking_uri(tracking_uri)
     try:

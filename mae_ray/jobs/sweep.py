@@ -20,29 +20,31 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from typing import Any
 
+import ray
 import yaml
+from mlflow import MlflowClient
+from ray import tune
+from ray.tune.execution import class_cache
+from ray.tune.schedulers import ASHAScheduler
 
-from mae_ray import provenance
+from mae_ray import provenance, tracking
 from mae_ray.cluster import launch, ray_processes
 from mae_ray.config import Config, from_dict, load_config
 from mae_ray.errors import ConfigError
-from mae_ray.jobs import files, lifecycle
+from mae_ray.jobs import files, finetune, lifecycle, linprobe, sweep_report
+from mae_ray.jobs.encoders import resolve_encoder
 from mae_ray.jobs.files import read_json, write_json
 from mae_ray.jobs.sweep_config import EVAL_JOBS, SweepConfig, hide_secrets, param_space
 from mae_ray.jobs.sweep_trial import NOTE, done, keep, trial
+from mae_ray.tracking import redact
 
 
 # --------------------------------------------------------------------------- the sweep
 def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bool = False,
         verbose: bool = False) -> dict[str, Any]:
-    import ray
-    from ray import tune
-
-    from mae_ray import tracking
-    from mae_ray.jobs import sweep_report
-
     cfg = from_dict(Config, base)
     uri = lifecycle.prepare(cfg, write=False)  # absolute shard paths and tracking URI, for every trial
     listed = {j for jobs in sweep.jobs.values() for j in jobs}
@@ -50,7 +52,6 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
         if getattr(sweep, job) or job in listed:
             lifecycle.check_epoch_updates(cfg, job)
     if not sweep.pretrain:  # the one encoder every trial evaluates: a missing or misfit one fails here
-        from mae_ray.jobs.encoders import resolve_encoder
 
         if os.path.exists(cfg.eval.checkpoint):  # trials run in their own folders
             cfg.eval.checkpoint = os.path.abspath(cfg.eval.checkpoint)
@@ -125,8 +126,6 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
 
 
 def _start_parent(uri: str, cfg: Config, sweep: SweepConfig) -> str:
-    from mae_ray import tracking
-
     note = (f"Sweep {sweep.name} over {', '.join(sweep.search) or 'nothing'}: one child run per trial, named by what "
             "it varies, with its linprobe_top1 / finetune_top1. report/ holds the table and the plots.")
     return lifecycle.open_run(uri, cfg.mlflow.experiment, f"sweep-{sweep.name}", _sweep_params(sweep),
@@ -136,10 +135,6 @@ def _start_parent(uri: str, cfg: Config, sweep: SweepConfig) -> str:
 def _log_sweep_files(uri: str, parent: str, sweep_file: str, base: dict[str, Any], sweep_dir: str) -> None:
     """The sweep file and the trials' base config, credentials redacted, as artifacts ``sweep/`` of the
     parent run; the base config also in the sweep folder (a record: ``--resume`` reads the sweep file)."""
-    import tempfile
-
-    from mae_ray import tracking
-
     logger = tracking.EpochLogger(uri, parent)
     with open(sweep_file) as f:
         sweep_text = tracking.redact(f.read())
@@ -161,8 +156,6 @@ def _credentials_not_copied_by_tune():
     from their node's environment (``ray start``'s, or the instance role; docs/operations.md).
     """
     try:
-        from ray.tune.execution import class_cache
-
         copied = class_cache.ENV_VARS_TO_PROPAGATE
     except (ImportError, AttributeError):  # a Ray that no longer does this
         yield
@@ -195,8 +188,6 @@ def _concurrency(sweep: SweepConfig, cfg: Config) -> int:
     """Trials at a time such that every trial's Train workers can be placed (they are not Tune's resources): as
     many as fit with their whole group (``ray.num_workers``), and one where a trial fits only with its smallest
     (an elastic trial starts on the nodes there are, and grows as more arrive)."""
-    import ray
-
     trial, per_worker = _trial_resources(sweep, cfg)["cpu"], cfg.ray.cpus_per_worker
     have = ray.cluster_resources().get("CPU", 0)
     smallest = cfg.ray.min_workers if cfg.ray.elastic else cfg.ray.num_workers
@@ -210,7 +201,6 @@ def _concurrency(sweep: SweepConfig, cfg: Config) -> int:
 def _scheduler(sweep: SweepConfig):
     if sweep.scheduler.type == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
 
     s = sweep.scheduler
     # its rungs count epochs (``epochs_done``, in every epoch's report), not reports: a checkpoint taken inside
@@ -220,8 +210,6 @@ def _scheduler(sweep: SweepConfig):
 
 
 def _sweep_params(sweep: SweepConfig) -> dict[str, str]:
-    from mae_ray.tracking import redact
-
     return {"sweep.name": sweep.name, "sweep.base": redact(sweep.base),
             "sweep.search": redact(json.dumps(sweep.search))[:6000],
             "sweep.metric": sweep.metric, "sweep.scheduler": sweep.scheduler.type,
@@ -234,7 +222,6 @@ def _start_baseline(sweep: SweepConfig, cfg: Config, base: dict[str, Any], sweep
     first, and the trials take the rest of the cluster until it ends."""
     if not (sweep.random_baseline and (sweep.linprobe or sweep.finetune)):
         return None
-    import ray
 
     share = _trial_resources(sweep, cfg)
     on_head = {k: v for k, v in share.items() if k == launch.HEAD_NODE}  # an elastic sweep's, as a trial's
@@ -249,9 +236,6 @@ def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, s
     jobs = [j for j in ("linprobe", "finetune") if getattr(sweep, j)]
     if not (sweep.random_baseline and jobs):
         return None
-    from mlflow import MlflowClient
-
-    from mae_ray.jobs import finetune, linprobe
 
     os.environ[provenance.COMMAND_ENV] = command  # the sweep's, in this Ray worker
     out = os.path.join(sweep_dir, "random_baseline")

@@ -6,15 +6,22 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import matplotlib
+from mlflow import MlflowClient
+from ray import tune
 
-matplotlib.use("Agg")
+from mae_ray import tracking
+from mae_ray.jobs import files, lifecycle
+from mae_ray.jobs.sweep_config import axis_label, trial_label, varied_keys
+from mae_ray.tracking import redact
+
+matplotlib.use("Agg")  # before pyplot: the report is drawn without a display
 
 import matplotlib.pyplot as plt  # noqa: E402
-
-from mae_ray.jobs import files  # noqa: E402
 
 ACCURACIES = ("linprobe_top1", "finetune_top1", "knn_top1")
 
@@ -24,11 +31,6 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
     """``epochs``: the base config's pre-training length (a trial's own ``train.epochs`` axis value wins)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from mlflow import MlflowClient
-
-    from mae_ray import tracking
-    from mae_ray.jobs import lifecycle
-    from mae_ray.jobs.sweep_config import varied_keys
 
     rows = add_paper(trial_rows(grid, list(sweep.search)), sweep)
     client = MlflowClient(uri)
@@ -86,10 +88,6 @@ def ui_paths(uri: str, experiment_id: str, parent: str, name: str, axes: list[st
     collapsed parent row), best linear probe first, with the varied keys and both accuracies as columns (a view
     saved on the experiment, as the UI's Share button does); ``compare_path``, its trials side by side.
     MLflow 3's UI opens in its GenAI view unless told ``workflowType=machine_learning``."""
-    from urllib.parse import quote, urlencode
-
-    from mae_ray import tracking
-
     ml = urlencode({"workflowType": "machine_learning"})
     children = f"tags.mlflow.parentRunId = '{parent}'"
     try:
@@ -107,8 +105,6 @@ def ui_paths(uri: str, experiment_id: str, parent: str, name: str, axes: list[st
 
 def ui_lines(uri: str, report: dict[str, Any]) -> list[str]:
     """How to see the sweep in the MLflow UI: the command that opens a local store, then the two links."""
-    from mae_ray.tracking import redact
-
     served = uri.startswith(("http://", "https://"))  # a tracking server is its own UI
     ui = redact(uri.rstrip("/")) if served else "http://127.0.0.1:5000"
     opener = [] if served else [f"open the UI with: mlflow ui --backend-store-uri {redact(uri)} --host 127.0.0.1 "
@@ -163,8 +159,6 @@ def trial_rows(grid, axes: list[str]) -> list[dict[str, Any]]:
 def add_paper(rows: list[dict[str, Any]], sweep) -> list[dict[str, Any]]:
     """Each trial row gets the paper's numbers at its axis value (``paper_linprobe_top1``, ...), if the
     sweep file gives them: measured and published side by side."""
-    from mae_ray.jobs.sweep_config import axis_label
-
     if not sweep.paper:
         return rows
     axis = next(iter(sweep.search))
@@ -278,12 +272,6 @@ def progress_callback(evaluates: bool, concurrent: int = 1):
     """A Tune callback (on the driver) that prints one line per ended trial: its scores and the sweep's ETA.
     ``evaluates``: whether a trial that ran to its end reports linprobe/finetune scores (else it was stopped);
     ``concurrent``: trials at a time."""
-    import time
-
-    from ray import tune
-
-    from mae_ray.jobs.sweep_config import trial_label
-
     class Progress(tune.Callback):
         def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
             self.total, self.started, self.durations = total_num_samples, {}, []

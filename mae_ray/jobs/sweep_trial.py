@@ -11,9 +11,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from mae_ray import provenance, redaction
+from mlflow import MlflowClient
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from mae_ray import provenance, redaction, tracking
 from mae_ray.config import Config, load_config
-from mae_ray.jobs import lifecycle
+from mae_ray.jobs import evaluate, lifecycle, pretrain
+from mae_ray.jobs.encoders import resolve_encoder
 from mae_ray.jobs.files import read_json, write_json
 from mae_ray.jobs.sweep_config import EVAL_JOBS, trial_config, trial_jobs, trial_label
 
@@ -28,13 +33,6 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
     ``params`` are the values Tune shows (credentials redacted, see :func:`hide_secrets`); ``hidden``
     maps them back to the real ones, which reach this function through the object store only.
     """
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from mae_ray import tracking
-    from mae_ray.jobs import pretrain
-    from mae_ray.jobs.encoders import resolve_encoder
-
     redaction.install()  # a trial actor's console, like a Ray Train worker's
     trial_id = tune.get_context().get_trial_id()
     os.environ[provenance.COMMAND_ENV] = sweep.get("command", "")  # the sweep's, on whichever node this runs
@@ -93,8 +91,6 @@ def _evaluate(cfg: Config, source, jobs: tuple[str, ...], best_of: dict[str, lis
     per value of its key, in folders and MLflow runs of their own, and the best value's scores are the trial's
     (``<job>_top1``), with each value's top-1 beside them (``finetune_top1_epochs_50``, ...) and which won
     (``finetune_best_epochs``). A restarted trial reuses the values it had finished."""
-    from mae_ray.jobs import evaluate
-
     (key, values), = best_of.items() if best_of else ((None, ()),)
     varied = key.split(".")[0] if key else None
     once = tuple(j for j in jobs if j != varied)
@@ -138,10 +134,6 @@ def keep(shared: str | None, summary: dict[str, Any]) -> None:
 def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params: dict[str, Any], label: str,
                sweep: dict[str, Any]) -> str:
     """The trial's MLflow run: found again after a restore (so never duplicated), else created."""
-    from mlflow import MlflowClient
-
-    from mae_ray import tracking
-
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     if exp is not None:
@@ -170,8 +162,6 @@ class _Named:
     sweep_name: str
 
     def __call__(self, scores: dict[str, Any], suffix: str) -> None:
-        from mae_ray import tracking
-
         what = {"linprobe": "Linear probe (frozen encoder)", "finetune": "End-to-end fine-tuning"}
         for job, text in what.items():
             run_id = scores.get(f"{job}_run_id")

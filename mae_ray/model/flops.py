@@ -24,6 +24,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 from mae_ray.model.presets import MODEL_DEFAULTS, default_pca_components
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets.
@@ -111,8 +114,6 @@ def peak_flops_for_name(device_name: str) -> float | None:
 def peak_flops(device: Any = None) -> float | None:
     """Dense bf16 peak FLOP/s of ``device`` (a CUDA device, index or name; None: the current one),
     for MFU. None on CPU, without CUDA, or for a GPU not in ``PEAK_BF16_FLOPS``."""
-    import torch
-
     if isinstance(device, str):
         device = torch.device(device)
     if isinstance(device, torch.device):
@@ -138,9 +139,6 @@ def counted_flops(model, imgs, mask_ratio: float = 0.75, backward: bool = True) 
 
     Fused attention is off during the count and on again afterwards; gradients are left in ``model``.
     """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     set_fused_attention(model, False)
     try:
         with FlopCounterMode(display=False) as counter:

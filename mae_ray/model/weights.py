@@ -76,6 +76,18 @@ def resize_pos_embeds(state: dict[str, torch.Tensor], model: torch.nn.Module) ->
     return changed
 
 
+def build_mae(model_kwargs: Mapping[str, object], encoder: Mapping[str, torch.Tensor] | None = None, seed: int = 0,
+              name: str | None = None) -> MaskedAutoencoderViT:
+    """The MAE of ``model_kwargs`` initialised from ``seed``, with ``encoder`` (MAE names) loaded when given: what an
+    evaluation judges (its decoder stays at init; evaluation never uses it). ``name``: the weights' source, for
+    errors."""
+    torch.manual_seed(seed)
+    model = MaskedAutoencoderViT(**model_kwargs)
+    if encoder is not None:
+        load_mae_weights(model, encoder, name=name)
+    return model
+
+
 def load_mae_weights(
     model: MaskedAutoencoderViT,
     source: str | os.PathLike | Mapping[str, torch.Tensor],

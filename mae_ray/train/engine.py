@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from timm.scheduler import CosineLRScheduler
 
@@ -273,11 +276,6 @@ def seed_everything(seed: int, epoch: int, rank: int, batch: int | None = None) 
     in the checkpoint. Loader worker processes seed each sample's augmentations from its place in their own
     stream (``data.loader._TrainStream``).
     """
-    import hashlib
-    import random
-
-    import numpy as np
-
     text = f"mae-ray/{seed}/{epoch}/{rank}" + ("" if batch is None else f"/{batch}")
     value = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") % 2**63
     random.seed(value)

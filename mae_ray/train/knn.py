@@ -17,6 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mae_ray.data.loader import make_eval_loader
+from mae_ray.data.transforms import eval_transform
+
 
 @torch.no_grad()
 def extract_features(model, loader, device, pool: str = "cls", limit: int | None = None):
@@ -124,9 +127,6 @@ class KnnMonitor:
         return bool(self.every) and (epoch + 1) % self.every == 0
 
     def _build(self):
-        from mae_ray.data.loader import make_eval_loader
-        from mae_ray.data.transforms import eval_transform
-
         val = self.cfg.data.val_shards or self.cfg.data.train_shards
         kw = dict(batch_size=256, transform=eval_transform(self.cfg.data, self.img_size), img_size=self.img_size,
                   rank=self.rank, world_size=self.world_size, num_workers=self.cfg.data.num_workers)

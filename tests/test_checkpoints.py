@@ -126,3 +126,51 @@ def test_the_format_renamed_in_its_one_module_still_pretrains_and_evaluates(demo
     (by_folder, probe), (by_run, tuned) = out["scores"].items()
     assert by_folder == str(folder) and by_run.startswith("runs:/")
     assert "linprobe_top1" in probe and "finetune_top1" in tuned, out["scores"]
+
+
+def test_a_failed_background_copy_fails_the_next_report_and_no_copy_begins_after_it(tmp_path):
+    """Ray Train's background upload thread (``CheckpointUploadMode.ASYNC``) on rank 0: a copy that fails for good
+    is kept (``upload.Background``) and raised by the next checkpoint's report, naming the last good checkpoint;
+    a copy queued behind it writes nothing, even where the storage works again; the run's last checkpoint waits
+    for the copies in flight. (Here the copies run in this thread, into a run in this process's storage.)"""
+    import threading
+
+    import pyarrow.fs as pafs
+    import pytest
+    from ray.train import Checkpoint
+
+    from mae_ray.cluster import launch
+    from mae_ray.cluster.upload import Background
+
+    state = tmp_path / "ckpt"
+    state.mkdir()
+    (state / checkpoints.STATE_FILE).write_bytes(b"state")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")  # a storage that refuses every write (as root, permissions would not)
+    store = tmp_path / "store"
+    store.mkdir()
+    run = launch.InProcessRun(fs=pafs.LocalFileSystem(), root=str(not_a_folder), keep=None)
+    launch._IN_PROCESS.append(run)
+    try:
+        copies = Background()
+        copies.queued(), copies.queued()
+        with pytest.raises(CheckpointError, match=r"cannot write checkpoint epoch_000001 .*last good checkpoint: "
+                                                  r"epoch_000000$"):
+            checkpoints._upload(Checkpoint.from_directory(str(state)), "epoch_000001", last_good="epoch_000000",
+                                background=copies)
+        run.root = str(store)  # the storage works again: the copy queued behind the failed one still writes nothing
+        with pytest.raises(CheckpointError, match="epoch_000002 not copied: an earlier copy failed"):
+            checkpoints._upload(Checkpoint.from_directory(str(state)), "epoch_000002", background=copies)
+        assert not list(store.iterdir())
+        with pytest.raises(CheckpointError, match="epoch_000001 .*last good checkpoint: epoch_000000$"):
+            copies.check()  # the next report raises the first failure, before writing anything
+    finally:
+        launch._IN_PROCESS.pop()
+
+    # the run's last checkpoint waits for a copy in flight, and raises its failure once it has failed
+    copies = Background()
+    copies.queued()
+    threading.Timer(0.3, copies.finished, [CheckpointError("cannot write checkpoint epoch_000003")]).start()
+    copies.check()  # not waiting: nothing has failed yet
+    with pytest.raises(CheckpointError, match="epoch_000003"):
+        copies.check(wait_s=30)

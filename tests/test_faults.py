@@ -79,13 +79,12 @@ def test_full_or_read_only_storage_is_one_clear_error_and_the_last_checkpoint_st
     # file stays off it.
     mnt, keep = tmp_path / "disk", tmp_path / "keep"
     mnt.mkdir(), keep.mkdir()
-    # a full disk under a Ray Train worker, a read-only one under a job in this process (ray.num_workers=0): one
-    # Ray Train start less, and the in-process path's own copy and error. The copies are made while training
-    # waits (storage.upload_in_background=false): a copy that fails in Ray's background thread stops the run
-    # only when Ray next polls the worker, which may be after later checkpoints were begun (docs/operations.md)
+    # a full disk under a Ray Train worker, its copies made in Ray's background upload thread (a failed one stops
+    # the run at the next checkpoint, before anything more is written: upload.Background); a read-only one
+    # under a job in this process (ray.num_workers=0): one Ray Train start less, and the in-process copy's error
     workers = 1 if fault == "full" else 0
     cfg = tiny_config(demo_data, tmp_path, f"output_dir={mnt}/run", f"ray.num_workers={workers}",
-                      "ray.failure_max_retries=1", "train.epochs=4", "storage.upload_in_background=false")
+                      "ray.failure_max_retries=1", "train.epochs=4")
     (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
     env = {**os.environ, "MNT": str(mnt), "KEEP": str(keep), "PY": sys.executable, "CFG": str(tmp_path / "cfg.yaml"),
            "BREAK": fault}

@@ -41,7 +41,7 @@ from ray.train import Checkpoint, CheckpointUploadMode
 
 from mae_ray import storage
 from mae_ray.cluster import launch
-from mae_ray.cluster.upload import address, upload
+from mae_ray.cluster.upload import Background, address, upload
 from mae_ray.errors import CheckpointError
 from mae_ray.model import weights
 
@@ -180,13 +180,17 @@ def report(metrics: dict[str, Any], state: TrainingState | None, epoch: int,
     how long an upload to object storage keeps trying (``storage.upload_retry_s``). ``background``: the
     checkpoint is written to local disk here, and copied to the run's storage by Ray Train's upload thread
     (one, so checkpoints arrive in order) while training goes on; it is visible only once whole, as ever
-    (:func:`_upload`). An upload that fails for good then fails the run with ``last_good`` named.
+    (:func:`_upload`). An upload that fails for good then fails the run, with ``last_good`` named, at the next
+    report (``upload.Background``); a checkpoint copied while training waits (a run's last) is written once every
+    copy before it has finished.
     """
     rank, _ = launch.world()
     local = launch.in_process_run()
     if state is None or rank != 0:
         _report(metrics, local)
         return
+    if local is None:  # a copy that failed in the background stops the run here, before anything more is written
+        _BACKGROUND.check(wait_s=0.0 if background else WAIT_FOR_COPIES_S)
     tmp = tempfile.mkdtemp(prefix="mae_ray_ckpt_")
     try:
         torch.save(state, os.path.join(tmp, STATE_FILE))
@@ -194,10 +198,15 @@ def report(metrics: dict[str, Any], state: TrainingState | None, epoch: int,
             write(os.path.join(tmp, name))
         name = folder_name(epoch, updates)
         if local is None and background:
-            copy = functools.partial(_upload, retry_s=retry_s, last_good=last_good or "none")
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
-                             checkpoint_upload_fn=copy, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-                             delete_local_checkpoint_after_upload=True)  # Ray removes tmp once copied
+            copy = functools.partial(_upload, retry_s=retry_s, last_good=last_good or "none", background=_BACKGROUND)
+            _BACKGROUND.queued()
+            try:
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
+                                 checkpoint_upload_fn=copy, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                                 delete_local_checkpoint_after_upload=True)  # Ray removes tmp once copied
+            except BaseException:
+                _BACKGROUND.finished()  # not queued after all
+                raise
             tmp = None
             return
         if local is None:
@@ -235,11 +244,30 @@ def _run_storage() -> tuple[Any, str] | None:
     return ray_storage.storage_filesystem, ray_storage.experiment_fs_path
 
 
-def _upload(checkpoint: Checkpoint, dir_name: str, retry_s: float = 60.0, last_good: str | None = None) -> Checkpoint:
+def _upload(checkpoint: Checkpoint, dir_name: str, retry_s: float = 60.0, last_good: str | None = None,
+            background: Background | None = None) -> Checkpoint:
     """Ray's copy of a checkpoint to the run's storage, made safe (``upload.upload``: whole or invisible, with
-    ``state.pt``, by which every reader recognises a checkpoint, written last)."""
-    fs, root = _run_storage()
-    return upload(checkpoint, fs, root, dir_name, STATE_FILE, retry_s, last_good)
+    ``state.pt``, by which every reader recognises a checkpoint, written last). ``background``: a copy in Ray's
+    upload thread, counted there; none is begun after one failed."""
+    if background is None:
+        fs, root = _run_storage()
+        return upload(checkpoint, fs, root, dir_name, STATE_FILE, retry_s, last_good)
+    error = None
+    try:
+        if background.failed is not None:
+            raise CheckpointError(f"checkpoint {dir_name} not copied: an earlier copy failed ({background.failed})")
+        return _upload(checkpoint, dir_name, retry_s, last_good)
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        background.finished(error)
+
+
+# rank 0's copies in Ray's background upload thread (one Ray Train worker process per rank and attempt)
+_BACKGROUND = Background()
+# how long the run's last checkpoint waits for the copies before it (each is bounded by storage.upload_retry_s)
+WAIT_FOR_COPIES_S = 3600.0
 
 
 def checkpoint_location(epoch: int, updates: int | None = None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 
 import pyarrow.fs as pafs
@@ -21,6 +22,38 @@ log = logging.getLogger(__name__)
 # Waits between the tries of a checkpoint upload to object storage, doubling up to the last, for as long as
 # storage.upload_retry_s allows: a brief outage, a throttled burst or a dropped connection passes.
 UPLOAD_RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+class Background:
+    """The copies queued to Ray Train's background upload thread on rank 0: how many are still to finish, and the
+    first that failed for good. Ray raises such a failure into the training loop only when it next polls the
+    worker, which may be after the loop began later checkpoints (a copy cut short leaves a ``.tmp-`` folder);
+    with this, a failure stops the run at its next report, before anything more is written, a copy queued
+    behind a failed one writes nothing, and the run's last checkpoint (copied while training waits) is
+    written only after every copy before it has finished."""
+
+    def __init__(self):
+        self._done = threading.Condition()
+        self._in_flight = 0
+        self.failed: BaseException | None = None
+
+    def queued(self) -> None:
+        with self._done:
+            self._in_flight += 1
+
+    def finished(self, error: BaseException | None = None) -> None:
+        with self._done:
+            self._in_flight -= 1
+            self.failed = self.failed or error
+            self._done.notify_all()
+
+    def check(self, wait_s: float = 0.0) -> None:
+        """Raise the first failed copy's error; ``wait_s``: first wait up to that long for the copies in flight."""
+        with self._done:
+            if wait_s:
+                self._done.wait_for(lambda: self._in_flight == 0, timeout=wait_s)
+            if self.failed is not None:
+                raise self.failed
 
 
 def address(fs, path: str) -> str:

@@ -135,7 +135,7 @@ def raw_pixel_probe(cfg, num_classes: int, uri: str, world: int) -> dict[str, An
             metrics = classify.train_epoch(head, loader, optimizer, scheduler, precision, criterion,
                                            epoch=epoch, plan=plan, device=device)
             head.eval()
-            scores = classify.evaluate(head, val, device)
+            scores = classify.score(head, val, device)
             metrics.update(val_top1=scores["top1"], val_top5=scores["top5"])
             logger.log_epoch(epoch, metrics)
     except BaseException:

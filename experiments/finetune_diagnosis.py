@@ -92,7 +92,7 @@ def fine_tune(cfg, encoder, head: str, epochs: int, classes: int) -> list[float]
         classify.train_epoch(vit, loader, opt, sched, engine.Precision("none", cpu),
                              LabelSmoothingCrossEntropy(smoothing=ft.smoothing), epoch=epoch, plan=plan, device=cpu)
         vit.eval()
-        curve.append(round(classify.evaluate(vit, val, cpu)["top1"], 1))
+        curve.append(round(classify.score(vit, val, cpu)["top1"], 1))
     return curve
 
 

@@ -12,7 +12,7 @@ On one local Ray instance and the config's MLflow store, with the demo config's 
    the paper's Fig. 7 runs each length separately), then the same linear probe and fine-tuning runs.
 
 Beside each linear probe, the yardstick it is held to: a plain logistic regression on the same frozen
-features (``train/knn.plain_probe_top1``, in this process).
+features (``train/classify.plain_probe_top1``, in this process).
 
 Every job is the real one (``mae_ray/jobs/pretrain`` / ``linprobe`` / ``finetune`` on Ray Train, one MLflow run
 each, experiment ``mae-gain-curve``). Writes ``results.json`` after every job (so a stopped run keeps what it
@@ -70,7 +70,8 @@ def plain_probe(encoder, cfg) -> float:
     eval transform, the probe's pooling, every training and validation image)."""
     from mae_ray.data.loader import make_eval_loader
     from mae_ray.data.transforms import eval_transform
-    from mae_ray.train.knn import extract_features, plain_probe_top1
+    from mae_ray.train.classify import plain_probe_top1
+    from mae_ray.train.knn import extract_features
 
     size = encoder.patch_embed.img_size[0]
 

@@ -403,7 +403,7 @@ def test_nothing_readable_in_the_validation_set_is_an_error_not_zero_accuracy(de
     loader = make_eval_loader(str(cut_in_first_sample(demo_data, tmp_path / "val")), batch_size=8, img_size=32,
                               num_workers=0)
     with pytest.raises(DataError, match="no readable validation samples"):
-        classify.evaluate(lambda x: torch.zeros(x.shape[0], 10), loader, torch.device("cpu"))
+        classify.score(lambda x: torch.zeros(x.shape[0], 10), loader, torch.device("cpu"))
     assert loader.skipped == 2
 
 

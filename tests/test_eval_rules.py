@@ -58,7 +58,7 @@ def test_the_probes_batchnorm_sees_features_of_one_precision_in_training_and_eva
     with precision.autocast():  # as classify.train_epoch calls it
         train_forward(inputs)
     head.eval()
-    with torch.no_grad():  # as classify.evaluate calls it: no autocast of its own
+    with torch.no_grad():  # as classify.score calls it: no autocast of its own
         eval_forward(inputs if cached else normalize_batch(images))
     assert seen[0].dtype == seen[1].dtype
     assert torch.equal(seen[0], seen[1])

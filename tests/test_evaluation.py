@@ -32,7 +32,7 @@ def test_linear_probe_recipe_separates_linearly_separable_features():
         classify.train_epoch(head, data, opt, sched, engine.Precision("none", torch.device("cpu")),
                              torch.nn.CrossEntropyLoss(), epoch=epoch, plan=plan, device=torch.device("cpu"))
     head.eval()
-    scores = classify.evaluate(head, [(x[i : i + 500], y[i : i + 500]) for i in range(0, 2000, 500)], "cpu")
+    scores = classify.score(head, [(x[i : i + 500], y[i : i + 500]) for i in range(0, 2000, 500)], "cpu")
     assert scores["top1"] > 99.0 and scores["count"] == 2000
 
 
@@ -148,7 +148,7 @@ def test_distributed_eval_equals_single_process(local_ray, demo_data, tmp_path):
         head = torch.nn.Linear(64, 10)
         loader = make_eval_loader(demo_data["val"], batch_size=64, img_size=32, rank=rank, world_size=world,
                                   num_workers=0)
-        return classify.evaluate(lambda x: head(model.forward_features(x)[:, 0]), loader, torch.device("cpu"))
+        return classify.score(lambda x: head(model.forward_features(x)[:, 0]), loader, torch.device("cpu"))
 
     def worker():
         ctx = ray.train.get_context()
@@ -343,11 +343,11 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_keys(tmp_pat
 
 
 def plain_probe_top1(encoder, cfg, demo) -> float:
-    """``knn.plain_probe_top1`` on the probe job's own features (eval transform, its pooling, every image)."""
+    """``classify.plain_probe_top1`` on the probe job's own features (eval transform, its pooling, every image)."""
     from mae_ray.data.loader import make_eval_loader
     from mae_ray.data.transforms import eval_transform
+    from mae_ray.train.classify import plain_probe_top1 as plain
     from mae_ray.train.knn import extract_features
-    from mae_ray.train.knn import plain_probe_top1 as plain
 
     def features(shards):
         loader = make_eval_loader(shards, batch_size=256, transform=eval_transform(cfg.data, 32), img_size=32,

@@ -123,7 +123,7 @@ def train_loop(spec: WorkerSpec) -> None:
                                        no_sync=getattr(model, "no_sync", None),  # DDP only with 2+ workers
                                        control=control)
         vit.eval()
-        scores = classify.evaluate(vit, val_loader, device)
+        scores = classify.score(vit, val_loader, device)
         metrics.update(val_top1=scores["top1"], val_top5=scores["top5"])
         loop.end_epoch(epoch, metrics, final_files)
     loop.finish()

@@ -26,7 +26,8 @@ from mae_ray.errors import DataError
 from mae_ray.jobs.eval_job import run_eval
 from mae_ray.model.weights import build_mae
 from mae_ray.train import classify, engine, optim, recipe
-from mae_ray.train.knn import all_gather_rows, extract_features
+from mae_ray.train.knn import extract_features
+from mae_ray.train.ranks import all_gather_rows
 
 
 class LinearProbeHead(nn.Module):
@@ -172,7 +173,7 @@ def train_loop(spec: WorkerSpec) -> None:
                                        epoch=epoch, plan=plan, device=device,
                                        no_sync=getattr(ddp_head, "no_sync", None), control=control)
         head.eval()
-        scores = classify.evaluate(eval_forward, val_loader, device)
+        scores = classify.score(eval_forward, val_loader, device)
         metrics.update(val_top1=scores["top1"], val_top5=scores["top5"])
         loop.end_epoch(epoch, metrics, {checkpoints.HEAD_FILE: lambda p: torch.save(head.state_dict(), p)})
     loop.finish()

@@ -1,5 +1,4 @@
-"""Measures of frozen features: weighted kNN accuracy, the cheap online monitor of pre-training, and a
-plain logistic regression, the yardstick the linear-probe job is held to (docs/results.md).
+"""Weighted kNN accuracy of frozen features: the cheap online monitor of pre-training.
 
 As in InstDisc/DINO: cosine similarity, the k nearest bank samples vote with weight exp(sim / T)
 (k = 20, T = 0.07). During pre-training every ``train.knn_every`` epochs each rank embeds its share
@@ -14,11 +13,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from mae_ray.data.loader import make_eval_loader
 from mae_ray.data.transforms import eval_transform
+from mae_ray.train.ranks import all_gather_rows, sum_over_ranks
 
 
 @torch.no_grad()
@@ -68,50 +67,6 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # [n, kmax]
     hit = top == labels.unsqueeze(1)
     return {k: int(hit[:, :k].any(dim=1).sum()) for k in ks}
-
-
-def plain_probe_top1(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                     num_classes: int, steps: int = 1000) -> float:
-    """Val top-1 (%) of a plain logistic regression on (features, labels) pairs: features standardised with
-    the training set's statistics, one linear layer trained full-batch with AdamW (lr 1e-2, weight decay
-    1e-4, seed 0; its val accuracy settles by 300-1000 steps). No BatchNorm, LARS, schedule or batches:
-    what the linear-probe job's recipe should reach on the same features (issue 14)."""
-    (xtr, ytr), (xva, yva) = train, val
-    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
-    xtr, xva = (xtr - mean) / std, (xva - mean) / std
-    with torch.random.fork_rng(devices=[]):  # seed 0 without touching the caller's generator
-        torch.manual_seed(0)
-        head = torch.nn.Linear(xtr.shape[1], num_classes, device=xtr.device)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-4)
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad()
-            F.cross_entropy(head(xtr), ytr).backward()
-            opt.step()
-    with torch.no_grad():
-        return (head(xva).argmax(1) == yva).float().mean().item() * 100
-
-
-def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows (ranks may hold different numbers of rows)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    parts = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
-
-
-def sum_over_ranks(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 class KnnMonitor:

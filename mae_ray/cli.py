@@ -66,8 +66,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if not args.config:
         raise ConfigError("--config is required: a sweep file, or a shipped sweep's name (e.g. --config quickstart)")
     path = os.path.abspath(shipped.resolve(args.config, "sweeps"))
-    spec, base = load_sweep(path, args.overrides)
-    report = sweep.run(spec, base, path, resume=args.resume, verbose=args.verbose)
+    sweep_cfg, base = load_sweep(path, args.overrides)
+    report = sweep.run(sweep_cfg, base, path, resume=args.resume, verbose=args.verbose)
     for line in sweep_report.ui_lines(tracking.resolve_tracking_uri(base["mlflow"]["tracking_uri"]), report):
         print(f"[sweep] {line}")
     return 0

@@ -146,10 +146,10 @@ def encoder_from_mlflow(run_id: str, tracking_uri: str) -> tuple[dict[str, torch
         return weights.read_state_dict(os.path.join(folder, ENCODER_FILE)), text
 
 
-def read_weights_source(spec: str) -> Any:
+def read_weights_source(source: str) -> Any:
     """What a checkpoint folder's state file, a ``.pt``/``.pth`` or a ``.safetensors`` file holds, on disk or
     in a bucket (``s3://``): tensors and plain values, nothing unpickled (``weights_only``)."""
-    name = spec.rstrip("/")
+    name = source.rstrip("/")
     if storage.is_object_uri(name):  # streamed to a temporary file: a large state is never held twice in memory
         uri = name if name.endswith(WEIGHT_SUFFIXES) else f"{name}/{STATE_FILE}"
         with tempfile.TemporaryDirectory(prefix="mae_ray_encoder_") as tmp:
@@ -158,13 +158,13 @@ def read_weights_source(spec: str) -> Any:
                 with storage.open_input(uri) as src, open(local, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
             except FileNotFoundError:
-                raise CheckpointError(f"checkpoint not found: {spec}") from None
+                raise CheckpointError(f"checkpoint not found: {source}") from None
             except OSError as e:
                 raise CheckpointError(f"cannot read {uri}: {e}") from None
             return read_weights_source(local)
-    file = os.path.join(spec, STATE_FILE) if os.path.isdir(spec) else spec
+    file = os.path.join(source, STATE_FILE) if os.path.isdir(source) else source
     if not os.path.isfile(file):
-        raise CheckpointError(f"checkpoint not found: {spec}")
+        raise CheckpointError(f"checkpoint not found: {source}")
     return weights.read_state_dict(file) if file.endswith(".safetensors") else _torch_load(file)
 
 

@@ -25,16 +25,17 @@ def from_env() -> str | None:
     return os.environ.get(ENV) or None
 
 
-def maybe_fire(spec: str | None, point: str, epoch: int, rank: int, marker_dir: str) -> str:
-    """Fire the fault of ``spec`` (``ACTION:rank=R:POINT=E``) if it names this point, epoch and rank.
+def maybe_fire(injected: str | None, point: str, epoch: int, rank: int, marker_dir: str) -> str:
+    """Fire the fault of ``injected`` (``ACTION:rank=R:POINT=E``) if it names this point, epoch and rank.
 
     Returns the action when it is one the caller carries out (``desync``, ``nan``), else "".
     """
-    if not spec:
+    if not injected:
         return ""
-    if "," in spec:
-        return next((a for a in (maybe_fire(one, point, epoch, rank, marker_dir) for one in spec.split(",")) if a), "")
-    action, *fields = spec.split(":")
+    if "," in injected:
+        fired = (maybe_fire(one, point, epoch, rank, marker_dir) for one in injected.split(","))
+        return next((a for a in fired if a), "")
+    action, *fields = injected.split(":")
     opts = dict(f.split("=", 1) for f in fields)
     if int(opts.get("rank", 0)) != rank or opts.get(point) is None or int(opts[point]) != epoch:
         return ""

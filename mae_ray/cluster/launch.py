@@ -96,16 +96,16 @@ class TrainerSpec:
     callbacks: list | None = None  # Ray Train callbacks (a sweep trial forwards reports to Tune)
 
 
-def run_trainer(train_fn: Callable[[Any], None], worker_spec: Any, spec: TrainerSpec):
-    """Run ``train_fn(worker_spec)`` on ``spec.num_workers`` Ray workers (0: in this process); the Result."""
-    if spec.num_workers == 0:
-        return _run_in_process(train_fn, worker_spec, spec)
-    elastic = spec.min_workers is not None and spec.min_workers < spec.num_workers
+def run_trainer(train_fn: Callable[[Any], None], worker_spec: Any, trainer: TrainerSpec):
+    """Run ``train_fn(worker_spec)`` on ``trainer.num_workers`` Ray workers (0: in this process); the Result."""
+    if trainer.num_workers == 0:
+        return _run_in_process(train_fn, worker_spec, trainer)
+    elastic = trainer.min_workers is not None and trainer.min_workers < trainer.num_workers
     # an elastic group starts once its smallest size fits: that is what must fit now
-    check_resources(spec.min_workers if elastic else spec.num_workers, spec.cpus_per_worker, spec.use_gpu,
-                    spec.gpus_per_worker)
-    resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if spec.use_gpu else {})}
-    storage_path, storage_fs = spec.storage_path, None
+    check_resources(trainer.min_workers if elastic else trainer.num_workers, trainer.cpus_per_worker, trainer.use_gpu,
+                    trainer.gpus_per_worker)
+    resources = {"CPU": trainer.cpus_per_worker, **({"GPU": trainer.gpus_per_worker} if trainer.use_gpu else {})}
+    storage_path, storage_fs = trainer.storage_path, None
     if storage.is_object_uri(storage_path):
         # The client goes to Ray as an object: its endpoint travels with it to Train's controller and workers,
         # whose environment (another node's) need not name one. Credentials are not in it: each process
@@ -120,28 +120,28 @@ def run_trainer(train_fn: Callable[[Any], None], worker_spec: Any, spec: Trainer
         scaling_config=ScalingConfig(
             # (min, max): Ray Train starts the group at any size that fits, restarts it smaller when a node
             # is lost and larger when one arrives; the workers keep the recipe at every size (StepPlan)
-            num_workers=(spec.min_workers, spec.num_workers) if elastic else spec.num_workers,
-            elastic_resize_monitor_interval_s=spec.resize_check_s,
-            use_gpu=spec.use_gpu, resources_per_worker=resources,
+            num_workers=(trainer.min_workers, trainer.num_workers) if elastic else trainer.num_workers,
+            elastic_resize_monitor_interval_s=trainer.resize_check_s,
+            use_gpu=trainer.use_gpu, resources_per_worker=resources,
         ),
         run_config=RunConfig(
-            name=spec.name,
+            name=trainer.name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             # controller_failure_limit bounds the retries of a worker group that cannot be scheduled: none for a
             # fixed group (it would wait for the same size again); an elastic group that could not start at
             # the size Ray chose (a node just lost, not yet known dead) tries again at the size that fits then
-            failure_config=FailureConfig(max_failures=spec.max_failures,
+            failure_config=FailureConfig(max_failures=trainer.max_failures,
                                          controller_failure_limit=ELASTIC_START_RETRIES if elastic else 0),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints),
             # Ray Train's own INFO lines ("Reporting training result ...") only with --verbose;
             # the job's prints are not ray.train records and always reach the console.
-            logging_config=LoggingConfig(log_level="INFO" if spec.verbose else "WARNING"),
+            logging_config=LoggingConfig(log_level="INFO" if trainer.verbose else "WARNING"),
             # Train's print patch sends every print through its logger as well as to stdout, so each
             # line reached the console twice; plain prints reach it once, via Ray's log_to_driver.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **_worker_mlflow_retries(),
                                              **endpoint}},
-            callbacks=spec.callbacks,
+            callbacks=trainer.callbacks,
         ),
     )
     return trainer.fit()
@@ -178,15 +178,15 @@ def in_process_run() -> InProcessRun | None:
     return _IN_PROCESS[-1] if _IN_PROCESS else None
 
 
-def _run_in_process(train_fn: Callable[[Any], None], worker_spec: Any, spec: TrainerSpec) -> InProcessResult:
+def _run_in_process(train_fn: Callable[[Any], None], worker_spec: Any, trainer: TrainerSpec) -> InProcessResult:
     """One worker, no Ray Train: a sweep trial's own process, or a quick run on one machine. No restarts."""
     import pyarrow.fs as pafs
 
-    path, fs = spec.storage_path, None
+    path, fs = trainer.storage_path, None
     if storage.is_object_uri(path):
         fs, path = storage.filesystem(path)
-    run = InProcessRun(fs=fs or pafs.LocalFileSystem(), root=f"{path}/{spec.name}", keep=spec.keep_checkpoints,
-                       use_gpu=spec.use_gpu, forward=_tune_report(spec.callbacks))
+    run = InProcessRun(fs=fs or pafs.LocalFileSystem(), root=f"{path}/{trainer.name}", keep=trainer.keep_checkpoints,
+                       use_gpu=trainer.use_gpu, forward=_tune_report(trainer.callbacks))
     _IN_PROCESS.append(run)
     try:
         train_fn(worker_spec)
@@ -261,15 +261,15 @@ def quiet_worker(verbose: bool) -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def enter_worker(spec) -> tuple[int, int]:
-    """What every Ray Train worker does first (``spec``: its ``WorkerSpec``): Ray's per-report INFO line
+def enter_worker(worker) -> tuple[int, int]:
+    """What every Ray Train worker does first (``worker``: its ``WorkerSpec``): Ray's per-report INFO line
     quietened, the config's object-storage endpoint in force for it and its loader processes (a worker on
     another node did not inherit the driver's environment) and the data bounds likewise, its console
     redacted. Returns (rank, world size)."""
     redaction.install()
-    quiet_worker(spec.verbose)
-    storage.use_endpoint(spec.config.storage.endpoint_url)
-    use_limits(spec.config.data)  # data.max_image_pixels, max_member_bytes, shard_tries: for its loaders too
+    quiet_worker(worker.verbose)
+    storage.use_endpoint(worker.config.storage.endpoint_url)
+    use_limits(worker.config.data)  # data.max_image_pixels, max_member_bytes, shard_tries: for its loaders too
     return world()
 
 

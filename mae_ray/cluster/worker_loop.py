@@ -213,9 +213,9 @@ class EpochLoop:
             return loader
         return self._faulty(loader, injected, epoch, max(1, count // 2))
 
-    def _faulty(self, loader, spec: str, epoch: int, at: int):
+    def _faulty(self, loader, injected: str, epoch: int, at: int):
         for i, batch in enumerate(loader):
-            if i == at and faults.maybe_fire(spec, "mid_epoch", epoch, self.rank, self.spec.output_dir) == "nan":
+            if i == at and faults.maybe_fire(injected, "mid_epoch", epoch, self.rank, self.spec.output_dir) == "nan":
                 _poke_first_parameter(self.stateful, float("nan"))  # the next step's loss is NaN
             yield batch
 

@@ -44,7 +44,7 @@ TRAINING_MEMBERS = IMAGE_EXTENSIONS | {"cls"}  # what the loader reads; everythi
 # --------------------------------------------------------------------------- URLs
 
 
-def expand_urls(spec: str | list[str]) -> list[str]:
+def expand_urls(pattern: str | list[str]) -> list[str]:
     """Expand a shard spec into URLs that the reader can open.
 
     Accepts local paths, brace patterns (``train-{000000..000009}.tar``), globs, directories
@@ -53,10 +53,10 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     URLs, or a list of any of these. Local and ``s3://`` patterns that match nothing raise
     :class:`DataError`.
     """
-    patterns = [spec] if isinstance(spec, str) else list(spec)
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     urls = [url for pattern in patterns for url in _expand_one(pattern)]
     if not urls:
-        raise DataError(f"no shards in {spec!r}")
+        raise DataError(f"no shards in {pattern!r}")
     return urls
 
 
@@ -201,22 +201,22 @@ def manifest_counts(urls: list[str]) -> list[int] | None:
     return counts
 
 
-def dataset_size(spec: str | list[str]) -> int | None:
-    """Number of samples in the shards of ``spec`` according to the ``dataset.json`` beside them.
+def dataset_size(pattern: str | list[str]) -> int | None:
+    """Number of samples in the shards of ``pattern`` according to the ``dataset.json`` beside them.
 
     None when a shard is remote or not listed in a manifest.
     """
-    counts = manifest_counts(expand_urls(spec))
+    counts = manifest_counts(expand_urls(pattern))
     return None if counts is None else sum(counts)
 
 
-def lineage(spec: str | list[str]) -> dict:
-    """What identifies the shard set of ``spec`` without reading its shards: a digest of the ``dataset.json``
+def lineage(pattern: str | list[str]) -> dict:
+    """What identifies the shard set of ``pattern`` without reading its shards: a digest of the ``dataset.json``
     and ``index.parquet`` beside them (of the shard names alone when there are none), the shard and sample
     counts, and a name (the shard folder's last two parts)."""
     import hashlib
 
-    urls = expand_urls(spec)
+    urls = expand_urls(pattern)
     digest = hashlib.sha256()
     folders = sorted({_parent(u) for u in urls if _listed(u)})
     described = False
@@ -246,11 +246,11 @@ def _read_beside(folder: str, name: str) -> bytes | None:
         return None
 
 
-def manifest_crop_ratio(spec: str | list[str]) -> float | None:
-    """The ``crop_ratio`` of the dataset.json beside the first shard of ``spec`` (or in its bucket): None
+def manifest_crop_ratio(pattern: str | list[str]) -> float | None:
+    """The ``crop_ratio`` of the dataset.json beside the first shard of ``pattern`` (or in its bucket): None
     when there is none, or it has no valid ratio (in (0, 1])."""
     try:
-        urls = expand_urls(spec)
+        urls = expand_urls(pattern)
     except DataError:
         return None
     ratio = _manifest_beside(urls[0]).get("crop_ratio")

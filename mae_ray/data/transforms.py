@@ -126,9 +126,9 @@ def eval_transform(data_cfg, img_size: int, *, normalize: bool = True) -> Transf
     from mae_ray.data.shards import manifest_crop_ratio
 
     ratio = data_cfg.crop_ratio
-    for spec in (data_cfg.train_shards, data_cfg.val_shards):
-        if ratio is None and spec:
-            ratio = manifest_crop_ratio(spec)
+    for pattern in (data_cfg.train_shards, data_cfg.val_shards):
+        if ratio is None and pattern:
+            ratio = manifest_crop_ratio(pattern)
     return build_transform("eval", img_size, normalize=normalize, crop_ratio=ratio)
 
 

@@ -48,18 +48,18 @@ class EncoderSource:
         return build_mae(self.model_kwargs, self.state, seed, name=self.label or None)
 
 
-def resolve_encoder(spec: str, cfg: Config, tracking_uri: str) -> EncoderSource:
-    """Read and check ``spec`` (see module doc); raises CheckpointError/ConfigError with the reason."""
-    spec = (spec or "").strip()
-    if not spec:
+def resolve_encoder(checkpoint: str, cfg: Config, tracking_uri: str) -> EncoderSource:
+    """Read and check ``checkpoint`` (see module doc); raises CheckpointError/ConfigError with the reason."""
+    checkpoint = (checkpoint or "").strip()
+    if not checkpoint:
         raise ConfigError("eval.checkpoint is empty: give a checkpoint directory, an official .pth, "
                           "runs:/RUN_ID or random")
-    if spec == "random":
+    if checkpoint == "random":
         source = EncoderSource(None, cfg.model.kwargs(), None, "random")
-    elif spec.startswith("runs:/"):
-        source = _from_mlflow(spec, cfg, tracking_uri)
+    elif checkpoint.startswith("runs:/"):
+        source = _from_mlflow(checkpoint, cfg, tracking_uri)
     else:
-        source = _from_path(spec, cfg)
+        source = _from_path(checkpoint, cfg)
     source.build()  # fail here, on the driver, if the weights do not fit
     return in_store(source, tracking_uri)
 
@@ -91,11 +91,11 @@ def _from_path(path: str, cfg: Config) -> EncoderSource:
     return EncoderSource(_encoder_only(state_dict_of(obj, path)), cfg.model.kwargs(), None, path)
 
 
-def _from_mlflow(spec: str, cfg: Config, tracking_uri: str) -> EncoderSource:
-    run_id = spec[len("runs:/"):].strip("/").split("/")[0]
+def _from_mlflow(run_uri: str, cfg: Config, tracking_uri: str) -> EncoderSource:
+    run_id = run_uri[len("runs:/"):].strip("/").split("/")[0]
     state, config_text = checkpoints.encoder_from_mlflow(run_id, tracking_uri)
     saved = from_dict(Config, yaml.safe_load(config_text)) if config_text is not None else None
-    return EncoderSource(_encoder_only(state), _with_eval_size(saved or cfg, cfg), run_id, spec, saved)
+    return EncoderSource(_encoder_only(state), _with_eval_size(saved or cfg, cfg), run_id, run_uri, saved)
 
 
 def _encoder_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

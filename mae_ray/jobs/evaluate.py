@@ -46,7 +46,7 @@ def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool =
     return summary
 
 
-def run_spec(spec: str, config: str | None, overrides: list[str], *, skip: tuple[str, ...] = (),
+def run_spec(checkpoint: str, config: str | None, overrides: list[str], *, skip: tuple[str, ...] = (),
              verbose: bool = False, trust_recorded: bool = False) -> tuple[Config, dict[str, Any]]:
     """``mae-ray evaluate --run SPEC``: without ``config`` the pre-training run's own config is the base
     (its data, its budgets; outputs beside, not over, its result.json). Returns (config used, summary).
@@ -54,20 +54,20 @@ def run_spec(spec: str, config: str | None, overrides: list[str], *, skip: tuple
     That config is a record (a run's artifact, a checkpoint's copy): what it may not decide - addresses,
     folders, shard specs that run programs - is the user's (``recorded.from_record``) unless ``trust_recorded``.
     """
-    cfg, source = resolve_spec(spec, config, overrides, trust_recorded)
+    cfg, source = resolve_spec(checkpoint, config, overrides, trust_recorded)
     return cfg, run(cfg, source=source, skip=skip, verbose=verbose)
 
 
-def resolve_spec(spec: str, config: str | None, overrides: list[str], trust_recorded: bool = False):
+def resolve_spec(checkpoint: str, config: str | None, overrides: list[str], trust_recorded: bool = False):
     """(the config ``evaluate --run SPEC`` runs, the encoder): see :func:`run_spec`. Prints each setting not
     taken from the record."""
-    cfg = load_config(config, [*overrides, f"eval.checkpoint={spec}"])
-    source = resolve_encoder(spec, cfg, tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri))
+    cfg = load_config(config, [*overrides, f"eval.checkpoint={checkpoint}"])
+    source = resolve_encoder(checkpoint, cfg, tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri))
     if config is None and source.saved_config is not None:
         saved, dropped = recorded.from_record(source.saved_config, recorded.user_keys(overrides), trust_recorded)
         for line in dropped:
             print(f"[evaluate] {line}", flush=True)
         base = saved.to_dict()
         base["output_dir"] = os.path.join(base["output_dir"], "eval")
-        cfg = load_config(None, [*overrides, f"eval.checkpoint={spec}"], base=base)
+        cfg = load_config(None, [*overrides, f"eval.checkpoint={checkpoint}"], base=base)
     return cfg, source

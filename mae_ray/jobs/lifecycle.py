@@ -46,11 +46,11 @@ def close_run(uri: str, run_id: str, status: str) -> str | None:
     return tracking.end_run_or_warn(uri, run_id, status)
 
 
-def absolute_local(spec: str) -> str:
+def absolute_local(pattern: str) -> str:
     """A local relative shard path made absolute; URLs, ``pipe:`` commands and empty values unchanged."""
-    if not spec or "://" in spec or spec.startswith("pipe:") or os.path.isabs(spec):
-        return spec
-    return os.path.abspath(spec)
+    if not pattern or "://" in pattern or pattern.startswith("pipe:") or os.path.isabs(pattern):
+        return pattern
+    return os.path.abspath(pattern)
 
 
 def prepare(cfg: Config, *, need_val: bool = False, write: bool = True) -> str:
@@ -72,10 +72,10 @@ def prepare(cfg: Config, *, need_val: bool = False, write: bool = True) -> str:
         raise DataError("data.train_shards is empty: point it at the training shards")
     if need_val and not cfg.data.val_shards:
         raise DataError("data.val_shards is empty: evaluation needs the validation shards")
-    for spec in (cfg.data.train_shards, cfg.data.val_shards):  # val_shards, when set, serve pre-training too
-        if spec:
-            check_local_shards(expand_urls(spec))
-            check_remote_shard(expand_urls(spec))
+    for pattern in (cfg.data.train_shards, cfg.data.val_shards):  # val_shards, when set, serve pre-training too
+        if pattern:
+            check_local_shards(expand_urls(pattern))
+            check_remote_shard(expand_urls(pattern))
     cfg.output_dir = os.path.abspath(cfg.output_dir)
     if write:
         write_config(cfg)
@@ -95,8 +95,8 @@ def num_classes(cfg: Config) -> int:
     CUDA device-side assert) or not at all (cross-entropy ignores label -1). The loaders check every
     label against the count as well (``make_*_loader(num_classes=...)``).
     """
-    listed = {which: manifest_classes(expand_urls(spec)[0])
-              for which, spec in (("training", cfg.data.train_shards), ("validation", cfg.data.val_shards)) if spec}
+    sets = (("training", cfg.data.train_shards), ("validation", cfg.data.val_shards))
+    listed = {which: manifest_classes(expand_urls(pattern)[0]) for which, pattern in sets if pattern}
     if cfg.data.num_classes:
         count, origin = cfg.data.num_classes, "data.num_classes"
     elif listed["training"][1]:
@@ -176,13 +176,13 @@ def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: 
                         model_kwargs=evaluation and evaluation.source.model_kwargs,
                         num_classes=evaluation and evaluation.num_classes)
     storage = launch.storage_uri(cfg.ray.storage_path or os.path.join(cfg.output_dir, "ray"))
-    spec = launch.TrainerSpec(name=name, storage_path=storage, num_workers=cfg.ray.num_workers,
+    trainer = launch.TrainerSpec(name=name, storage_path=storage, num_workers=cfg.ray.num_workers,
                               use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
                               gpus_per_worker=cfg.ray.gpus_per_worker,
                               max_failures=cfg.ray.failure_max_retries, min_workers=cfg.ray.min_workers,
                               resize_check_s=cfg.ray.resize_check_s, verbose=verbose, callbacks=callbacks)
     try:
-        result = launch.run_trainer(train_fn, worker, spec)
+        result = launch.run_trainer(train_fn, worker, trainer)
     except Exception as e:
         close_run(uri, run_id, "FAILED")  # an MLflow outage must not hide the job's own error
         message = launch.worker_error(e)
@@ -212,10 +212,10 @@ def _newest_checkpoint(folder: str, retry_s: float) -> str:
 def log_data(uri: str, run_id: str, cfg: Config) -> None:
     """The run's shard sets in MLflow's dataset tracking; a set that cannot be described is only a warning."""
     sets = {}
-    for context, spec in (("training", cfg.data.train_shards), ("validation", cfg.data.val_shards)):
+    for context, pattern in (("training", cfg.data.train_shards), ("validation", cfg.data.val_shards)):
         try:
-            if spec:
-                sets[context] = (spec, shards.lineage(spec))
+            if pattern:
+                sets[context] = (pattern, shards.lineage(pattern))
         except Exception as e:  # lineage is a record: it never stops a run
             print(f"[mlflow] warning: {context} data not logged as an MLflow dataset ({e})", flush=True)
     try:

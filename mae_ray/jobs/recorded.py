@@ -22,10 +22,10 @@ ADDRESS_KEYS = ("mlflow.tracking_uri", "storage.endpoint_url", "ray.address", "r
 SHARD_KEYS = ("data.train_shards", "data.val_shards")
 
 
-def safe_shards(spec: Any) -> bool:
+def safe_shards(shards: Any) -> bool:
     """A local path or an ``s3://`` URI: read as data, in this process. Everything else (``pipe:``, ``gs://``,
     ``http(s)://``, another scheme) starts a program or contacts a host the record names."""
-    specs = [spec] if isinstance(spec, str) else list(spec or [])
+    specs = [shards] if isinstance(shards, str) else list(shards or [])
     return all(not s or storage.is_object_uri(s) or ("://" not in s and not s.startswith("pipe:")) for s in specs)
 
 

@@ -81,8 +81,8 @@ def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, 
         base_path = sweep.base  # the name of a shipped run config
     flat_overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in flatten(sweep.overrides)]
     base = load_config(base_path, flat_overrides)
-    for key, spec in sweep.search.items():
-        kind, values = _space_entry(key, spec)
+    for key, entry in sweep.search.items():
+        kind, values = _space_entry(key, entry)
         if key == CASE:  # every case is a valid config
             for label in values:
                 load_config(None, case_overrides(sweep.cases, label), base=base.to_dict())
@@ -107,10 +107,10 @@ PAPER_METRICS = ("linprobe_top1", "finetune_top1")
 
 def case_overrides(cases: dict[str, Any], label: str) -> list[str]:
     """``--set`` items of one case (a mapping of dotted keys to values)."""
-    spec = {str(k): v for k, v in cases.items()}.get(label)
-    if not isinstance(spec, dict) or not spec:
-        raise ConfigError(f"cases.{label}: expected a mapping of dotted config keys to values, got {spec!r}")
-    return [f"{k}={json.dumps(v)}" for k, v in flatten(spec)]
+    case = {str(k): v for k, v in cases.items()}.get(label)
+    if not isinstance(case, dict) or not case:
+        raise ConfigError(f"cases.{label}: expected a mapping of dotted config keys to values, got {case!r}")
+    return [f"{k}={json.dumps(v)}" for k, v in flatten(case)]
 
 
 def axis_label(value: Any) -> str:
@@ -137,8 +137,8 @@ def _check_by_axis_value(entries: dict, sweep: SweepConfig, path: str, what: str
         return
     if len(sweep.search) != 1:
         raise ConfigError(f"{path}: '{what}' needs exactly one search axis, got {', '.join(sweep.search) or 'none'}")
-    (key, spec), = sweep.search.items()
-    known = {axis_label(v) for v in _space_entry(key, spec)[1]}
+    (key, entry), = sweep.search.items()
+    known = {axis_label(v) for v in _space_entry(key, entry)[1]}
     for value, entry in entries.items():
         if axis_label(value) not in known:
             raise ConfigError(f"{path}: {what}.{value} is not a value of {key} ({', '.join(sorted(known))})")
@@ -191,10 +191,10 @@ def varied_keys(sweep: SweepConfig) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def _space_entry(key: str, spec: Any) -> tuple[str, Any]:
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
-        raise ConfigError(f"search.{key}: expected one of {{{', '.join(SPACE_KINDS)}: ...}}, got {spec!r}")
-    kind, values = next(iter(spec.items()))
+def _space_entry(key: str, entry: Any) -> tuple[str, Any]:
+    if not isinstance(entry, dict) or len(entry) != 1 or next(iter(entry)) not in SPACE_KINDS:
+        raise ConfigError(f"search.{key}: expected one of {{{', '.join(SPACE_KINDS)}: ...}}, got {entry!r}")
+    kind, values = next(iter(entry.items()))
     if not isinstance(values, list) or not values:
         raise ConfigError(f"search.{key}.{kind}: expected a non-empty list, got {values!r}")
     if kind in ("uniform", "loguniform", "randint") and len(values) != 2:
@@ -213,10 +213,10 @@ def hide_secrets(search: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict
     from mae_ray import tracking
 
     shown_space, hidden = {}, {}
-    for key, spec in search.items():
-        kind, values = _space_entry(key, spec)
+    for key, entry in search.items():
+        kind, values = _space_entry(key, entry)
         if kind not in ("grid", "choice"):
-            shown_space[key] = spec
+            shown_space[key] = entry
             continue
         shown, taken = [], set()
         for value in values:

@@ -68,7 +68,7 @@ def _sweep(args: argparse.Namespace) -> int:
     path = os.path.abspath(shipped.resolve(args.config, "sweeps"))
     sweep_cfg, base = load_sweep(path, args.overrides)
     report = sweep.run(sweep_cfg, base, path, resume=args.resume, verbose=args.verbose)
-    for line in sweep_report.ui_lines(tracking.resolve_tracking_uri(base["mlflow"]["tracking_uri"]), report):
+    for line in sweep_report.ui_lines(tracking.resolve_tracking_uri(base.mlflow.tracking_uri), report):
         print(f"[sweep] {line}")
     return 0
 

@@ -6,6 +6,7 @@ Knows nothing of torch or Ray (model presets come from the torch-free ``presets`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from mae_ray import shipped
 from mae_ray.errors import ConfigError
 from mae_ray.model.presets import MASK_SAMPLINGS, MODEL_DEFAULTS, PRESETS, TARGETS, resolve_model_kwargs
 from mae_ray.train import recipe
-from mae_ray.typed_yaml import flatten, from_dict, parse_override, read_yaml, set_dotted
+from mae_ray.typed_yaml import flatten, from_dict, parse_override, read_yaml, set_dotted, set_typed
 
 # Pre-training augmentation, the paper's Table 1e; MAE's is crop_random (RandomResizedCrop 0.2-1 + flip).
 PRETRAIN_AUGMENTS = ("none", "crop_fixed", "crop_random", "crop_random_jitter")
@@ -236,6 +237,16 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def override(self, *items: str) -> Config:
+        """A copy of this config with ``key=value`` overrides (as ``--set`` takes them), each checked against its
+        field's type, then the whole validated as a loaded config is: the way to derive one config from another
+        (a trial's from the sweep's base, an evaluation's from a trial's), with no dict in between."""
+        cfg = copy.deepcopy(self)
+        for item in items:
+            set_typed(cfg, *parse_override(item))
+        validate(cfg)
+        return cfg
 
 
 # --------------------------------------------------------------------------- loading

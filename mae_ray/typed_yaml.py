@@ -1,5 +1,6 @@
 """YAML settings files and ``--set key=value`` overrides: read, parse, set and flatten as plain dicts, then
-checked into typed dataclasses (:func:`from_dict`). Shared by run configs (config.py) and sweep files
+checked into typed dataclasses (:func:`from_dict`), or set on a dataclass already built
+(:func:`set_typed`). Shared by run configs (config.py) and sweep files
 (jobs/sweep_config.py); torch-free.
 """
 
@@ -53,6 +54,30 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
         node = child
     node[leaf] = value
+
+
+def set_typed(obj: Any, key: str, value: Any) -> None:
+    """``obj.a.b = value`` for ``key`` "a.b" on nested dataclasses, ``value`` checked against the field's type as
+    :func:`from_dict` checks it (a mapping given for a section builds that section from it); unknown keys are
+    the same errors as there."""
+    *parents, leaf = key.split(".")
+    node, prefix = obj, ""
+    for part in [*parents, leaf]:
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"--set {key}: '{prefix.rstrip('.')}' is a value, not a section")
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            section = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
+            raise ConfigError(f"unknown key '{prefix}{part}'; valid keys in {section}: {', '.join(names)}")
+        if part == leaf:
+            typ = typing.get_type_hints(type(node))[part]
+            if dataclasses.is_dataclass(typ):
+                value = from_dict(typ, value if value is not None else {}, f"{prefix}{part}.")
+            else:
+                value = _coerce(value, typ, f"{prefix}{part}")
+            setattr(node, part, value)
+            return
+        node, prefix = getattr(node, part), f"{prefix}{part}."
 
 
 def flatten(d: dict[str, Any], prefix: str = ""):

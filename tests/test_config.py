@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -146,3 +147,19 @@ def test_a_usage_mistake_is_one_error_line_and_exit_2(argv, message, capsys):
         cli.main(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(message), err
+
+
+def test_a_config_derived_with_overrides_is_the_one_loading_would_give_and_leaves_its_source_alone():
+    """``Config.override``: how a trial's config comes from the sweep's base, an evaluation's from a trial's -
+    typed, with no dict in between, checked as ``--set`` is, and validated as a whole."""
+    base = load_config(None, ["model.mask_ratio=0.6", "ray.num_workers=2"])
+    items = ["model.mask_ratio=0.5", "train.epochs=3", "ray.min_workers=1", "finetune={epochs: 7}"]
+    derived = base.override(*items)
+    assert derived == load_config(None, ["model.mask_ratio=0.6", "ray.num_workers=2", *items])
+    assert base.model.mask_ratio == 0.6 and base.ray.min_workers is None and base.finetune.epochs != 7
+    for bad, message in (("model.nope=1", "unknown key 'model.nope'; valid keys in 'model': name,"),
+                         ("train.epochs=abc", "train.epochs: expected int, got 'abc' (str)"),
+                         ("model.mask_ratio.x=1", "'model.mask_ratio' is a value, not a section"),
+                         ("ray.min_workers=3", "ray.min_workers must be in [1, ray.num_workers = 2], got 3")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            base.override(bad)

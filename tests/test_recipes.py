@@ -196,7 +196,7 @@ def test_each_ablation_sweeps_base_point_carries_the_numbers_its_base_config_tar
     Table 1's baseline: its paper numbers must be the ones the base config names as its targets."""
     sweep, base = sweeps.load_sweep(path, [])
     (axis, spec), = sweep.search.items()
-    unchanged = run_settings(load_config(None, [], base=base))
+    unchanged = run_settings(base)
     rows = [sweep.paper[k] for v in sweeps._space_entry(axis, spec)[1] for k in sweep.paper
             if sweeps.axis_label(k) == sweeps.axis_label(v)
             and run_settings(sweeps.trial_config({axis: v}, base, sweep.cases)) == unchanged]

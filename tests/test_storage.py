@@ -384,10 +384,10 @@ def test_the_quickstart_points_at_a_bucket_with_two_settings(bucket, demo_data, 
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # the flag alone names the server (restored after the test)
     root = f"s3://{bucket.bucket}/quickstart"
     sweep, base, _ = quickstart.prepare(None, str(tmp_path), [], storage_uri=root, endpoint_url=bucket.endpoint)
-    assert sweep.storage_path == root and base["storage"]["endpoint_url"] == bucket.endpoint
+    assert sweep.storage_path == root and base.storage.endpoint_url == bucket.endpoint
     for split, count in (("train", 1200), ("val", 300)):
-        assert base["data"][f"{split}_shards"].startswith(f"{root}/demo-data/{split}/")
-        assert dataset_size(base["data"][f"{split}_shards"]) == count  # the bucket's dataset.json
+        assert getattr(base.data, f"{split}_shards").startswith(f"{root}/demo-data/{split}/")
+        assert dataset_size(getattr(base.data, f"{split}_shards")) == count  # the bucket's dataset.json
     assert capsys.readouterr().out.count("[quickstart] uploading the demo") == 2
     quickstart.prepare(None, str(tmp_path), [], storage_uri=root, endpoint_url=bucket.endpoint)
     assert "uploading" not in capsys.readouterr().out  # the same data is there: not uploaded again

@@ -88,8 +88,8 @@ def test_the_paper_numbers_beside_each_axis_are_the_papers(name):
     assert {sweeps.axis_label(k): v for k, v in sweep.paper.items()} == expected
     # Table 1's baseline (84.9 / 73.5) is raw pixels; only the target ablation varies it
     if axis != "model.norm_pix_loss" and sweep.pretrain:
-        assert base["model"]["norm_pix_loss"] is False
-    assert base["model"]["name"] == "mae_vit_large_patch16" and base["train"]["epochs"] == 800
+        assert base.model.norm_pix_loss is False
+    assert base.model.name == "mae_vit_large_patch16" and base.train.epochs == 800
 
 
 @pytest.mark.parametrize("name", shipped())
@@ -132,7 +132,7 @@ def fine_tune_one_step(sweep, base, axis: str) -> None:
     from mae_ray.jobs import finetune
     from mae_ray.model.mae import build_model
 
-    assert axis == "finetune.trainable_blocks" and sweep.finetune and base["eval"]["checkpoint"]
+    assert axis == "finetune.trainable_blocks" and sweep.finetune and base.eval.checkpoint
     # Figure 9 as the paper ran it: its x-axis, 0 blocks the linear probe, each point the best of 3 lengths
     assert [p[axis] for p in points(sweep)] == [0, 1, 2, 4, 6, 12, 18, None]
     assert sweep.best_of == {"finetune.epochs": [50, 100, 200]}
@@ -153,8 +153,8 @@ def fine_tune_one_step(sweep, base, axis: str) -> None:
 
 def test_a_shipped_sweep_prunes_with_asha_on_the_online_knn():
     sweep, base = sweeps.load_sweep(os.path.join(SWEEPS, "search_decoder_asha.yaml"), [])
-    assert (sweep.scheduler.type, sweep.scheduler.metric, base["train"]["knn_every"]) == ("asha", "knn_top1", 1)
-    assert sweep.scheduler.grace_period < base["train"]["epochs"] and sweep.num_samples > 1
+    assert (sweep.scheduler.type, sweep.scheduler.metric, base.train.knn_every) == ("asha", "knn_top1", 1)
+    assert sweep.scheduler.grace_period < base.train.epochs and sweep.num_samples > 1
 
 
 def test_the_report_says_which_trials_stopped_early_and_what_that_saved():

@@ -101,7 +101,7 @@ def test_each_paper_sweep_file_runs_through_tune_with_the_papers_numbers_beside(
     rows = {axis_label(r[axis]): r for r in report["rows"]}
     assert set(rows) == set(values) and all(r["status"] == "finished" for r in rows.values()), report["rows"]
     paper = {axis_label(k): v for k, v in sweep.paper.items()}
-    client = MlflowClient(base["mlflow"]["tracking_uri"])
+    client = MlflowClient(base.mlflow.tracking_uri)
     for label, row in rows.items():
         jobs = trial_jobs(vars(sweep), {axis: values[label]})
         assert all(isinstance(row.get(f"{job}_top1"), float) for job in jobs), row
@@ -149,7 +149,7 @@ def test_a_sweep_stopped_after_its_parent_run_exists_ends_that_run(local_ray, de
     monkeypatch.setattr(tune.Tuner, "fit", stopped)
     with pytest.raises(stop):
         sweeps.run(sweep, base, path)
-    client = MlflowClient(base["mlflow"]["tracking_uri"])
+    client = MlflowClient(base.mlflow.tracking_uri)
     [parent] = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
                                   filter_string="tags.`mae_ray.job` = 'sweep'")
     assert parent.info.status == status

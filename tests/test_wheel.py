@@ -68,7 +68,7 @@ def test_the_wheel_imports_from_itself_and_ships_every_config_and_sweep(installe
 
 def test_a_shipped_sweep_and_its_base_load_by_name_from_any_folder(installed, tmp_path):
     out = run(installed, tmp_path, "python", "-c", "from mae_ray.jobs.sweep_config import load_sweep;"
-              "sweep, base = load_sweep('quickstart', []); print(sweep.name, base['model']['name'])")
+              "sweep, base = load_sweep('quickstart', []); print(sweep.name, base.model.name)")
     assert out.stdout.split() == ["quickstart", "mae_vit_tiny_patch4"]
     missing = run(installed, tmp_path, "mae-ray", "sweep", "--config", "no_such_sweep", check=False)
     assert missing.returncode == 2

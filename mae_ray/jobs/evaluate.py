@@ -38,7 +38,7 @@ def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool =
             own = [f"output_dir={os.path.join(root, name)}"]
             if cfg.mlflow.run_name:  # its own run folder under a shared ray.storage_path (a sweep trial's jobs)
                 own.append(f"mlflow.run_name={cfg.mlflow.run_name}-{name}")
-            sub = load_config(None, own, base=cfg.to_dict())
+            sub = cfg.override(*own)
             result = job.run(sub, source=source, verbose=verbose)
             summary.update({k: v for k, v in result.items() if k.startswith(name)})
             summary[f"{name}_run_id"] = result["mlflow_run_id"]
@@ -67,7 +67,6 @@ def resolve_spec(checkpoint: str, config: str | None, overrides: list[str], trus
         saved, dropped = recorded.from_record(source.saved_config, recorded.user_keys(overrides), trust_recorded)
         for line in dropped:
             print(f"[evaluate] {line}", flush=True)
-        base = saved.to_dict()
-        base["output_dir"] = os.path.join(base["output_dir"], "eval")
-        cfg = load_config(None, [*overrides, f"eval.checkpoint={checkpoint}"], base=base)
+        saved.output_dir = os.path.join(saved.output_dir, "eval")  # beside the run's result.json, not over it
+        cfg = saved.override(*overrides, f"eval.checkpoint={checkpoint}")
     return cfg, source

@@ -43,7 +43,7 @@ def prepare(config: str | None, data_dir: str, overrides: list[str], storage_uri
     if storage_uri and storage.is_object_uri(storage_uri):
         shards = {split: _in_bucket(demo, split, f"{storage_uri.rstrip('/')}/demo-data/{split}")
                   for split in ("train", "val")}
-    base["data"].update(train_shards=shards["train"], val_shards=shards["val"])
+    base.data.train_shards, base.data.val_shards = shards["train"], shards["val"]
     return sweep, base, config
 
 
@@ -93,7 +93,7 @@ def run(config: str | None, data_dir: str, overrides: list[str], verbose: bool =
     sweep, base, config = prepare(config, data_dir, overrides, storage_uri, endpoint_url)
     start = time.time()
     report = sweeps.run(sweep, base, config, verbose=verbose)
-    uri = tracking.resolve_tracking_uri(base["mlflow"]["tracking_uri"])
+    uri = tracking.resolve_tracking_uri(base.mlflow.tracking_uri)
     print(f"\n[quickstart] done in {(time.time() - start) / 60:.1f} min")
     for line in reading(report["rows"]):
         print(f"  {line}")

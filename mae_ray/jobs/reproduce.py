@@ -15,7 +15,6 @@ import subprocess
 import sys
 from typing import Any
 
-import yaml
 from mlflow import MlflowClient
 
 from mae_ray import provenance, tracking
@@ -53,7 +52,7 @@ def run(run_spec: str, tracking_uri: str | None, out: str | None, start: bool = 
     for line in dropped:
         print(f"[reproduce] {line}")
     path = os.path.abspath(out or f"reproduce-{run_id[:8]}.yaml")
-    files.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    files.write_text(path, cfg.to_yaml())
     command = ["mae-ray", job, "--config", path]
     print(f"  its config: {path}\n  to run it again: {' '.join(command)}")
     for key in unknown:

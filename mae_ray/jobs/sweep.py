@@ -18,13 +18,13 @@ runs hold the evaluation runs and scores. The sweep file itself is read and chec
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import tempfile
 from typing import Any
 
 import ray
-import yaml
 from mlflow import MlflowClient
 from ray import tune
 from ray.tune.execution import class_cache
@@ -32,7 +32,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from mae_ray import provenance, tracking
 from mae_ray.cluster import launch, ray_processes
-from mae_ray.config import Config, from_dict, load_config
+from mae_ray.config import Config
 from mae_ray.errors import ConfigError
 from mae_ray.jobs import files, finetune, lifecycle, linprobe, sweep_report
 from mae_ray.jobs.encoders import resolve_encoder
@@ -43,9 +43,9 @@ from mae_ray.tracking import redact
 
 
 # --------------------------------------------------------------------------- the sweep
-def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bool = False,
+def run(sweep: SweepConfig, base: Config, sweep_file: str, *, resume: bool = False,
         verbose: bool = False) -> dict[str, Any]:
-    cfg = from_dict(Config, base)
+    cfg = copy.deepcopy(base)  # made absolute below, for every trial; the caller's stays as given
     uri = lifecycle.prepare(cfg, write=False)  # absolute shard paths and tracking URI, for every trial
     listed = {j for jobs in sweep.jobs.values() for j in jobs}
     for job in ("pretrain", *EVAL_JOBS):  # an epoch shorter than one update: refused now, not per trial
@@ -56,7 +56,6 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
         if os.path.exists(cfg.eval.checkpoint):  # trials run in their own folders
             cfg.eval.checkpoint = os.path.abspath(cfg.eval.checkpoint)
         resolve_encoder(cfg.eval.checkpoint, cfg, uri)
-    base = cfg.to_dict()
     sweep_dir = os.path.join(os.path.abspath(sweep.output_dir), sweep.name)
     shared = f"{launch.storage_uri(sweep.storage_path).rstrip('/')}/{sweep.name}" if sweep.storage_path else None
     tune_path = f"{shared or sweep_dir}/tune"  # Tune's experiment state: where every node sees it
@@ -83,13 +82,13 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
                     for folder in (sweep_dir, shared):
                         if folder:
                             write_json(f"{folder}/sweep.json", state)
-                    _log_sweep_files(uri, parent, sweep_file, base, sweep_dir)
+                    _log_sweep_files(uri, parent, sweep_file, cfg, sweep_dir)
                 print(f"[sweep] {sweep.name}: up to {concurrent} trial(s) at a time; folder {sweep_dir}; "
                       f"mlflow parent run {parent}", flush=True)
                 try:  # the parent run ends FINISHED in the report, else here: FAILED, or KILLED on Ctrl-C
                     shown_space, hidden = hide_secrets(sweep.search)
                     fn = tune.with_resources(
-                        tune.with_parameters(trial, base=base, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
+                        tune.with_parameters(trial, base=cfg, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
                                              sweep={"pretrain": sweep.pretrain, "linprobe": sweep.linprobe,
                                                     "finetune": sweep.finetune, "jobs": sweep.jobs,
                                                     "best_of": sweep.best_of,
@@ -112,7 +111,7 @@ def run(sweep: SweepConfig, base: dict[str, Any], sweep_file: str, *, resume: bo
                                                           sweep.linprobe or sweep.finetune, concurrent)]),
                         )
                     # the random-init baseline runs beside the trials (a Ray task holding a trial's share), not after
-                    baseline = _start_baseline(sweep, cfg, base, sweep_dir, shared, uri, parent, verbose)
+                    baseline = _start_baseline(sweep, cfg, sweep_dir, shared, uri, parent, verbose)
                     with _credentials_not_copied_by_tune():
                         grid = tuner.fit()
                     baseline = ray.get(baseline) if baseline is not None else None
@@ -132,7 +131,7 @@ def _start_parent(uri: str, cfg: Config, sweep: SweepConfig) -> str:
                               {**tracking.run_tags(), "mae_ray.job": "sweep", NOTE: tracking.redact(note)})
 
 
-def _log_sweep_files(uri: str, parent: str, sweep_file: str, base: dict[str, Any], sweep_dir: str) -> None:
+def _log_sweep_files(uri: str, parent: str, sweep_file: str, base: Config, sweep_dir: str) -> None:
     """The sweep file and the trials' base config, credentials redacted, as artifacts ``sweep/`` of the
     parent run; the base config also in the sweep folder (a record: ``--resume`` reads the sweep file)."""
     logger = tracking.EpochLogger(uri, parent)
@@ -144,7 +143,7 @@ def _log_sweep_files(uri: str, parent: str, sweep_file: str, base: dict[str, Any
             f.write(sweep_text)
         logger.log_artifact(copy, "sweep")
     path = files.write_text(os.path.join(sweep_dir, "base_config.yaml"),
-                            tracking.redact(yaml.safe_dump(base, sort_keys=False)))
+                            tracking.redact(base.to_yaml()))
     logger.log_artifact(path, "sweep")
 
 
@@ -216,7 +215,7 @@ def _sweep_params(sweep: SweepConfig) -> dict[str, str]:
             "sweep.num_samples": str(sweep.num_samples)}
 
 
-def _start_baseline(sweep: SweepConfig, cfg: Config, base: dict[str, Any], sweep_dir: str, shared: str | None,
+def _start_baseline(sweep: SweepConfig, cfg: Config, sweep_dir: str, shared: str | None,
                     uri: str, parent: str, verbose: bool):
     """The baseline as a Ray task with a trial's resources (None when the sweep has none): Ray starts it
     first, and the trials take the rest of the cluster until it ends."""
@@ -226,10 +225,10 @@ def _start_baseline(sweep: SweepConfig, cfg: Config, base: dict[str, Any], sweep
     share = _trial_resources(sweep, cfg)
     on_head = {k: v for k, v in share.items() if k == launch.HEAD_NODE}  # an elastic sweep's, as a trial's
     task = ray.remote(_random_baseline).options(num_cpus=share["cpu"], num_gpus=share.get("gpu", 0), resources=on_head)
-    return task.remote(sweep, base, sweep_dir, shared, uri, parent, verbose, provenance.command())
+    return task.remote(sweep, cfg, sweep_dir, shared, uri, parent, verbose, provenance.command())
 
 
-def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, shared: str | None, uri: str,
+def _random_baseline(sweep: SweepConfig, base: Config, sweep_dir: str, shared: str | None, uri: str,
                      parent: str, verbose: bool, command: str = "") -> dict[str, Any] | None:
     """The same architecture at random initialisation, evaluated as the trials are: its linear probe is the
     row every MAE trial must beat, its fine-tuning is training from scratch on the trials' budget."""
@@ -249,8 +248,8 @@ def _random_baseline(sweep: SweepConfig, base: dict[str, Any], sweep_dir: str, s
     summary: dict[str, Any] = {}
     for job in jobs:
         folder = "random-init" if job == "linprobe" else "random-init-finetune"  # also its checkpoints' folder
-        cfg = load_config(None, [f"output_dir={os.path.join(out, job)}", "eval.checkpoint=random",
-                                 f"mlflow.run_name={folder}"], base=base)
+        cfg = base.override(f"output_dir={os.path.join(out, job)}", "eval.checkpoint=random",
+                                 f"mlflow.run_name={folder}")
         cfg.mlflow.tracking_uri = uri
         result = done(cfg.output_dir) or {"linprobe": linprobe, "finetune": finetune}[job].run(cfg, verbose=verbose)
         client = MlflowClient(uri)

@@ -63,7 +63,7 @@ class SweepConfig:
 
 
 def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, Any]]:
-    """The sweep config and the trials' base run config (as a dict), both validated before Ray starts."""
+    """The sweep config and the trials' base run config, both validated before Ray starts."""
     path = shipped.resolve(path, "sweeps")
     data = read_yaml(path)
     for item in overrides:
@@ -85,10 +85,10 @@ def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, 
         kind, values = _space_entry(key, entry)
         if key == CASE:  # every case is a valid config
             for label in values:
-                load_config(None, case_overrides(sweep.cases, label), base=base.to_dict())
+                base.override(*case_overrides(sweep.cases, label))
             continue
         sample = values[0] if isinstance(values, list) else values
-        load_config(None, [f"{key}={json.dumps(sample)}"], base=base.to_dict())  # the key and its type exist
+        base.override(f"{key}={json.dumps(sample)}")  # the key and its type exist
     _check_paper(sweep, path)
     _check_jobs(sweep, path)
     _check_best_of(sweep, base, path)
@@ -98,7 +98,7 @@ def load_sweep(path: str, overrides: list[str]) -> tuple[SweepConfig, dict[str, 
         raise ConfigError(f"scheduler.type must be asha or none, got {sweep.scheduler.type!r}")
     if sweep.scheduler.type == "asha" and sweep.scheduler.metric == "knn_top1" and base.train.knn_every != 1:
         raise ConfigError("ASHA on knn_top1 needs the kNN monitor every epoch: set train.knn_every=1 in overrides")
-    return sweep, base.to_dict()
+    return sweep, base
 
 
 CASE = "case"
@@ -157,7 +157,7 @@ def _check_best_of(sweep: SweepConfig, base: Config, path: str) -> None:
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{path}: best_of.{key}: expected a non-empty list of values, got {values!r}")
     for value in values:
-        load_config(None, [f"{key}={json.dumps(value)}"], base=base.to_dict())
+        base.override(f"{key}={json.dumps(value)}")
 
 
 EVAL_JOBS = ("linprobe", "finetune")
@@ -250,9 +250,9 @@ def trial_label(params: dict[str, Any]) -> str:
                      for n, v in zip(names, params.values(), strict=True)) or "trial"
 
 
-def trial_config(params: dict[str, Any], base: dict[str, Any], cases: dict[str, Any]) -> Config:
+def trial_config(params: dict[str, Any], base: Config, cases: dict[str, Any]) -> Config:
     """The run config of one trial: the base with the trial's values (a ``case`` expanded to its keys)."""
     items = [f"{k}={json.dumps(v)}" for k, v in params.items() if k != CASE]
     if CASE in params:
         items = case_overrides(cases, params[CASE]) + items
-    return load_config(None, items, base=base)
+    return base.override(*items)

@@ -16,7 +16,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from mae_ray import provenance, redaction, tracking
-from mae_ray.config import Config, load_config
+from mae_ray.config import Config
 from mae_ray.jobs import evaluate, lifecycle, pretrain
 from mae_ray.jobs.encoders import resolve_encoder
 from mae_ray.jobs.files import read_json, write_json
@@ -26,7 +26,7 @@ NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 
 
 # --------------------------------------------------------------------------- one trial
-def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: str, parent_run_id: str,
+def trial(params: dict[str, Any], *, base: Config, sweep_dir: str, uri: str, parent_run_id: str,
           sweep: dict[str, Any], hidden: dict[str, dict[str, Any]] | None = None) -> None:
     """Tune function: pre-train (reports forwarded to Tune), evaluate, report the final metrics.
 
@@ -60,8 +60,7 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, uri: 
     jobs = trial_jobs(sweep, params)
     if jobs:
         eval_dir = os.path.join(cfg.output_dir, "eval")
-        eval_cfg = load_config(None, [f"output_dir={eval_dir}", f"eval.checkpoint={checkpoint}"],
-                               base=cfg.to_dict())
+        eval_cfg = cfg.override(f"output_dir={eval_dir}", f"eval.checkpoint={checkpoint}")
         scores = done(eval_dir, record and f"{record}/eval")
         if scores is None:
             source = resolve_encoder(checkpoint, eval_cfg, uri)
@@ -109,7 +108,7 @@ def _evaluate(cfg: Config, source, jobs: tuple[str, ...], best_of: dict[str, lis
         where = record and f"{record}/{varied}_{short}_{value}"
         result = done(folder, where)
         if result is None:
-            result = evaluate.run(load_config(None, own, base=cfg.to_dict()), source=source,
+            result = evaluate.run(cfg.override(*own), source=source,
                                   skip=tuple(j for j in EVAL_JOBS if j != varied))
             named(result, f", {short}={value}")
             keep(where, result)

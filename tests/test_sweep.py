@@ -144,11 +144,16 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
     by_name = {r["info"]["run_name"]: r for r in runs}
     tags = {name: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for name, r in by_name.items()}
     assert set(by_name) == {"sweep-s", "case=strong", "case=weak", "linprobe · case=strong",
-                            "finetune · case=strong", "random-init", "random-init · finetune"}, sorted(by_name)
+                            "finetune · case=strong", "random-init", "linprobe · random-init",
+                            "finetune · random-init"}, sorted(by_name)
     ids = {name: r["info"]["run_id"] for name, r in by_name.items()}
     assert tags["case=strong"]["mlflow.parentRunId"] == tags["random-init"]["mlflow.parentRunId"] == ids["sweep-s"]
-    assert tags["random-init · finetune"]["mlflow.parentRunId"] == ids["sweep-s"]
     assert tags["linprobe · case=strong"]["mlflow.parentRunId"] == ids["case=strong"]
+    # the random-init reference is one row as a trial is: its probe and fine-tuning are its children
+    assert tags["linprobe · random-init"]["mlflow.parentRunId"] == ids["random-init"]
+    assert tags["finetune · random-init"]["mlflow.parentRunId"] == ids["random-init"]
+    assert by_name["random-init"]["info"]["status"] == "FINISHED"
+    assert {"linprobe_top1", "finetune_top1"} <= {m["key"] for m in by_name["random-init"]["data"]["metrics"]}
     assert all(tags[name].get("mlflow.note.content") for name in by_name), {n: t.get("mlflow.note.content")
                                                                              for n, t in tags.items()}
     strong = by_name["case=strong"]["data"]

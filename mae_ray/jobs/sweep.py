@@ -25,7 +25,6 @@ import tempfile
 from typing import Any
 
 import ray
-from mlflow import MlflowClient
 from ray import tune
 from ray.tune.execution import class_cache
 from ray.tune.schedulers import ASHAScheduler
@@ -34,11 +33,11 @@ from mae_ray import provenance, tracking
 from mae_ray.cluster import launch, ray_processes
 from mae_ray.config import Config
 from mae_ray.errors import ConfigError
-from mae_ray.jobs import files, finetune, lifecycle, linprobe, sweep_report
+from mae_ray.jobs import files, lifecycle, sweep_report
 from mae_ray.jobs.encoders import resolve_encoder
 from mae_ray.jobs.files import read_json, write_json
 from mae_ray.jobs.sweep_config import EVAL_JOBS, SweepConfig, hide_secrets, param_space
-from mae_ray.jobs.sweep_trial import NOTE, done, keep, trial
+from mae_ray.jobs.sweep_trial import NOTE, random_baseline, trial
 from mae_ray.tracking import redact
 
 
@@ -224,42 +223,5 @@ def _start_baseline(sweep: SweepConfig, cfg: Config, sweep_dir: str, shared: str
 
     share = _trial_resources(sweep, cfg)
     on_head = {k: v for k, v in share.items() if k == launch.HEAD_NODE}  # an elastic sweep's, as a trial's
-    task = ray.remote(_random_baseline).options(num_cpus=share["cpu"], num_gpus=share.get("gpu", 0), resources=on_head)
+    task = ray.remote(random_baseline).options(num_cpus=share["cpu"], num_gpus=share.get("gpu", 0), resources=on_head)
     return task.remote(sweep, cfg, sweep_dir, shared, uri, parent, verbose, provenance.command())
-
-
-def _random_baseline(sweep: SweepConfig, base: Config, sweep_dir: str, shared: str | None, uri: str,
-                     parent: str, verbose: bool, command: str = "") -> dict[str, Any] | None:
-    """The same architecture at random initialisation, evaluated as the trials are: its linear probe is the
-    row every MAE trial must beat, its fine-tuning is training from scratch on the trials' budget."""
-    jobs = [j for j in ("linprobe", "finetune") if getattr(sweep, j)]
-    if not (sweep.random_baseline and jobs):
-        return None
-
-    os.environ[provenance.COMMAND_ENV] = command  # the sweep's, in this Ray worker
-    out = os.path.join(sweep_dir, "random_baseline")
-    record = shared and f"{shared}/random_baseline"
-    earlier = done(out, record)  # finished before a --resume
-    if earlier:
-        return earlier
-    notes = {"linprobe": "Linear probe of the same encoder at random initialisation: the row MAE trials must beat.",
-             "finetune": "Fine-tuning of the same encoder from random initialisation (training from scratch) with "
-                         "the trials' budget: what MAE initialisation is compared with."}
-    summary: dict[str, Any] = {}
-    for job in jobs:
-        folder = "random-init" if job == "linprobe" else "random-init-finetune"  # also its checkpoints' folder
-        cfg = base.override(f"output_dir={os.path.join(out, job)}", "eval.checkpoint=random",
-                                 f"mlflow.run_name={folder}")
-        cfg.mlflow.tracking_uri = uri
-        result = done(cfg.output_dir) or {"linprobe": linprobe, "finetune": finetune}[job].run(cfg, verbose=verbose)
-        client = MlflowClient(uri)
-        client.set_tag(result["mlflow_run_id"], "mlflow.parentRunId", parent)
-        client.set_tag(result["mlflow_run_id"], NOTE, notes[job])
-        if job == "finetune":
-            client.set_tag(result["mlflow_run_id"], "mlflow.runName", "random-init · finetune")
-        summary.update({k: v for k, v in result.items() if k.startswith(job)})
-        summary.setdefault("mlflow_run_id", result["mlflow_run_id"])  # the row's run: the probe's when there is one
-        summary[f"{job}_run_id"] = result["mlflow_run_id"]
-    write_json(os.path.join(out, "result.json"), summary)
-    keep(record, summary)
-    return summary

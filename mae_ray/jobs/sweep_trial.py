@@ -18,9 +18,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from mae_ray import provenance, redaction, tracking
 from mae_ray.config import Config
 from mae_ray.jobs import evaluate, lifecycle, pretrain
-from mae_ray.jobs.encoders import resolve_encoder
+from mae_ray.jobs.encoders import EncoderSource, resolve_encoder
+from mae_ray.jobs.eval_job import encoder_params
 from mae_ray.jobs.files import read_json, write_json
-from mae_ray.jobs.sweep_config import EVAL_JOBS, trial_config, trial_jobs, trial_label
+from mae_ray.jobs.sweep_config import EVAL_JOBS, SweepConfig, trial_config, trial_jobs, trial_label
 
 NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 
@@ -79,6 +80,64 @@ def trial(params: dict[str, Any], *, base: Config, sweep_dir: str, uri: str, par
     # the scheduler's time (``epochs_done``, as in every epoch's report): a finished trial has run all its epochs
     final["epochs_done"] = cfg.train.epochs if sweep["pretrain"] else 1
     tune.report({k: v for k, v in final.items() if v is not None})
+
+
+RANDOM_INIT = "random-init"  # the baseline's run name, and its row in the sweep's table
+
+
+def random_baseline(sweep: SweepConfig, base: Config, sweep_dir: str, shared: str | None, uri: str, parent: str,
+                    verbose: bool, command: str = "") -> dict[str, Any] | None:
+    """The same architecture at random initialisation, evaluated as the trials are (``evaluate.run``), as one
+    run under the sweep's, like a trial's: its linear probe is the row every MAE trial must beat, its
+    fine-tuning is training from scratch on the trials' budget. Both are child runs; their top-1 is logged on
+    it (None when the sweep has no baseline). A --resume reuses a finished one and finds its run again."""
+    jobs = tuple(j for j in EVAL_JOBS if getattr(sweep, j))
+    if not (sweep.random_baseline and jobs):
+        return None
+    os.environ[provenance.COMMAND_ENV] = command  # the sweep's, in this Ray worker
+    out = os.path.join(sweep_dir, "random_baseline")
+    record = shared and f"{shared}/random_baseline"
+    earlier = done(out, record)
+    if earlier and earlier.get("mlflow_run_id"):
+        return earlier
+    cfg = base.override(f"output_dir={out}", "eval.checkpoint=random", f"mlflow.run_name={RANDOM_INIT}")
+    cfg.mlflow.tracking_uri = uri
+    source = EncoderSource(None, cfg.model.kwargs(), None, "random")
+    run_id = _baseline_run(uri, cfg, parent, source, sweep.name)
+    source.parent_run_id = run_id  # its evaluations are its children, and log their top-1 on it
+    try:
+        scores = evaluate.run(cfg, source=source, skip=tuple(j for j in EVAL_JOBS if j not in jobs), verbose=verbose)
+        notes = {"linprobe": "Linear probe of the encoder at random initialisation: the row MAE trials must beat.",
+                 "finetune": "Fine-tuning from random initialisation (training from scratch) with the trials' "
+                             "budget: what MAE initialisation is compared with."}
+        for job in jobs:
+            tracking.EpochLogger(uri, scores[f"{job}_run_id"]).set_tags(
+                {"mlflow.runName": f"{job} · {RANDOM_INIT}", NOTE: notes[job]})
+    except BaseException:
+        lifecycle.close_run(uri, run_id, "FAILED")
+        raise
+    lifecycle.close_run(uri, run_id, "FINISHED")
+    summary = {**scores, "mlflow_run_id": run_id}
+    write_json(os.path.join(out, "result.json"), summary)
+    keep(record, summary)
+    return summary
+
+
+def _baseline_run(uri: str, cfg: Config, parent: str, source: EncoderSource, sweep_name: str) -> str:
+    """The baseline's MLflow run under the sweep's ``parent``: found again after a restart, else created. Its
+    params say which pre-training settings it does not have (``eval_job.encoder_params``)."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if exp is not None:
+        found = client.search_runs([exp.experiment_id], filter_string=f"tags.`sweep.random_init` = '{parent}'")
+        if found:
+            return found[0].info.run_id
+    tags = {**tracking.run_tags(), "mae_ray.job": "random-init", "sweep.random_init": parent,
+            NOTE: f"The encoder at random initialisation, evaluated as the trials of sweep {sweep_name} are: the "
+                  "reference every MAE trial is compared with. Its linear probe and fine-tuning are child runs; their "
+                  "top-1 is also logged here."}
+    params = {**tracking.params_from_config(cfg.flatten()), **encoder_params(source)}
+    return lifecycle.open_run(uri, cfg.mlflow.experiment, RANDOM_INIT, params, tags, parent_run_id=parent)
 
 
 _BEST_KEYS = {f"{job}_{what}" for job in EVAL_JOBS for what in ("top1", "top5")}

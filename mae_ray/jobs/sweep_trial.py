@@ -60,19 +60,11 @@ def trial(params: dict[str, Any], *, base: Config, sweep_dir: str, uri: str, par
         checkpoint = cfg.eval.checkpoint
     jobs = trial_jobs(sweep, params)
     if jobs:
-        eval_dir = os.path.join(cfg.output_dir, "eval")
-        eval_cfg = cfg.override(f"output_dir={eval_dir}", f"eval.checkpoint={checkpoint}")
-        scores = done(eval_dir, record and f"{record}/eval")
-        if scores is None:
-            source = resolve_encoder(checkpoint, eval_cfg, uri)
-            if not sweep["pretrain"]:  # scores go to this trial's run, not to the shared encoder's run
-                source.origin_run_id = source.origin_run_id or source.parent_run_id
-                source.parent_run_id = run_id
-            named = _Named(uri, label, trial_id, sweep["name"])
-            scores = _evaluate(eval_cfg, source, jobs, sweep.get("best_of") or {}, named, record and f"{record}/eval")
-            if sweep.get("best_of"):  # the trial's run shows the best, after the values each length logged there
-                tracking.log_values(uri, run_id, {k: v for k, v in scores.items() if k in _BEST_KEYS or "_best_" in k})
-            keep(record and f"{record}/eval", scores)
+        try:  # an evaluation that fails marks the trial's run FAILED (pre-training, when there is one, had ended it)
+            scores = _trial_evaluations(cfg, checkpoint, jobs, run_id, uri, label, trial_id, sweep, record)
+        except BaseException:
+            lifecycle.close_run(uri, run_id, "FAILED")
+            raise
         final.update({k: v for k, v in scores.items() if k.startswith(EVAL_JOBS) and not k.endswith("_run_id")})
     tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "finished"})
     if not sweep["pretrain"]:  # no pre-training job owns (and ends) this run
@@ -80,6 +72,28 @@ def trial(params: dict[str, Any], *, base: Config, sweep_dir: str, uri: str, par
     # the scheduler's time (``epochs_done``, as in every epoch's report): a finished trial has run all its epochs
     final["epochs_done"] = cfg.train.epochs if sweep["pretrain"] else 1
     tune.report({k: v for k, v in final.items() if v is not None})
+
+
+def _trial_evaluations(cfg: Config, checkpoint: str, jobs: tuple[str, ...], run_id: str, uri: str, label: str,
+                       trial_id: str, sweep: dict[str, Any], record: str | None) -> dict[str, Any]:
+    """The trial's evaluations of ``checkpoint`` (each through ``evaluate.run``), or what a restarted trial had
+    finished of them; their scores go to the trial's run."""
+    eval_dir = os.path.join(cfg.output_dir, "eval")
+    eval_cfg = cfg.override(f"output_dir={eval_dir}", f"eval.checkpoint={checkpoint}")
+    where = record and f"{record}/eval"
+    scores = done(eval_dir, where)
+    if scores is not None:
+        return scores
+    source = resolve_encoder(checkpoint, eval_cfg, uri)
+    if not sweep["pretrain"]:  # scores go to this trial's run, not to the shared encoder's run
+        source.origin_run_id = source.origin_run_id or source.parent_run_id
+        source.parent_run_id = run_id
+    named = _Named(uri, label, trial_id, sweep["name"])
+    scores = _evaluate(eval_cfg, source, jobs, sweep.get("best_of") or {}, named, where)
+    if sweep.get("best_of"):  # the trial's run shows the best, after the values each length logged there
+        tracking.log_values(uri, run_id, {k: v for k, v in scores.items() if k in _BEST_KEYS or "_best_" in k})
+    keep(where, scores)
+    return scores
 
 
 RANDOM_INIT = "random-init"  # the baseline's run name, and its row in the sweep's table

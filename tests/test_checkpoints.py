@@ -149,7 +149,7 @@ def test_a_failed_background_copy_fails_the_next_report_and_no_copy_begins_after
     not_a_folder.write_text("")  # a storage that refuses every write (as root, permissions would not)
     store = tmp_path / "store"
     store.mkdir()
-    run = launch.InProcessRun(fs=pafs.LocalFileSystem(), root=str(not_a_folder), keep=None)
+    run = launch.InProcessRun(fs=pafs.LocalFileSystem(), root=str(not_a_folder))
     launch._IN_PROCESS.append(run)
     try:
         copies = Background()

@@ -88,6 +88,8 @@ def test_two_workers_on_two_nodes_train_and_checkpoint(two_nodes, fixed_run):
     assert json.loads((tmp_path / "run" / "result.json").read_text()) == summary
     ckpt = Path(summary["checkpoint"])
     assert ckpt.name == f"epoch_{EPOCHS - 1:06d}"
+    # the newest two kept (checkpoints.KEEP), pruned by the workers' upload as in-process runs prune
+    assert sorted(p.name for p in ckpt.parent.glob("epoch_*")) == [f"epoch_{e:06d}" for e in (EPOCHS - 2, EPOCHS - 1)]
     assert {"state.pt", "encoder.pth", "encoder.safetensors", "config.yaml"} <= {p.name for p in ckpt.iterdir()}
     assert summary["metrics"]["epoch"] == EPOCHS - 1 and math.isfinite(summary["metrics"]["train_loss"])
 

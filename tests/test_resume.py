@@ -148,7 +148,7 @@ def test_in_process_jobs_keep_prune_and_resume_checkpoints_as_ray_train_does(loc
 
     full = pretrain.run(config(tmp_path / "full"))
     kept = sorted(p.name for p in (tmp_path / "full" / "run" / "ray" / "run").iterdir())
-    assert kept == [f"epoch_{EPOCHS - 2:06d}", f"epoch_{EPOCHS - 1:06d}"]  # the newest two, as Ray's num_to_keep
+    assert kept == [f"epoch_{EPOCHS - 2:06d}", f"epoch_{EPOCHS - 1:06d}"]  # the newest two (checkpoints.KEEP)
     assert full["checkpoint"].endswith(kept[-1])
 
     monkeypatch.setenv("MAE_RAY_FAULTS", f"fail:rank=0:before_report={STOP + 1}")

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 # Every file name of the format is here, and only here: the jobs, the evaluations and runs:/ go through them.
 STATE_FILE = "state.pt"
+KEEP = 2  # checkpoints a run keeps: the newest two (the one before the newest: in case that one will not load)
 CHECKPOINT_PREFIX = "epoch_"
 UPDATE_MARK = "_u"  # a checkpoint inside an epoch: epoch_NNNNNN_uMMMMMM, after M of epoch N's updates
 ENCODER_FILE = "encoder.pth"  # the release's {"model": ...} layout, encoder only
@@ -213,15 +214,11 @@ def report(metrics: dict[str, Any], state: TrainingState | None, epoch: int,
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
                              checkpoint_upload_fn=functools.partial(_upload, retry_s=retry_s))
             return
-        # in-process: stored and pruned here as Ray Train would (``launch.InProcessRun``)
+        # in-process: the same copy (and pruning) as Ray Train's workers make, called here (``launch.InProcessRun``)
         local.checkpoint = _upload(Checkpoint.from_directory(tmp), name, retry_s)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    stored = sorted((c.path for c in _stored_checkpoints()), key=age)
-    for old in stored[:-local.keep] if local.keep else ():
-        with contextlib.suppress(OSError):
-            local.fs.delete_dir(old)
     _report(metrics, local)
 
 
@@ -251,7 +248,9 @@ def _upload(checkpoint: Checkpoint, dir_name: str, retry_s: float = 60.0, last_g
     upload thread, counted there; none is begun after one failed."""
     if background is None:
         fs, root = _run_storage()
-        return upload(checkpoint, fs, root, dir_name, STATE_FILE, retry_s, last_good)
+        stored = upload(checkpoint, fs, root, dir_name, STATE_FILE, retry_s, last_good)
+        _prune(fs)
+        return stored
     error = None
     try:
         if background.failed is not None:
@@ -262,6 +261,15 @@ def _upload(checkpoint: Checkpoint, dir_name: str, retry_s: float = 60.0, last_g
         raise
     finally:
         background.finished(error)
+
+
+def _prune(fs) -> None:
+    """Keep the run's ``KEEP`` newest checkpoints, once a new one is whole: every run, Ray Train's (whose own
+    ``num_to_keep`` is off) and in-process ones, by this one rule and the one order (:func:`age`)."""
+    stored = sorted((c.path for c in _stored_checkpoints()), key=age)
+    for old in stored[:-KEEP]:
+        with contextlib.suppress(OSError):
+            fs.delete_dir(old)
 
 
 # rank 0's copies in Ray's background upload thread (one Ray Train worker process per rank and attempt)

@@ -89,7 +89,6 @@ class TrainerSpec:
     cpus_per_worker: float
     max_failures: int
     gpus_per_worker: float = 1.0
-    keep_checkpoints: int | None = 2
     min_workers: int | None = None  # an elastic group of min_workers..num_workers (None: fixed)
     resize_check_s: float = 60.0  # how often an elastic group looks for room to grow
     verbose: bool = False
@@ -133,7 +132,8 @@ def run_trainer(train_fn: Callable[[Any], None], worker_spec: Any, trainer: Trai
             # the size Ray chose (a node just lost, not yet known dead) tries again at the size that fits then
             failure_config=FailureConfig(max_failures=trainer.max_failures,
                                          controller_failure_limit=ELASTIC_START_RETRIES if elastic else 0),
-            checkpoint_config=CheckpointConfig(num_to_keep=trainer.keep_checkpoints),
+            # none deleted by Ray: the upload function keeps the newest (checkpoints.KEEP), as in-process runs do
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
             # Ray Train's own INFO lines ("Reporting training result ...") only with --verbose;
             # the job's prints are not ray.train records and always reach the console.
             logging_config=LoggingConfig(log_level="INFO" if trainer.verbose else "WARNING"),
@@ -156,7 +156,6 @@ class InProcessRun:
 
     fs: Any  # pyarrow filesystem of the run's checkpoints
     root: str  # the run's folder on it: ``<storage_path>/<run name>``
-    keep: int | None  # checkpoints kept, the newest (Ray Train's ``num_to_keep``)
     use_gpu: bool = False
     forward: Callable[[dict[str, Any]], None] | None = None  # also given every report (a Tune trial's)
     metrics: dict[str, Any] | None = None  # the last report's
@@ -185,8 +184,8 @@ def _run_in_process(train_fn: Callable[[Any], None], worker_spec: Any, trainer: 
     path, fs = trainer.storage_path, None
     if storage.is_object_uri(path):
         fs, path = storage.filesystem(path)
-    run = InProcessRun(fs=fs or pafs.LocalFileSystem(), root=f"{path}/{trainer.name}", keep=trainer.keep_checkpoints,
-                       use_gpu=trainer.use_gpu, forward=_tune_report(trainer.callbacks))
+    run = InProcessRun(fs=fs or pafs.LocalFileSystem(), root=f"{path}/{trainer.name}", use_gpu=trainer.use_gpu,
+                       forward=_tune_report(trainer.callbacks))
     _IN_PROCESS.append(run)
     try:
         train_fn(worker_spec)

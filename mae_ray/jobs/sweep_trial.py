@@ -140,12 +140,9 @@ def random_baseline(sweep: SweepConfig, base: Config, sweep_dir: str, shared: st
 def _baseline_run(uri: str, cfg: Config, parent: str, source: EncoderSource, sweep_name: str) -> str:
     """The baseline's MLflow run under the sweep's ``parent``: found again after a restart, else created. Its
     params say which pre-training settings it does not have (``eval_job.encoder_params``)."""
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    if exp is not None:
-        found = client.search_runs([exp.experiment_id], filter_string=f"tags.`sweep.random_init` = '{parent}'")
-        if found:
-            return found[0].info.run_id
+    found = _tagged_run(uri, cfg.mlflow.experiment, "sweep.random_init", parent)
+    if found:
+        return found
     tags = {**tracking.run_tags(), "mae_ray.job": "random-init", "sweep.random_init": parent,
             NOTE: f"The encoder at random initialisation, evaluated as the trials of sweep {sweep_name} are: the "
                   "reference every MAE trial is compared with. Its linear probe and fine-tuning are child runs; their "
@@ -206,12 +203,9 @@ def keep(shared: str | None, summary: dict[str, Any]) -> None:
 def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params: dict[str, Any], label: str,
                sweep: dict[str, Any]) -> str:
     """The trial's MLflow run: found again after a restore (so never duplicated), else created."""
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    if exp is not None:
-        found = client.search_runs([exp.experiment_id], filter_string=f"tags.`sweep.trial_id` = '{trial_id}'")
-        if found:
-            return found[0].info.run_id
+    found = _tagged_run(uri, cfg.mlflow.experiment, "sweep.trial_id", trial_id)
+    if found:
+        return found
     tags = {**tracking.run_tags(), "sweep.trial_id": trial_id, "sweep.params": tracking.redact(json.dumps(params))}
     varied = tracking.redact(label)
     if sweep["pretrain"]:
@@ -222,6 +216,14 @@ def _trial_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, params:
                      NOTE: f"Trial {trial_id} of sweep {sweep['name']}: evaluation of one fixed encoder, {varied}."})
     return lifecycle.open_run(uri, cfg.mlflow.experiment, varied, tracking.params_from_config(cfg.flatten()), tags,
                               parent_run_id=parent_run_id)
+
+
+def _tagged_run(uri: str, experiment: str, tag: str, value: str) -> str | None:
+    """The run of ``experiment`` whose ``tag`` is ``value`` (a trial's or the baseline's, after a restart)."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    found = exp and client.search_runs([exp.experiment_id], filter_string=f"tags.`{tag}` = '{value}'")
+    return found[0].info.run_id if found else None
 
 
 @dataclass

@@ -247,7 +247,8 @@ def _warn(text: str) -> str:
 
 # Measured, not computed: a re-run of an epoch (after a restart) gives them new values by nature. Every
 # other per-epoch metric is a function of (checkpoint, seed, epoch): exact resume reproduces it bit for bit.
-TIMED_METRICS = frozenset({"images_per_s", "epoch_time_s", "data_wait_frac", "mfu", "rss_mb", "checkpoint_s"})
+TIMED_METRICS = frozenset({"images_per_s", "epoch_time_s", "data_wait_frac", "mfu", "rss_mb", "checkpoint_s",
+                           "cpu_hours", "gpu_hours", "cost"})
 RERUN_METRIC = "epochs_rerun"  # how many epochs this run trained again after a restart (a running count)
 MISMATCH_METRIC = "epochs_rerun_mismatched"  # epochs logged again with other values (timings aside): a count
 MISMATCH_TAG = "mae_ray.rerun_mismatch.epoch_"  # + the epoch: what differed

@@ -85,7 +85,7 @@ class EpochLoop:
         minutes = spec.config.train.checkpoint_every_minutes
         self.every_s = minutes * 60 if minutes else None
         self.watch_preemption = launch.preemption_watched()
-        self.last_checkpoint = self.last_poll = time.monotonic()
+        self.last_checkpoint = self.last_poll = self.held_since = time.monotonic()
         self.noticed: tuple | None = None  # the reclaim notice a checkpoint was taken for
         self.stalled_s = 0.0  # this epoch's time in checkpoints: what training waited for them
         self.device = None
@@ -229,6 +229,7 @@ class EpochLoop:
         metrics = {**metrics, "rss_mb": _rss_mb()}  # per-epoch memory: a leak shows as a rising line
         if self.plan is not None:  # the group this epoch ran on (an elastic group's size may change)
             metrics.update(workers=self.world_size, accumulation=self.plan.accumulation)
+        metrics.update(self._spent())
         self.history.append({"epoch": epoch, **metrics})
         last = epoch == self.epochs - 1
         due = last or (epoch + 1) % self.checkpoint_every == 0  # the same on every rank
@@ -261,6 +262,18 @@ class EpochLoop:
                 shown = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
                 self.say(f"epoch {epoch + 1}/{self.epochs} {shown}")
         launch.forward_report()  # in-process in a sweep trial: to Tune now (with Ray Train, its callback did)
+
+    def _spent(self) -> dict[str, float]:
+        """What the run's workers have held so far, its attempts together (``cpu_hours``: CPU-core-hours, or
+        ``gpu_hours``) and, with a price (``cost.*``), ``cost``: this epoch's wall time on rank 0 x the group's size
+        x each worker's units, added to the last epoch's. Not counted: Ray Train's start of a group, and what an
+        attempt did after its last epoch (lost with it)."""
+        key, units, price = self.spec.config.spend()
+        now = time.monotonic()
+        before = self.history[-1].get(key, 0.0) if self.history else 0.0
+        hours = before + (now - self.held_since) * self.world_size * units / 3600
+        self.held_since = now
+        return {key: hours, **({"cost": hours * price} if price is not None else {})}
 
     def _report(self, metrics: dict[str, Any], state, epoch: int, files, *, checkpoint: bool, background: bool,
                 updates: int | None = None) -> None:

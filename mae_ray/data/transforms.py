@@ -17,7 +17,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from mae_ray.config import PRETRAIN_AUGMENTS
+from mae_ray.config_checks import PRETRAIN_AUGMENTS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -18,6 +18,7 @@ from mae_ray.jobs import files, finetune, lifecycle, linprobe, recorded
 from mae_ray.jobs.encoders import resolve_encoder
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+SPENT = ("cpu_hours", "gpu_hours", "cost")  # what a run's workers held (worker_loop.EpochLoop._spent)
 
 
 def as_spec(run: str) -> str:
@@ -41,6 +42,8 @@ def run(cfg: Config, *, source=None, skip: tuple[str, ...] = (), verbose: bool =
             sub = cfg.override(*own)
             result = job.run(sub, source=source, verbose=verbose)
             summary.update({k: v for k, v in result.items() if k.startswith(name)})
+            spent = {k: v for k, v in result.get("metrics", {}).items() if k in SPENT}  # its hours, and their price
+            summary.update({f"{name}_{k}": v for k, v in spent.items()})
             summary[f"{name}_run_id"] = result["mlflow_run_id"]
         lifecycle.write_result(root, summary)
     return summary

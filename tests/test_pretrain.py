@@ -23,7 +23,7 @@ def history(uri, run_id, key):
 
 def test_two_workers_finish_loss_falls_and_mlflow_has_one_row_per_epoch(local_ray, demo_data, tmp_path):
     cfg = tiny_config(demo_data, tmp_path, "train.epochs=4", "train.knn_every=2", "eval.knn_train_samples=300",
-                      "eval.knn_val_samples=100")
+                      "eval.knn_val_samples=100", "cost.per_cpu_hour=3")
     summary = pretrain.run(cfg)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
 
@@ -39,6 +39,15 @@ def test_two_workers_finish_loss_falls_and_mlflow_has_one_row_per_epoch(local_ra
     knn = history(uri, summary["mlflow_run_id"], "knn_top1")
     assert [s for s, _ in knn] == [1, 3] and all(0 <= v <= 100 for _, v in knn)
     assert summary["metrics"]["knn_top1"] == knn[-1][1]  # reported to Ray too (what Tune sees)
+    # what the 2 workers of 1 CPU held so far, every epoch: more than their epochs' training, less than the run's
+    # wall time (which includes Ray Train's start), and its price at cost.per_cpu_hour
+    held = history(uri, summary["mlflow_run_id"], "cpu_hours")
+    assert [s for s, _ in held] == [0, 1, 2, 3] and all(a[1] < b[1] for a, b in zip(held, held[1:], strict=False))
+    trained = sum(v for _, v in history(uri, summary["mlflow_run_id"], "epoch_time_s")) * 2 / 3600
+    assert trained < held[-1][1] < summary["wall_time_s"] * 2 / 3600, (trained, held, summary["wall_time_s"])
+    assert summary["metrics"]["cpu_hours"] == held[-1][1]
+    cost = history(uri, summary["mlflow_run_id"], "cost")
+    assert [c for _, c in cost] == pytest.approx([3 * h for _, h in held], rel=1e-9)
 
     client = MlflowClient(uri)
     run = client.get_run(summary["mlflow_run_id"])

@@ -131,6 +131,18 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
     # the report says which trial stopped, after how many epochs, and the pre-training that saved
     pruned = report["early_stops"]
     assert pruned["stopped"] == {by_bank[1]["trial"]: ran} and pruned["saved_epochs"] == 3 - ran
+    # what each trial cost (its jobs' CPU-core-hours together), and the hours the stop saved at the stopped
+    # trial's own cost per epoch
+    trial_run = client.get_run(by_bank[64]["mlflow_run_id"])
+    its_jobs = [trial_run, *client.search_runs([trial_run.info.experiment_id],
+                                               f"tags.mlflow.parentRunId = '{trial_run.info.run_id}'")]
+    assert len(its_jobs) == 3  # pre-training (the trial's own run), linear probe, fine-tuning
+    assert by_bank[64]["total_cpu_hours"] == pytest.approx(sum(r.data.metrics["cpu_hours"] for r in its_jobs))
+    assert by_bank[64]["linprobe_top1_per_cpu_hour"] == pytest.approx(
+        by_bank[64]["linprobe_top1"] / by_bank[64]["total_cpu_hours"])
+    stopped_held = by_bank[1]["total_cpu_hours"]
+    assert pruned["saved_hours"] == pytest.approx(stopped_held / ran * (3 - ran)) and pruned["saved_hours"] > 0
+    assert parent.data.metrics["hours_saved"] == pytest.approx(pruned["saved_hours"])
     assert parent.data.metrics["early_stopped_trials"] == 1
     assert parent.data.metrics["epochs_saved_fraction"] == pytest.approx((3 - ran) / 6)
     assert f"{by_bank[1]['trial']} after {ran}/3" in open(report["markdown"]).read()
@@ -176,7 +188,7 @@ def test_sweep_over_mlflow_server_asha_stops_the_weak_trial(local_ray, colours, 
     assert state["searchFilter"] == f"tags.mlflow.parentRunId = '{ids['sweep-s']}'"
     assert state["orderByKey"] == "metrics.`linprobe_top1`" and state["orderByAsc"] is False
     columns = ["params.`eval.knn_train_samples`", "params.`model.mask_ratio`", "params.`model.mask_sampling`",
-               "metrics.`linprobe_top1`", "metrics.`finetune_top1`"]
+               "metrics.`linprobe_top1`", "metrics.`finetune_top1`", "metrics.`total_cpu_hours`"]
     assert state["selectedColumns"] == columns
     carried = {f"params.`{p['key']}`" for p in strong["params"]} | {f"metrics.`{m['key']}`" for m in strong["metrics"]}
     assert set(columns) <= carried

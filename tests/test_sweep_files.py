@@ -170,6 +170,28 @@ def test_the_report_says_which_trials_stopped_early_and_what_that_saved():
                                  "24 of 40 planned pre-training epochs not run (60 % saved)")
 
 
+def test_the_report_says_what_each_trial_cost_per_point_of_accuracy_and_the_hours_asha_saved():
+    """What a trial's jobs held (``total_cpu_hours``; ``total_cost`` with a price) beside its accuracies, the
+    accuracy per unit of it (per unit of money where there is a price), and a stopped trial's epochs not run at
+    what its own epochs cost."""
+    rows = [{"trial": "a", "status": "finished", "linprobe_top1": 50.0, "finetune_top1": 60.0,
+             "total_cpu_hours": 0.5},
+            {"trial": "b", "status": "stopped", "epochs_run": 2, "total_cpu_hours": 0.1},  # 0.05 per epoch
+            {"trial": "random-init", "status": "baseline", "linprobe_top1": 20.0, "total_cpu_hours": 0.25}]
+    sweep_report.per_unit(rows)
+    assert rows[0]["linprobe_top1_per_cpu_hour"] == 100.0 and rows[0]["finetune_top1_per_cpu_hour"] == 120.0
+    assert rows[2]["linprobe_top1_per_cpu_hour"] == 80.0 and "linprobe_top1_per_cpu_hour" not in rows[1]
+    pruned = sweep_report.early_stops(rows, epochs=10)
+    assert pruned["saved_hours"] == pytest.approx(0.05 * 8)
+    assert pruned["summary"].endswith("(40 % saved; about 0.4 CPU-core-hours not spent)")
+    columns = sweep_report._columns(rows, [])
+    assert columns.index("total_cpu_hours") < columns.index("linprobe_top1_per_cpu_hour") < columns.index("epochs_run")
+    assert "| a | finished | 50.00 | 60.00 | 0.5 | 100.00 | 120.00 |  |" in sweep_report.to_markdown(rows, columns)
+    priced = [{"trial": "a", "status": "finished", "linprobe_top1": 50.0, "total_cpu_hours": 0.5, "total_cost": 2.0}]
+    sweep_report.per_unit(priced)  # with a price, accuracy per unit of money
+    assert priced[0]["linprobe_top1_per_cost"] == 25.0 and "linprobe_top1_per_cpu_hour" not in priced[0]
+
+
 def test_the_report_prints_paper_and_measured_side_by_side():
     sweep, _ = sweeps.load_sweep(os.path.join(SWEEPS, "paper_mask_sampling.yaml"), [])
     rows = [{"trial": "t1", "status": "finished", "case": "block 50%", "linprobe_top1": 41.25, "finetune_top1": 50.5},

@@ -16,6 +16,7 @@ from ray import tune
 
 from mae_ray import tracking
 from mae_ray.jobs import files, lifecycle
+from mae_ray.jobs.evaluate import SPENT
 from mae_ray.jobs.sweep_config import axis_label, trial_label, varied_keys
 from mae_ray.tracking import redact
 
@@ -24,6 +25,19 @@ matplotlib.use("Agg")  # before pyplot: the report is drawn without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 ACCURACIES = ("linprobe_top1", "finetune_top1", "knn_top1")
+SPENT_TOTALS = ("total_gpu_hours", "total_cpu_hours", "total_cost")  # what a trial's jobs held (sweep_trial.totals)
+PER_UNIT = {"total_cost": "cost", "total_gpu_hours": "gpu_hour", "total_cpu_hours": "cpu_hour"}
+HOURS = {"total_gpu_hours": "GPU-hours", "total_cpu_hours": "CPU-core-hours"}
+
+
+def per_unit(rows: list[dict[str, Any]]) -> None:
+    """Each row's accuracy per unit of what it cost: per unit of money where a price was set (``cost.*``), else
+    per GPU-hour or CPU-core-hour (``linprobe_top1_per_cost``, ``finetune_top1_per_cpu_hour``, ...)."""
+    unit = next((u for u in PER_UNIT if any(isinstance(r.get(u), (int, float)) for r in rows)), None)
+    for row in rows if unit else ():
+        for metric in ACCURACIES[:2]:
+            if isinstance(row.get(metric), (int, float)) and (row.get(unit) or 0) > 0:
+                row[f"{metric}_per_{PER_UNIT[unit]}"] = row[metric] / row[unit]
 
 
 def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | None,
@@ -32,7 +46,7 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = add_paper(trial_rows(grid, list(sweep.search)), sweep)
+    rows = add_paper(trial_rows(grid, list(sweep.search)), sweep)  # per_unit(rows) once the baseline's row is in
     client = MlflowClient(uri)
     for row in rows:
         if row["status"] != "stopped":
@@ -45,9 +59,12 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
             row["mlflow_run_id"] = run.info.run_id
             # epochs it really ran: Tune's last result can lag an epoch the trial finished while being stopped
             row["epochs_run"] = len(client.get_metric_history(run.info.run_id, "train_loss"))
+            held = run.data.metrics  # what its pre-training held until it was stopped
+            row.update({f"total_{k}": held[k] for k in ("cpu_hours", "gpu_hours", "cost") if k in held})
     if baseline is not None:
         rows.append({"trial": "random-init", "status": "baseline", "mlflow_run_id": baseline["mlflow_run_id"],
-                     **{k: v for k, v in baseline.items() if k.endswith(("_top1", "_top5"))}})
+                     **{k: v for k, v in baseline.items() if k.endswith(("_top1", "_top5")) or k.startswith("total_")}})
+    per_unit(rows)
     columns = _columns(rows, list(sweep.search))
     table = pa.table({c: [r.get(c) for r in rows] for c in columns})
     parquet = os.path.join(sweep_dir, "sweep_results.parquet")
@@ -71,7 +88,10 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
         tracking.log_values(uri, parent, {f"best_{sweep.metric}": best[sweep.metric]})
     if pruned is not None:
         tracking.log_values(uri, parent, {"early_stopped_trials": len(pruned["stopped"]),
-                                          "epochs_saved_fraction": pruned["saved_fraction"]})
+                                          "epochs_saved_fraction": pruned["saved_fraction"],
+                                          **({"hours_saved": pruned["saved_hours"]} if pruned["saved_hours"] else {})})
+    spent = {k: sum(r[k] for r in rows if isinstance(r.get(k), (int, float))) for k in SPENT_TOTALS}
+    tracking.log_values(uri, parent, {k: v for k, v in spent.items() if any(k in r for r in rows)})
     lifecycle.close_run(uri, parent, "FINISHED")
     print("\n" + markdown)
     print(f"[sweep] results: {parquet}\n[sweep] plots: {', '.join(plots) or 'none (no numeric axis)'}")
@@ -79,20 +99,22 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
     trials = [r["mlflow_run_id"] for r in rows if r.get("mlflow_run_id") and r["status"] != "baseline"]
     return {"rows": rows, "parquet": parquet, "markdown": md_path, "plots": plots, "parent_run_id": parent,
             "early_stops": pruned, "experiment_id": experiment_id,
-            **ui_paths(uri, experiment_id, parent, f"sweep-{sweep.name}", varied_keys(sweep), trials)}
+            **ui_paths(uri, experiment_id, parent, f"sweep-{sweep.name}", varied_keys(sweep), trials,
+                       spent=tuple(k for k in SPENT_TOTALS if any(k in r for r in rows)))}
 
 
 def ui_paths(uri: str, experiment_id: str, parent: str, name: str, axes: list[str],
-             trial_run_ids: list[str]) -> dict[str, str]:
+             trial_run_ids: list[str], spent: tuple[str, ...] = ()) -> dict[str, str]:
     """Where the MLflow UI (append to its address) shows this sweep: ``runs_path``, its runs flat (not one
-    collapsed parent row), best linear probe first, with the varied keys and both accuracies as columns (a view
+    collapsed parent row), best linear probe first, with the varied keys, both accuracies and what each trial
+    cost (``spent``: ``total_cpu_hours``, ``total_cost``, ...) as columns (a view
     saved on the experiment, as the UI's Share button does); ``compare_path``, its trials side by side.
     MLflow 3's UI opens in its GenAI view unless told ``workflowType=machine_learning``."""
     ml = urlencode({"workflowType": "machine_learning"})
     children = f"tags.mlflow.parentRunId = '{parent}'"
     try:
         runs = tracking.share_runs_view(uri, experiment_id, f"sweep-{parent}", name, children, axes,
-                                        ("linprobe_top1", "finetune_top1"), order_by="linprobe_top1")
+                                        ("linprobe_top1", "finetune_top1", *spent), order_by="linprobe_top1")
     except Exception as e:  # e.g. no permission to tag the experiment: the same rows, columns left to pick
         print(f"[sweep] warning: the runs view was not saved on the experiment ({str(e).splitlines()[0]})",
               flush=True)
@@ -126,11 +148,16 @@ def early_stops(rows: list[dict[str, Any]], epochs: int | None) -> dict[str, Any
                for r in trials if r["status"] == "stopped"}
     saved = sum(planned[t] - ran for t, ran in stopped.items())
     total = sum(planned.values())
+    # the hours not spent: each stopped trial's epochs not run, at what its epochs run had cost per epoch
+    unit = next((k for k in ("total_gpu_hours", "total_cpu_hours") if any(k in r for r in trials)), None)
+    held = {r["trial"]: r.get(unit) for r in trials if r["status"] == "stopped"} if unit else {}
+    hours = sum(held[t] / ran * (planned[t] - ran) for t, ran in stopped.items() if ran and held.get(t))
     who = ", ".join(f"{t} after {ran}/{planned[t]}" for t, ran in stopped.items()) or "none"
+    what = f"; about {hours:.3g} {HOURS[unit]} not spent" if hours else ""
     summary = (f"[sweep] stopped early: {len(stopped)} of {len(trials)} trials ({who}); "
-               f"{saved} of {total} planned pre-training epochs not run ({100 * saved / total:.0f} % saved)")
-    return {"stopped": stopped,
-            "saved_epochs": saved, "planned_epochs": total, "saved_fraction": saved / total, "summary": summary}
+               f"{saved} of {total} planned pre-training epochs not run ({100 * saved / total:.0f} % saved{what})")
+    return {"stopped": stopped, "saved_epochs": saved, "planned_epochs": total, "saved_fraction": saved / total,
+            "saved_hours": hours, "summary": summary}
 
 
 def trial_rows(grid, axes: list[str]) -> list[dict[str, Any]]:
@@ -147,11 +174,12 @@ def trial_rows(grid, axes: list[str]) -> list[dict[str, Any]]:
         row = {"trial": metrics.get("trial_id", os.path.basename(result.path or "")), "status": status}
         row.update({a: config.get(a) for a in axes})
         for key in ("linprobe_top1", "linprobe_top5", "finetune_top1", "finetune_top5", "knn_top1", "train_loss",
-                    "mlflow_run_id", "training_iteration"):
+                    "mlflow_run_id", "training_iteration", *SPENT_TOTALS):
             if key in metrics:
                 row[key] = metrics[key]
+        own = ("_run_id", *SPENT)  # its jobs' runs and hours: in mlflow_run_id and the totals instead
         row.update({k: v for k, v in metrics.items()  # a best_of sweep's scores per value and its best value
-                    if k.startswith(("linprobe_", "finetune_")) and k not in row and not k.endswith("_run_id")})
+                    if k.startswith(("linprobe_", "finetune_")) and k not in row and not k.endswith(own)})
         rows.append(row)
     return sorted(rows, key=lambda r: tuple(str(r.get(a)) for a in axes))
 
@@ -173,8 +201,9 @@ def add_paper(rows: list[dict[str, Any]], sweep) -> list[dict[str, Any]]:
 
 def _columns(rows: list[dict], axes: list[str]) -> list[str]:
     order = ["trial", "status", *axes, "linprobe_top1", "paper_linprobe_top1", "linprobe_top5", "finetune_top1",
-             "paper_finetune_top1", "finetune_top5", "knn_top1", "train_loss", "training_iteration", "epochs_run",
-             "mlflow_run_id"]
+             "paper_finetune_top1", "finetune_top5", *SPENT_TOTALS, *(f"{m}_per_{u}" for m in ACCURACIES[:2]
+                                                                      for u in PER_UNIT.values()),
+             "knn_top1", "train_loss", "training_iteration", "epochs_run", "mlflow_run_id"]
     present = {k for r in rows for k in r}
     known = [c for c in order if c in present]
     extra = [k for r in rows for k in r if k.startswith(("linprobe_", "finetune_")) and k not in order]
@@ -184,11 +213,13 @@ def _columns(rows: list[dict], axes: list[str]) -> list[str]:
 
 
 def to_markdown(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        return f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))
+    def cell(v, column):
+        if isinstance(v, float):  # hours and prices: three significant digits (a small run's are 0.001 h)
+            return f"{v:.3g}" if column in SPENT_TOTALS else f"{v:.2f}"
+        return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(c), c) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,7 @@ from mae_ray.config import Config
 from mae_ray.jobs import evaluate, lifecycle, pretrain
 from mae_ray.jobs.encoders import EncoderSource, resolve_encoder
 from mae_ray.jobs.eval_job import encoder_params
+from mae_ray.jobs.evaluate import SPENT
 from mae_ray.jobs.files import read_json, write_json
 from mae_ray.jobs.sweep_config import EVAL_JOBS, SweepConfig, trial_config, trial_jobs, trial_label
 
@@ -48,17 +49,19 @@ def trial(params: dict[str, Any], *, base: Config, sweep_dir: str, uri: str, par
     label = trial_label(params)  # the MLflow name: what this trial varies (its folders keep the trial id)
     run_id = _trial_run(uri, cfg, parent_run_id, trial_id, params, label, sweep)
     final: dict[str, Any] = {"mlflow_run_id": run_id}
+    pretrained: dict[str, Any] = {}  # the pre-training's final metrics
     if sweep["pretrain"]:
         # A trial restarted after its driver was killed picks up what it had finished: nothing runs twice.
         summary = done(cfg.output_dir, record)
         if summary is None:
             summary = pretrain.run(cfg, run_id=run_id, continue_existing=True, callbacks=[TuneReportCallback()])
             keep(record, summary)
-        final.update(train_loss=summary["metrics"].get("train_loss"), knn_top1=summary["metrics"].get("knn_top1"))
+        pretrained = summary["metrics"]
+        final.update(train_loss=pretrained.get("train_loss"), knn_top1=pretrained.get("knn_top1"))
         checkpoint = summary["checkpoint"]
     else:
         checkpoint = cfg.eval.checkpoint
-    jobs = trial_jobs(sweep, params)
+    jobs, scores = trial_jobs(sweep, params), {}
     if jobs:
         try:  # an evaluation that fails marks the trial's run FAILED (pre-training, when there is one, had ended it)
             scores = _trial_evaluations(cfg, checkpoint, jobs, run_id, uri, label, trial_id, sweep, record)
@@ -66,6 +69,9 @@ def trial(params: dict[str, Any], *, base: Config, sweep_dir: str, uri: str, par
             lifecycle.close_run(uri, run_id, "FAILED")
             raise
         final.update({k: v for k, v in scores.items() if k.startswith(EVAL_JOBS) and not k.endswith("_run_id")})
+    spent = totals(cfg, pretrained, scores)
+    tracking.log_values(uri, run_id, spent)  # beside its accuracies: what the trial cost, all its jobs together
+    final.update(spent)
     tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "finished"})
     if not sweep["pretrain"]:  # no pre-training job owns (and ends) this run
         lifecycle.close_run(uri, run_id, "FINISHED")
@@ -130,8 +136,10 @@ def random_baseline(sweep: SweepConfig, base: Config, sweep_dir: str, shared: st
     except BaseException:
         lifecycle.close_run(uri, run_id, "FAILED")
         raise
+    spent = totals(cfg, {}, scores)
+    tracking.log_values(uri, run_id, spent)
     lifecycle.close_run(uri, run_id, "FINISHED")
-    summary = {**scores, "mlflow_run_id": run_id}
+    summary = {**scores, **spent, "mlflow_run_id": run_id}
     write_json(os.path.join(out, "result.json"), summary)
     keep(record, summary)
     return summary
@@ -149,6 +157,19 @@ def _baseline_run(uri: str, cfg: Config, parent: str, source: EncoderSource, swe
                   "top-1 is also logged here."}
     params = {**tracking.params_from_config(cfg.flatten()), **encoder_params(source)}
     return lifecycle.open_run(uri, cfg.mlflow.experiment, RANDOM_INIT, params, tags, parent_run_id=parent)
+
+
+def totals(cfg: Config, pretraining: dict[str, Any], scores: dict[str, Any]) -> dict[str, float]:
+    """What a trial's jobs held together: ``total_cpu_hours`` (or ``total_gpu_hours``) and, with a price,
+    ``total_cost``; from its pre-training's final metrics and its evaluations' ``<job>_cpu_hours`` / ``_cost``."""
+    key = cfg.spend()[0]
+    parts = [pretraining, *({k: scores.get(f"{job}_{k}") for k in SPENT} for job in EVAL_JOBS)]
+    out = {}
+    for name in (key, "cost"):
+        values = [p.get(name) for p in parts if isinstance(p.get(name), (int, float))]
+        if values:
+            out[f"total_{name}"] = float(sum(values))
+    return out
 
 
 _BEST_KEYS = {f"{job}_{what}" for job in EVAL_JOBS for what in ("top1", "top5")}
@@ -186,6 +207,10 @@ def _evaluate(cfg: Config, source, jobs: tuple[str, ...], best_of: dict[str, lis
         scores[f"{varied}_top1_{short}_{value}"] = result[f"{varied}_top1"]
     value, best = max(tried, key=lambda t: t[1][f"{varied}_top1"])
     scores.update({k: v for k, v in best.items() if k.startswith(varied)})
+    for k in SPENT:  # what every value's run held, not the best's alone
+        held = [r[f"{varied}_{k}"] for _, r in tried if isinstance(r.get(f"{varied}_{k}"), (int, float))]
+        if held:
+            scores[f"{varied}_{k}"] = sum(held)
     scores[f"{varied}_best_{short}"] = value
     return scores
 

@@ -121,6 +121,24 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     _trust_recorded(p)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from mae_ray.jobs import evaluate, export
+
+    done = export.run(evaluate.as_spec(args.source), args.format, args.out, config=args.config,
+                      overrides=args.overrides)
+    print(f"[export] {done['format']}: {', '.join(done['files'])} in {done['out']} (encoder {done['encoder']})",
+          flush=True)
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="MLflow run id, runs:/ID, a checkpoint directory or an official .pth")
+    p.add_argument("--format", required=True, choices=["timm", "hf", "release"],
+                   help="timm (timm.create_model('local-dir:OUT')), hf (transformers' ViTMAEModel / ViTModel; the "
+                        "[hf] extra) or release (the MAE release's checkpoint.pth)")
+    p.add_argument("--out", required=True, help="a new (or empty) folder: the weights, their config, README.md")
+
+
 def _trust_recorded(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-recorded", action="store_true",
                    help="take the record's addresses (tracking URI, S3 endpoint, Ray address), folders and shard "
@@ -139,6 +157,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "quickstart": ("demo data + the quickstart sweep, offline", _quickstart_args, _quickstart),
     "reproduce": ("the config, command and environment differences of a recorded run", _reproduce_args,
                   _reproduce),
+    "export": ("an encoder for timm, Hugging Face or the MAE release, with a model card", _export_args, _export),
 }
 
 

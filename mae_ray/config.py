@@ -141,6 +141,8 @@ class MlflowConfig:
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite mlflow.db in the cwd
     experiment: str = "mae-ray"
     run_name: str | None = None
+    system_metrics: bool = True  # each node's CPU, memory, disk, network (and GPU) into the run: system/<node>/...
+    system_metrics_interval_s: float = 10.0
 
 
 @dataclass

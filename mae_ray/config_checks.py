@@ -49,6 +49,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.img_size {k['img_size']} is not divisible by model.patch_size {k['patch_size']}"
         )
+    if not cfg.mlflow.system_metrics_interval_s > 0:
+        raise ConfigError(f"mlflow.system_metrics_interval_s must be > 0 seconds, got "
+                          f"{cfg.mlflow.system_metrics_interval_s}")
     endpoint = cfg.storage.endpoint_url
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"storage.endpoint_url must be the http(s):// URL of an S3 server, got {endpoint!r}")

@@ -67,6 +67,7 @@ def test_int_is_accepted_for_float_but_not_text():
         ("train.checkpoint_every_minutes=0", "train.checkpoint_every_minutes must be > 0 (null: checkpoints at epoch"),
         ("train.checkpoint_every_minutes=-5", "train.checkpoint_every_minutes must be > 0"),
         ("cost.per_gpu_hour=-2", "cost.per_gpu_hour must be >= 0, got -2"),
+        ("mlflow.system_metrics_interval_s=0", "mlflow.system_metrics_interval_s must be > 0 seconds, got 0"),
         ("epochs", "--set expects key=value"),
         ("model=3", "model: expected a mapping of keys, got 3"),
     ],

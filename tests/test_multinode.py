@@ -73,7 +73,7 @@ def history(tmp: Path, run_id: str, key: str) -> list[tuple[int, float]]:
 def fixed_run(two_nodes, demo_data, tmp_path_factory):
     """A fixed group of 2 workers, one per node: the first test's subject, the elastic test's reference."""
     tmp = tmp_path_factory.mktemp("fixed")
-    return tmp, pretrain.run(config(demo_data, tmp))
+    return tmp, pretrain.run(config(demo_data, tmp, "mlflow.system_metrics_interval_s=1"))
 
 
 def test_two_workers_on_two_nodes_train_and_checkpoint(two_nodes, fixed_run):
@@ -106,6 +106,14 @@ def test_two_workers_on_two_nodes_train_and_checkpoint(two_nodes, fixed_run):
     # the group and the accumulation it ran with, every epoch: 2 workers x 32 x 2 = the effective batch 128
     assert [v for _, v in history(tmp_path, run.info.run_id, "workers")] == [2] * EPOCHS
     assert [v for _, v in history(tmp_path, run.info.run_id, "accumulation")] == [2] * EPOCHS
+
+    # each node's system metrics in the run, named by its host and Ray node id: both nodes' series (issue 30)
+    series = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")}
+    assert {name.rsplit("-", 1)[1] for name in series} == {n["NodeID"][:8] for n in nodes}, sorted(run.data.metrics)
+    for name in series:
+        for what in ("cpu_utilization_percentage", "system_memory_usage_megabytes", "disk_usage_percentage",
+                     "network_receive_megabytes"):
+            assert len(history(tmp_path, run.info.run_id, f"system/{name}/{what}")) >= 2, (name, what)
 
     # ...on two different nodes: Ray's actor table (GCS; kept for dead actors) says where each
     # Train worker ran. (ray.util.state.list_actors would say the same but needs a dashboard.)

@@ -280,6 +280,16 @@ def world() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
+def node_id() -> str | None:
+    """This worker's Ray node id (hex); None in-process."""
+    return None if in_process_run() else ray.get_runtime_context().get_node_id()
+
+
+def first_on_node() -> bool:
+    """Whether this worker is its node's first (local rank 0): one per node does per-node work. True in-process."""
+    return in_process_run() is not None or ray.train.get_context().get_local_rank() == 0
+
+
 def preemption_watched() -> bool:
     """Whether this run can be told that a node of its group is being reclaimed: a Ray Train run whose
     preemption watcher is on (``init_ray`` turns it off on a one-machine Ray it starts)."""

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from mae_ray import tracking
-from mae_ray.cluster import checkpoints, faults, launch
+from mae_ray.cluster import checkpoints, faults, launch, system_metrics
 from mae_ray.cluster.worker_spec import WorkerSpec
 from mae_ray.errors import CheckpointError
 from mae_ray.train import engine
@@ -97,6 +97,7 @@ class EpochLoop:
             self.logger.backfill(self.history)  # epochs a killed worker checkpointed but never logged
             if len(self.attempts) > 1:
                 self.logger.set_tags({"mae_ray.attempts": attempts_text(self.attempts, self.steps_per_epoch)})
+        self.system = system_metrics.start(spec) if self.start_epoch < epochs else None  # this node's, if first
 
     @property
     def resumed(self) -> bool:
@@ -261,6 +262,8 @@ class EpochLoop:
             if last or (epoch + 1) % every == 0:
                 shown = " ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
                 self.say(f"epoch {epoch + 1}/{self.epochs} {shown}")
+        if last:
+            system_metrics.stop(self.system)
         launch.forward_report()  # in-process in a sweep trial: to Tune now (with Ray Train, its callback did)
 
     def _spent(self) -> dict[str, float]:

@@ -343,6 +343,14 @@ def test_a_view_that_cannot_be_saved_leaves_a_plain_runs_link_and_one_warning(tm
     warning = capsys.readouterr().out.strip()
     assert warning.startswith("[sweep] warning: the runs view was not saved on the experiment (")
     assert "\n" not in warning  # one line
+    # with a chart of accuracy against the axis (a numeric one): the link opens it in the parent run's artifacts
+    charted = sweep_report.ui_paths(uri, "999", "p" * 32, "sweep-s", ["model.mask_ratio"], ["r1"],
+                                    chart="accuracy_vs_model_mask_ratio.png")
+    assert charted["compare_path"] == ("#/experiments/999/runs/" + "p" * 32 + "/artifactPath/report/"
+                                       "accuracy_vs_model_mask_ratio.png?workflowType=machine_learning")
+    assert charted["trials_path"].startswith("#/compare-runs?runs=")
+    line = sweep_report.ui_lines(uri, charted)[-1]
+    assert line.startswith("accuracy against what it varies: http://127.0.0.1:5000/#/experiments/999/runs/")
 
 
 def test_stale_ray_processes_are_stopped_and_reaped_not_left_as_zombies(tmp_path):

@@ -100,15 +100,19 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
     return {"rows": rows, "parquet": parquet, "markdown": md_path, "plots": plots, "parent_run_id": parent,
             "early_stops": pruned, "experiment_id": experiment_id,
             **ui_paths(uri, experiment_id, parent, f"sweep-{sweep.name}", varied_keys(sweep), trials,
-                       spent=tuple(k for k in SPENT_TOTALS if any(k in r for r in rows)))}
+                       spent=tuple(k for k in SPENT_TOTALS if any(k in r for r in rows)),
+                       chart=os.path.basename(plots[0]) if plots else None)}
 
 
 def ui_paths(uri: str, experiment_id: str, parent: str, name: str, axes: list[str],
-             trial_run_ids: list[str], spent: tuple[str, ...] = ()) -> dict[str, str]:
+             trial_run_ids: list[str], spent: tuple[str, ...] = (), chart: str | None = None) -> dict[str, str]:
     """Where the MLflow UI (append to its address) shows this sweep: ``runs_path``, its runs flat (not one
     collapsed parent row), best linear probe first, with the varied keys, both accuracies and what each trial
     cost (``spent``: ``total_cpu_hours``, ``total_cost``, ...) as columns (a view
-    saved on the experiment, as the UI's Share button does); ``compare_path``, its trials side by side.
+    saved on the experiment, as the UI's Share button does); ``compare_path``, what the sweep varied against
+    ``linprobe_top1`` and ``finetune_top1``: the parent run's ``chart`` (``report/accuracy_vs_<axis>.png``) opened
+    in its artifact view, since MLflow's compare view takes its plot's axes from clicks, not from its URL; the
+    compare view itself (``trials_path``) where there is no chart (no numeric axis).
     MLflow 3's UI opens in its GenAI view unless told ``workflowType=machine_learning``."""
     ml = urlencode({"workflowType": "machine_learning"})
     children = f"tags.mlflow.parentRunId = '{parent}'"
@@ -122,7 +126,9 @@ def ui_paths(uri: str, experiment_id: str, parent: str, name: str, axes: list[st
             {"searchFilter": children, "orderByKey": "metrics.`linprobe_top1`", "orderByAsc": "false"})
     compare = (f"runs={quote(json.dumps(trial_run_ids, separators=(',', ':')))}"
                f"&experiments={quote(json.dumps([experiment_id]))}&{ml}")
-    return {"runs_path": f"{runs}&{ml}", "compare_path": f"#/compare-runs?{compare}"}
+    trials = f"#/compare-runs?{compare}"
+    shown = f"#/experiments/{experiment_id}/runs/{parent}/artifactPath/report/{quote(chart)}?{ml}" if chart else trials
+    return {"runs_path": f"{runs}&{ml}", "compare_path": shown, "trials_path": trials}
 
 
 def ui_lines(uri: str, report: dict[str, Any]) -> list[str]:
@@ -132,6 +138,8 @@ def ui_lines(uri: str, report: dict[str, Any]) -> list[str]:
     opener = [] if served else [f"open the UI with: mlflow ui --backend-store-uri {redact(uri)} --host 127.0.0.1 "
                                 "--port 5000"]
     return opener + [f"the sweep's runs, what each varies and both accuracies as columns: {ui}/{report['runs_path']}",
+                     f"accuracy against what it varies: {ui}/{report['compare_path']}"
+                     if "/artifactPath/" in report["compare_path"] else
                      f"its trials side by side: {ui}/{report['compare_path']}"]
 
 

@@ -232,12 +232,10 @@ def test_a_wrong_paper_key_or_case_is_one_clear_error(tmp_path, edit, message):
 
 
 def test_the_quickstart_fits_its_three_trials_and_baseline_on_two_cores_and_says_what_its_table_shows():
-    from mae_ray.config import Config, from_dict
     from mae_ray.jobs import quickstart
     from mae_ray.jobs import sweep as sweep_run
 
-    sweep, base = sweeps.load_sweep(os.path.join(SWEEPS, "quickstart.yaml"), [])
-    cfg = from_dict(Config, base)
+    sweep, cfg = sweeps.load_sweep(os.path.join(SWEEPS, "quickstart.yaml"), [])
     share = sweep_run._trial_resources(sweep, cfg)["cpu"]  # a trial's, and the baseline task's
     assert cfg.ray.num_workers == 0 and sweep.random_baseline and sweep.linprobe and sweep.finetune
     assert len(points(sweep)) == sweep.max_concurrent_trials == 3 and (3 + 1) * share <= 2  # all at once

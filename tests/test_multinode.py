@@ -288,6 +288,14 @@ def test_a_reclaimed_node_shrinks_an_elastic_group_after_a_checkpoint_on_notice_
     # node went), which was at most EVERY_MIN old: the updates it repeated are at most that long's
     assert (attempts[3]["start_epoch"], attempts[3]["start_update"]) >= point, (attempts, point)
     assert age_s <= EVERY_MIN * 60 + 6, age_s  # + one update, the checkpoint's own write, this test's polling
+    # ...and counted in updates: rank 0 had done every update of the last epoch when the node went (it waited at
+    # the epoch's end), the group after it resumed at its checkpoint's update; what lies between was trained
+    # again: at most the updates of one checkpoint interval at the fastest rate of the group of two (+ 2)
+    per_epoch = 4096 // 128
+    repeated = EPOCHS * per_epoch - (attempts[3]["start_epoch"] * per_epoch + attempts[3]["start_update"])
+    sizes, times = dict(history(tmp, run_id, "workers")), dict(history(tmp, run_id, "epoch_time_s"))
+    fastest = max(per_epoch / t for epoch, t in times.items() if sizes.get(epoch) == 2)
+    assert 0 <= repeated <= fastest * EVERY_MIN * 60 + 2, (repeated, fastest, attempts[3])
     tag = MlflowClient(f"sqlite:///{tmp}/mlflow.db").get_run(run_id).data.tags["mae_ray.attempts"]
     assert "resized 2 -> 1 worker(s)" in tag and "resized 1 -> 2 worker(s)" in tag, tag
     loss, ref_loss = elastic["metrics"]["train_loss"], fixed["metrics"]["train_loss"]

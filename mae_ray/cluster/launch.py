@@ -286,8 +286,16 @@ def node_id() -> str | None:
 
 
 def first_on_node() -> bool:
-    """Whether this worker is its node's first (local rank 0): one per node does per-node work. True in-process."""
-    return in_process_run() is not None or ray.train.get_context().get_local_rank() == 0
+    """Whether this worker has the lowest rank on its Ray node: one per node does per-node work. Not Ray Train's
+    local rank, which groups workers by IP address, one for every Ray node of a host. A collective: every rank
+    calls it. True in-process."""
+    if in_process_run() is not None:
+        return True
+    import torch.distributed as dist
+
+    nodes: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node_id())
+    return nodes.index(node_id()) == dist.get_rank()
 
 
 def preemption_watched() -> bool:

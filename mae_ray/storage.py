@@ -17,6 +17,8 @@ import os
 import threading
 from urllib.parse import urlsplit
 
+import pyarrow.fs as pafs
+
 from mae_ray.errors import DataError
 
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
@@ -42,7 +44,6 @@ def use_endpoint(endpoint_url: str | None) -> None:
 def filesystem(uri: str):
     """(pyarrow FileSystem, path inside it) for an ``s3://bucket/key`` URI; one client per bucket and
     endpoint per process (creating one resolves the bucket's region: a request)."""
-    import pyarrow.fs as pafs
 
     parts = urlsplit(uri)
     if parts.scheme != "s3" or not parts.netloc:
@@ -79,7 +80,6 @@ def check_writable(uri: str) -> None:
 
 
 def bucket_exists(uri: str) -> bool:
-    import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
     try:
@@ -91,7 +91,6 @@ def bucket_exists(uri: str) -> bool:
 def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]:
     """The ``s3://`` URIs of the objects under the prefix ``uri`` (directly, unless ``recursive``) whose names
     end in ``suffix``, sorted."""
-    import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
     try:
@@ -102,7 +101,6 @@ def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]
 
 
 def exists(uri: str) -> bool:
-    import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
     try:

@@ -8,19 +8,26 @@ with the next epoch's, and reported if they are still pending at the end.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlparse
 
+import ray
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
+from mae_ray import provenance
 from mae_ray.redaction import redact  # the one redaction (re-exported: tracking.redact)
 
 log = logging.getLogger(__name__)
@@ -69,7 +76,6 @@ def _ray_submission_id() -> str | None:
     Ray 2.x sets no ``RAY_JOB_SUBMISSION_ID``: the job supervisor hands the driver its job config
     (with ``metadata.job_submission_id``) in ``RAY_JOB_CONFIG_JSON_ENV_VAR``.
     """
-    import json
 
     try:
         metadata = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("metadata") or {}
@@ -81,14 +87,12 @@ def _ray_submission_id() -> str | None:
 def run_tags() -> dict[str, str]:
     """Ray job submission id (under ``ray job submit``), Ray job id (under Ray), git commit (in a checkout), and
     what produced the run (``provenance``: versions, hardware, command line, uncommitted changes)."""
-    from mae_ray import provenance
 
     tags = {}
     submission = os.environ.get("RAY_JOB_SUBMISSION_ID") or _ray_submission_id()
     if submission:
         tags["ray.submission_id"] = submission
     try:
-        import ray
 
         if ray.is_initialized():
             tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
@@ -124,7 +128,6 @@ def start_run(
     for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     if all_tags.get(f"{ENV_TAG}git_dirty") == "true":  # the code that ran is not the commit alone
-        from mae_ray import provenance
 
         client.log_text(run.info.run_id, redact(provenance.git_diff()), DIFF_ARTIFACT)
     return run.info.run_id
@@ -137,9 +140,6 @@ def log_datasets(tracking_uri: str, run_id: str, shard_sets: Mapping[str, tuple[
     """MLflow's own dataset tracking (the UI's Dataset column): each shard set, ``{context: (spec, lineage)}``
     with ``context`` e.g. ``training`` and ``lineage`` from ``data.shards.lineage``, as a dataset named by its
     folder, with that digest, its source (credentials redacted) and its counts as the profile."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag
 
     class ShardSet(MetaDataset):
         def __init__(self, profile: dict, **kw):
@@ -208,9 +208,6 @@ def share_runs_view(tracking_uri: str, experiment_id: str, key: str, name: str, 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark the run ended. MLflow then prints "View run ... at: <tracking URI>/#/..." (to an HTTP server):
     printed here with the URI's credentials redacted."""
-    import contextlib
-    import io
-    import sys
 
     printed = io.StringIO()
     try:

@@ -144,12 +144,13 @@ def test_every_module_file_and_function_the_architecture_names_exists():
     assert not wrong, "docs/architecture.md names what is not there:\n" + "\n".join(sorted(set(wrong)))
 
 
-RUN_STATUS_CALLS = {"start_run", "end_run", "end_run_or_warn", "set_terminated", "create_run", "update_run"}
+RUN_STATUS_CALLS = {"start_run", "end_run", "end_run_or_warn", "set_terminated", "create_run", "update_run", "_close"}
 
 
 def test_only_the_lifecycle_opens_runs_and_sets_their_status():
-    """Every MLflow run is opened and given its status by jobs/lifecycle.py (open_run / close_run); tracking.py
-    holds the MLflow calls those make. A sweep's parent, its trials and stopped trials go through them too."""
+    """Every MLflow run is opened and given its status by jobs/lifecycle.py (open_run; an Ending block, or
+    stopped()); tracking.py holds the MLflow calls those make. A sweep's parent, its trials, the random-init
+    baseline and stopped trials go through them too."""
     owners = {"mae_ray.jobs.lifecycle", "mae_ray.tracking"}
     wrong = []
     for name, path in modules().items():

@@ -153,3 +153,29 @@ def test_a_sweep_stopped_after_its_parent_run_exists_ends_that_run(local_ray, de
     [parent] = client.search_runs([client.get_experiment_by_name("smoke").experiment_id],
                                   filter_string="tags.`mae_ray.job` = 'sweep'")
     assert parent.info.status == status
+
+
+def test_a_trial_whose_evaluation_fails_ends_its_run_failed_not_finished(local_ray, demo_data, tmp_path, monkeypatch):
+    """A trial's run is one lifecycle over all its jobs: its pre-training finishing does not end it; the linear
+    probe failing after it does, FAILED (the probe's own run too), and the sweep's table says the trial erred."""
+    path, _, _ = smoke_file("paper_mask_ratio.yaml", tmp_path, demo_data, encoder="")
+    spec = yaml.safe_load(open(path))
+    spec["search"] = {"model.mask_ratio": {"grid": [0.75]}}
+    spec["overrides"]["linprobe.epochs"] = 2  # pre-training has one epoch (0): the fault hits the probe's second
+    spec.update(finetune=False, paper={})
+    open(path, "w").write(yaml.safe_dump(spec, sort_keys=False))
+    monkeypatch.setenv("MAE_RAY_FAULTS", "fail:rank=0:end_epoch=1")
+    from ray.tune.execution import class_cache  # Tune copies only the variables it lists into a trial's actor
+
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", {*class_cache.ENV_VARS_TO_PROPAGATE, "MAE_RAY_FAULTS"})
+    sweep, base = load_sweep(path, [])
+    report = sweeps.run(sweep, base, path)
+
+    [row] = report["rows"]
+    assert row["status"] == "error", row
+    client = MlflowClient(base.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name("smoke").experiment_id
+    [trial] = client.search_runs([exp], filter_string="tags.`sweep.trial_id` != ''")
+    assert trial.info.status == "FAILED" and "train_loss" in trial.data.metrics  # pre-trained, then failed
+    [probe] = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{trial.info.run_id}'")
+    assert probe.info.status == "FAILED" and probe.data.tags["mae_ray.job"] == "linprobe"

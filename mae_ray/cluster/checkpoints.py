@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict
 
+import mlflow
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
@@ -133,7 +135,6 @@ def log_final_to_mlflow(checkpoint: Checkpoint, logger) -> None:
 def encoder_from_mlflow(run_id: str, tracking_uri: str) -> tuple[dict[str, torch.Tensor], str | None]:
     """(encoder weights, the run's config YAML or None) that pre-training run ``run_id`` logged to MLflow
     (:func:`log_final_to_mlflow`), downloaded to a temporary folder that is removed again."""
-    import mlflow
 
     with tempfile.TemporaryDirectory(prefix="mae_ray_encoder_") as tmp:
         try:
@@ -340,7 +341,6 @@ def _stored_checkpoints() -> list[Checkpoint]:
     where = _run_storage()
     if where is None:
         return []
-    import pyarrow.fs as pafs
 
     fs, root = where
     try:

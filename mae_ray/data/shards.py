@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import shlex
@@ -214,7 +215,6 @@ def lineage(pattern: str | list[str]) -> dict:
     """What identifies the shard set of ``pattern`` without reading its shards: a digest of the ``dataset.json``
     and ``index.parquet`` beside them (of the shard names alone when there are none), the shard and sample
     counts, and a name (the shard folder's last two parts)."""
-    import hashlib
 
     urls = expand_urls(pattern)
     digest = hashlib.sha256()

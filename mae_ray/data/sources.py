@@ -9,8 +9,10 @@ of times, then named in a ``DataError``. The bounds (``data.max_image_pixels``, 
 
 from __future__ import annotations
 
+import base64
 import os
 import time
+import urllib.request
 from typing import IO
 from urllib.parse import unquote, urlsplit
 
@@ -72,8 +74,6 @@ def open_shard(url: str) -> IO[bytes]:
 def _open_http(url: str) -> IO[bytes]:
     """An http(s) shard, streamed (not webdataset's gopen: it runs curl with 30 retries per request). The
     URL's ``user:password`` becomes a basic-auth header; an error status raises."""
-    import base64
-    import urllib.request
 
     parts = urlsplit(url)
     headers = {}

@@ -1,7 +1,8 @@
 """The driver side every training job shares: one run lifecycle (:func:`run_job`) and its steps.
 
 The one owner of MLflow run status: every run mae-ray makes - a job's, a sweep's parent, a trial's - is opened
-by :func:`open_run` and given its status (FINISHED, FAILED, KILLED) by :func:`close_run`, here and nowhere else
+by :func:`open_run` and given its status (FINISHED, FAILED, KILLED) here and nowhere else: on leaving an
+:class:`Ending` block (an error inside it: FAILED), or by :func:`stopped`
 (``tests/test_layout.py`` checks it).
 
 ``run_job`` owns the order - checks, Ray session, config file, MLflow run, Ray Train fit, the run's
@@ -40,10 +41,36 @@ def open_run(uri: str, experiment: str, name: str, params: dict[str, Any], tags:
     return tracking.start_run(uri, experiment, name, params, tags, parent_run_id=parent_run_id)
 
 
-def close_run(uri: str, run_id: str, status: str) -> str | None:
+def _close(uri: str, run_id: str, status: str) -> str | None:
     """Set a run's final status (FINISHED, FAILED, KILLED); an MLflow outage is one warning (returned), never an
     exception that would hide the job's own result or error."""
     return tracking.end_run_or_warn(uri, run_id, status)
+
+
+class Ending:
+    """The end of a run's life, as a ``with`` block: an error inside it ends the run FAILED (KILLED on Ctrl-C)
+    and goes on; leaving it normally ends the run FINISHED, unless ``finish=False`` (the caller who made the
+    run ends it: a sweep trial's pre-training, a job's Ray Train fit before its summary). ``warning``: what an
+    MLflow outage left undone (the run stays RUNNING)."""
+
+    def __init__(self, uri: str, run_id: str, finish: bool = True):
+        self.uri, self.run_id, self.finish, self.warning = uri, run_id, finish, None
+
+    def __enter__(self) -> Ending:
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if kind is not None:
+            _close(self.uri, self.run_id, "KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
+        elif self.finish:
+            self.warning = _close(self.uri, self.run_id, "FINISHED")
+        return False  # the error goes on
+
+
+def stopped(uri: str, run_id: str) -> None:
+    """A sweep trial the scheduler stopped early: recorded as stopped (KILLED, ``sweep.status``), not lost."""
+    tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "stopped"})
+    _close(uri, run_id, "KILLED")
 
 
 def absolute_local(pattern: str) -> str:
@@ -183,8 +210,7 @@ def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: 
                               resize_check_s=cfg.ray.resize_check_s, verbose=verbose, callbacks=callbacks)
     try:
         result = launch.run_trainer(train_fn, worker, trainer)
-    except Exception as e:
-        close_run(uri, run_id, "FAILED")  # an MLflow outage must not hide the job's own error
+    except Exception as e:  # the run ends FAILED in run_job's Ending
         message = launch.worker_error(e)
         if isinstance(getattr(e, "controller_failure", None), OSError):  # Ray's own writes to storage failed
             folder = f"{storage}/{name}"
@@ -192,7 +218,6 @@ def fit(train_fn: Callable[[WorkerSpec], None], cfg: Config, *, name: str, uri: 
                        f"last good checkpoint: {_newest_checkpoint(folder, cfg.storage.upload_retry_s)}")
         raise UserError(f"{what} failed: {message}") from None
     if result.checkpoint is None:
-        close_run(uri, run_id, "FAILED")
         raise UserError(f"{what} finished without a checkpoint")
     return result
 
@@ -294,6 +319,7 @@ def _run_claimed(cfg: Config, plan: JobPlan, uri: str, *, verbose: bool, resume_
         refuse_existing(cfg, plan.name)
     setup = plan.setup(cfg, uri)
     print(setup.header, flush=True)
+    owns = run_id is None or resume_from is not None  # else the caller made the run and ends it (a sweep trial)
     with ray_session(cfg, verbose):
         write_config(cfg)  # once the cluster is known to fit the request
         if run_id is None:
@@ -303,18 +329,16 @@ def _run_claimed(cfg: Config, plan: JobPlan, uri: str, *, verbose: bool, resume_
         if not resume_from:  # a resumed run logged its data when it started
             log_data(uri, run_id, cfg)
         start = time.time()
-        result = fit(plan.train_loop, cfg, name=plan.name, uri=uri, run_id=run_id, verbose=verbose, what=plan.what,
-                     callbacks=callbacks, resume_from=resume_from, evaluation=setup.evaluation)
-    try:
+        with Ending(uri, run_id, finish=False):
+            result = fit(plan.train_loop, cfg, name=plan.name, uri=uri, run_id=run_id, verbose=verbose,
+                         what=plan.what, callbacks=callbacks, resume_from=resume_from, evaluation=setup.evaluation)
+    with Ending(uri, run_id, finish=owns) as ending:
         summary, final = plan.summarize(result, run_id, uri, setup)
-    except BaseException:
-        close_run(uri, run_id, "FAILED")
-        raise
-    summary.update(mlflow_run_id=run_id, wall_time_s=round(time.time() - start, 1))
-    write_result(cfg.output_dir, summary)  # first: the report never waits on MLflow
-    # the run's last MLflow calls (MLflow's client retries each), then a warning naming what is missing
-    missing = [w for w in (*(tracking.log_values_or_warn(uri, rid, values) for rid, values in final.items()),
-                           close_run(uri, run_id, "FINISHED")) if w]
+        summary.update(mlflow_run_id=run_id, wall_time_s=round(time.time() - start, 1))
+        write_result(cfg.output_dir, summary)  # first: the report never waits on MLflow
+        # the run's last MLflow calls (MLflow's client retries each), then a warning naming what is missing
+        missing = [w for w in (tracking.log_values_or_warn(uri, rid, values) for rid, values in final.items()) if w]
+    missing += [ending.warning] if ending.warning else []
     if missing:
         summary["mlflow_incomplete"] = missing
         write_result(cfg.output_dir, summary)

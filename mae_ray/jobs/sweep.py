@@ -84,7 +84,7 @@ def run(sweep: SweepConfig, base: Config, sweep_file: str, *, resume: bool = Fal
                     _log_sweep_files(uri, parent, sweep_file, cfg, sweep_dir)
                 print(f"[sweep] {sweep.name}: up to {concurrent} trial(s) at a time; folder {sweep_dir}; "
                       f"mlflow parent run {parent}", flush=True)
-                try:  # the parent run ends FINISHED in the report, else here: FAILED, or KILLED on Ctrl-C
+                with lifecycle.Ending(uri, parent):  # FINISHED after the report; FAILED, or KILLED on Ctrl-C
                     shown_space, hidden = hide_secrets(sweep.search)
                     fn = tune.with_resources(
                         tune.with_parameters(trial, base=cfg, sweep_dir=sweep_dir, uri=uri, parent_run_id=parent,
@@ -115,9 +115,6 @@ def run(sweep: SweepConfig, base: Config, sweep_file: str, *, resume: bool = Fal
                         grid = tuner.fit()
                     baseline = ray.get(baseline) if baseline is not None else None
                     return sweep_report.finish(grid, sweep, sweep_dir, uri, parent, baseline, epochs=cfg.train.epochs)
-                except BaseException as e:
-                    lifecycle.close_run(uri, parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-                    raise
         finally:
             if started:
                 ray_processes.forget(sweep_dir)

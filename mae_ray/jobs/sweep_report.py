@@ -11,6 +11,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import matplotlib
+import pyarrow as pa
+import pyarrow.parquet as pq
 from mlflow import MlflowClient
 from ray import tune
 
@@ -43,8 +45,6 @@ def per_unit(rows: list[dict[str, Any]]) -> None:
 def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | None,
            epochs: int | None = None) -> dict[str, Any]:
     """``epochs``: the base config's pre-training length (a trial's own ``train.epochs`` axis value wins)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     rows = add_paper(trial_rows(grid, list(sweep.search)), sweep)  # per_unit(rows) once the baseline's row is in
     client = MlflowClient(uri)
@@ -54,8 +54,7 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
         found = client.search_runs([client.get_run(parent).info.experiment_id],
                                    filter_string=f"tags.`sweep.trial_id` = '{row['trial']}'")
         for run in found:  # stopped by the scheduler: recorded as stopped, not lost
-            client.set_tag(run.info.run_id, "sweep.status", "stopped")
-            lifecycle.close_run(uri, run.info.run_id, "KILLED")
+            lifecycle.stopped(uri, run.info.run_id)
             row["mlflow_run_id"] = run.info.run_id
             # epochs it really ran: Tune's last result can lag an epoch the trial finished while being stopped
             row["epochs_run"] = len(client.get_metric_history(run.info.run_id, "train_loss"))
@@ -92,7 +91,6 @@ def finish(grid, sweep, sweep_dir: str, uri: str, parent: str, baseline: dict | 
                                           **({"hours_saved": pruned["saved_hours"]} if pruned["saved_hours"] else {})})
     spent = {k: sum(r[k] for r in rows if isinstance(r.get(k), (int, float))) for k in SPENT_TOTALS}
     tracking.log_values(uri, parent, {k: v for k, v in spent.items() if any(k in r for r in rows)})
-    lifecycle.close_run(uri, parent, "FINISHED")
     print("\n" + markdown)
     print(f"[sweep] results: {parquet}\n[sweep] plots: {', '.join(plots) or 'none (no numeric axis)'}")
     experiment_id = client.get_run(parent).info.experiment_id

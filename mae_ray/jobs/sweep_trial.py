@@ -50,31 +50,26 @@ def trial(params: dict[str, Any], *, base: Config, sweep_dir: str, uri: str, par
     run_id = _trial_run(uri, cfg, parent_run_id, trial_id, params, label, sweep)
     final: dict[str, Any] = {"mlflow_run_id": run_id}
     pretrained: dict[str, Any] = {}  # the pre-training's final metrics
-    if sweep["pretrain"]:
-        # A trial restarted after its driver was killed picks up what it had finished: nothing runs twice.
-        summary = done(cfg.output_dir, record)
-        if summary is None:
-            summary = pretrain.run(cfg, run_id=run_id, continue_existing=True, callbacks=[TuneReportCallback()])
-            keep(record, summary)
-        pretrained = summary["metrics"]
-        final.update(train_loss=pretrained.get("train_loss"), knn_top1=pretrained.get("knn_top1"))
-        checkpoint = summary["checkpoint"]
-    else:
-        checkpoint = cfg.eval.checkpoint
-    jobs, scores = trial_jobs(sweep, params), {}
-    if jobs:
-        try:  # an evaluation that fails marks the trial's run FAILED (pre-training, when there is one, had ended it)
+    with lifecycle.Ending(uri, run_id):  # FINISHED once evaluated; an error in any of its jobs: FAILED
+        if sweep["pretrain"]:
+            # A trial restarted after its driver was killed picks up what it had finished: nothing runs twice.
+            summary = done(cfg.output_dir, record)
+            if summary is None:  # the pre-training runs in the trial's run, and leaves ending it to this block
+                summary = pretrain.run(cfg, run_id=run_id, continue_existing=True, callbacks=[TuneReportCallback()])
+                keep(record, summary)
+            pretrained = summary["metrics"]
+            final.update(train_loss=pretrained.get("train_loss"), knn_top1=pretrained.get("knn_top1"))
+            checkpoint = summary["checkpoint"]
+        else:
+            checkpoint = cfg.eval.checkpoint
+        jobs, scores = trial_jobs(sweep, params), {}
+        if jobs:
             scores = _trial_evaluations(cfg, checkpoint, jobs, run_id, uri, label, trial_id, sweep, record)
-        except BaseException:
-            lifecycle.close_run(uri, run_id, "FAILED")
-            raise
-        final.update({k: v for k, v in scores.items() if k.startswith(EVAL_JOBS) and not k.endswith("_run_id")})
-    spent = totals(cfg, pretrained, scores)
-    tracking.log_values(uri, run_id, spent)  # beside its accuracies: what the trial cost, all its jobs together
-    final.update(spent)
-    tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "finished"})
-    if not sweep["pretrain"]:  # no pre-training job owns (and ends) this run
-        lifecycle.close_run(uri, run_id, "FINISHED")
+            final.update({k: v for k, v in scores.items() if k.startswith(EVAL_JOBS) and not k.endswith("_run_id")})
+        spent = totals(cfg, pretrained, scores)
+        tracking.log_values(uri, run_id, spent)  # beside its accuracies: what the trial cost, all its jobs together
+        final.update(spent)
+        tracking.EpochLogger(uri, run_id).set_tags({"sweep.status": "finished"})
     # the scheduler's time (``epochs_done``, as in every epoch's report): a finished trial has run all its epochs
     final["epochs_done"] = cfg.train.epochs if sweep["pretrain"] else 1
     tune.report({k: v for k, v in final.items() if v is not None})
@@ -125,7 +120,7 @@ def random_baseline(sweep: SweepConfig, base: Config, sweep_dir: str, shared: st
     source = EncoderSource(None, cfg.model.kwargs(), None, "random")
     run_id = _baseline_run(uri, cfg, parent, source, sweep.name)
     source.parent_run_id = run_id  # its evaluations are its children, and log their top-1 on it
-    try:
+    with lifecycle.Ending(uri, run_id):
         scores = evaluate.run(cfg, source=source, skip=tuple(j for j in EVAL_JOBS if j not in jobs), verbose=verbose)
         notes = {"linprobe": "Linear probe of the encoder at random initialisation: the row MAE trials must beat.",
                  "finetune": "Fine-tuning from random initialisation (training from scratch) with the trials' "
@@ -133,12 +128,8 @@ def random_baseline(sweep: SweepConfig, base: Config, sweep_dir: str, shared: st
         for job in jobs:
             tracking.EpochLogger(uri, scores[f"{job}_run_id"]).set_tags(
                 {"mlflow.runName": f"{job} · {RANDOM_INIT}", NOTE: notes[job]})
-    except BaseException:
-        lifecycle.close_run(uri, run_id, "FAILED")
-        raise
-    spent = totals(cfg, {}, scores)
-    tracking.log_values(uri, run_id, spent)
-    lifecycle.close_run(uri, run_id, "FINISHED")
+        spent = totals(cfg, {}, scores)
+        tracking.log_values(uri, run_id, spent)
     summary = {**scores, **spent, "mlflow_run_id": run_id}
     write_json(os.path.join(out, "result.json"), summary)
     keep(record, summary)

@@ -236,21 +236,10 @@ def run_epoch(
             "data_wait_frac": waited / max(elapsed, 1e-9)}
 
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    loader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: CosineLRScheduler,
-    precision: Precision,
-    *,
-    epoch: int,
-    plan: StepPlan,
-    mask_ratio: float,
-    device: torch.device,
-    on_step=None,
-    control: EpochControl | None = None,
-) -> dict[str, float]:
-    """One pre-training epoch (:func:`run_epoch`): MAE's reconstruction loss of each batch of images."""
+def train_one_epoch(model: torch.nn.Module, loader, optimizer, scheduler, precision: Precision, *,
+                    mask_ratio: float, device: torch.device, **loop) -> dict[str, float]:
+    """One pre-training epoch (:func:`run_epoch`): MAE's reconstruction loss of each batch of images.
+    ``loop``: :func:`run_epoch`'s keywords (epoch, plan, on_step, control), passed through."""
     model.train()
 
     def loss_of(batch) -> tuple[torch.Tensor, int]:
@@ -259,8 +248,8 @@ def train_one_epoch(
             loss, _, _ = model(imgs, mask_ratio=mask_ratio)
         return loss, imgs.shape[0]
 
-    metrics = run_epoch(loss_of, loader, optimizer, scheduler, precision, epoch=epoch, plan=plan,
-                        no_sync=getattr(model, "no_sync", None), on_step=on_step, control=control)
+    no_sync = getattr(model, "no_sync", None)  # DDP's: no gradient all-reduce on an update's first micro-batches
+    metrics = run_epoch(loss_of, loader, optimizer, scheduler, precision, no_sync=no_sync, **loop)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return metrics

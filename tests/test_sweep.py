@@ -241,7 +241,12 @@ def test_killed_driver_resumes_from_the_bucket_alone_without_rerunning_or_duplic
         sweep_dir.mkdir(parents=True)
         (sweep_dir / "ray_processes.json").write_text(json.dumps(saved))
 
-        resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+        try:
+            resumed = subprocess.run([*cmd, "--resume", "--verbose"], capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired as e:  # what it was doing when it stopped moving
+            out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                          for x in (e.output, e.stderr))
+            pytest.fail(f"--resume still running after 600 s; its output ends:\n{out[-6000:]}")
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         # Ray Train's preemption watcher's error-level line at each job start (not a failure) stays out
         assert "PreemptionWatcher" not in resumed.stdout + resumed.stderr

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
+from data_tools.bucket import upload_dataset
+from data_tools.demo_data import build_demo_dataset
+from mae_ray import shipped, storage, tracking
+from mae_ray.data.shards import MANIFEST_NAME
 from mae_ray.errors import UserError
+from mae_ray.jobs import sweep as sweeps
+from mae_ray.jobs import sweep_report
+from mae_ray.jobs.sweep_config import load_sweep
 
 
 def prepare(config: str | None, data_dir: str, overrides: list[str], storage_uri: str | None = None,
             endpoint_url: str | None = None):
     """The quickstart's sweep and base config, its demo data built (and, with ``storage_uri``, in the bucket)."""
-    from data_tools.demo_data import build_demo_dataset
-    from mae_ray import shipped, storage
-    from mae_ray.jobs.sweep_config import load_sweep
-
     config = os.path.abspath(shipped.resolve(config or "quickstart", "sweeps"))
     extra = []
     if storage_uri:
@@ -49,12 +53,6 @@ def prepare(config: str | None, data_dir: str, overrides: list[str], storage_uri
 
 def _in_bucket(demo: dict, split: str, uri: str) -> str:
     """The demo split's shards under ``uri``: uploaded unless the same dataset is there already."""
-    from pathlib import Path
-
-    from data_tools.bucket import upload_dataset
-    from mae_ray import storage
-    from mae_ray.data.shards import MANIFEST_NAME
-
     local = Path(demo[f"{split}_dir"])
     manifest = f"{uri}/{MANIFEST_NAME}"
     if not (storage.exists(manifest) and storage.read_bytes(manifest) == (local / MANIFEST_NAME).read_bytes()):
@@ -86,10 +84,6 @@ def reading(rows: list[dict]) -> list[str]:
 def run(config: str | None, data_dir: str, overrides: list[str], verbose: bool = False,
         storage_uri: str | None = None, endpoint_url: str | None = None) -> dict:
     """Build the demo data if absent, run the quickstart sweep, print where everything is; returns the report."""
-    from mae_ray import tracking
-    from mae_ray.jobs import sweep as sweeps
-    from mae_ray.jobs import sweep_report
-
     sweep, base, config = prepare(config, data_dir, overrides, storage_uri, endpoint_url)
     start = time.time()
     report = sweeps.run(sweep, base, config, verbose=verbose)

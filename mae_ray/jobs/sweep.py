@@ -67,9 +67,11 @@ def run(sweep: SweepConfig, base: Config, sweep_file: str, *, resume: bool = Fal
     # a second sweep, or a second --resume, beside a live one: refused here, before the reaping of stale Ray
     with files.claim(sweep_dir, f"sweep {sweep.name}"):
         started = False
+        # before a Ray of this driver's own starts: a killed driver's Ray agents still hold their ports (the
+        # dashboard agent's is fixed), which a new Ray's agents would fail to take
+        ray_processes.stop_stale(sweep_dir)
         try:
             with lifecycle.ray_session(cfg, verbose) as started:  # Ray stops on leaving, if this process started it
-                ray_processes.stop_stale(sweep_dir)
                 if started:
                     ray_processes.remember(sweep_dir)
                 concurrent = _concurrency(sweep, cfg)

@@ -243,7 +243,7 @@ def plot_axes(rows: list[dict], axes: list[str], sweep_dir: str, paper: bool = F
         series = {line.get_label(): [[float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]]
                   for a in fig.axes for line in a.get_lines()}
         path = os.path.join(sweep_dir, f"accuracy_vs_{axis.replace('.', '_')}.png")
-        fig.savefig(path, dpi=100, metadata={"mae_ray.series": json.dumps(series)})
+        fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"mae_ray.series": json.dumps(series)})
         plt.close(fig)
         paths.append(path)
     return paths
@@ -258,7 +258,7 @@ def axis_figure(rows: list[dict], axis: str, paper: bool = False):
     points = [r for r in done if isinstance(r.get(axis), (int, float)) and not isinstance(r.get(axis), bool)]
     if len({r[axis] for r in points}) < 2:
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(5, 4))
     for metric, style in zip(ACCURACIES, ("o-", "s--", "^:"), strict=True):
         xs = sorted({r[axis] for r in points if metric in r})
         if not xs:
@@ -272,7 +272,8 @@ def axis_figure(rows: list[dict], axis: str, paper: bool = False):
     ax.set_xlabel(axis)
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    # below the plot, where it hides no point (inside, it covered the best trial's)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     if paper:
         _paper_series(ax, points, axis)
     fig.tight_layout()

@@ -376,11 +376,10 @@ def test_a_trials_evaluation_jobs_get_run_folders_of_their_own(tmp_path, monkeyp
 def test_the_quickstart_points_at_a_bucket_with_two_settings(bucket, demo_data, tmp_path, monkeypatch, capsys):
     # --storage and --endpoint-url: the demo shards go to the bucket once, the sweep state and the trials'
     # checkpoints with them (the sweep in a bucket itself: tests/test_sweep.py's killed-driver test)
-    from data_tools import demo_data as demo_module
     from mae_ray import cli
     from mae_ray.jobs import quickstart
 
-    monkeypatch.setattr(demo_module, "build_demo_dataset", lambda folder: demo_data)  # the test's small one
+    monkeypatch.setattr(quickstart, "build_demo_dataset", lambda folder: demo_data)  # the test's small one
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # the flag alone names the server (restored after the test)
     root = f"s3://{bucket.bucket}/quickstart"
     sweep, base, _ = quickstart.prepare(None, str(tmp_path), [], storage_uri=root, endpoint_url=bucket.endpoint)
